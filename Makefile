@@ -1,0 +1,29 @@
+# Two commands for a fresh machine: `make demo` and `make test` (both create .venv if absent).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+DEMO_DIR ?= demo_output
+
+.PHONY: install test demo bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[test]"
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+demo: $(STAMP)
+	DEMO_DIR=$(DEMO_DIR) VENV=$(VENV) bash scripts/demo.sh
+
+bench: $(STAMP)
+	$(PY) benchmarks/throughput.py
+	$(PY) benchmarks/memory.py
+	$(PY) benchmarks/demo_accuracy.py
+
+clean:
+	rm -rf $(DEMO_DIR) bench_output .pytest_cache

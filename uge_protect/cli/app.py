@@ -1,0 +1,164 @@
+"""The ``uge-protect`` command line: thin commands over the Python API."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from uge_protect.errors import UserError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Protect image-text WebDataset shards against unauthorized training.",
+    pretty_exceptions_enable=False,
+)
+
+
+@app.callback()
+def _root() -> None:
+    """Protect image-text WebDataset shards against unauthorized training."""
+
+
+def _fail(message: str) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code=2)
+
+
+@app.command()
+def shard(
+    inputs: List[str] = typer.Argument(..., help="Input tar shards: paths, globs, {000..099} patterns or URLs."),
+    output: Path = typer.Option(..., "--output", "-o", help="Output directory."),
+    method: str = typer.Option(..., "--method", "-m", help="Protection method (see README; `random` is a non-protecting control)."),
+    artifact: Optional[Path] = typer.Option(None, "--artifact", help="Artifact directory made by `uge-protect fit`."),
+    epsilon: float = typer.Option(8 / 255, "--epsilon", help="L∞ budget in [0,1] image units (default 8/255)."),
+    seed: int = typer.Option(0, "--seed", help="Seed for per-sample randomness (combined with each key)."),
+    batch_size: int = typer.Option(64, "--batch-size", help="Images per accelerator pass."),
+    workers: int = typer.Option(2, "--workers", help="DataLoader worker processes that read and decode."),
+    encode_threads: int = typer.Option(2, "--encode-threads", help="Threads that encode protected images."),
+    image_format: str = typer.Option("png", "--image-format", help="png (default), webp (lossless) or jpeg (lossy)."),
+    allow_lossy: bool = typer.Option(False, "--allow-lossy", help="Accept lossy output (jpeg, lossy webp): weakens protection."),
+    quality: int = typer.Option(95, "--quality", help="Quality of lossy formats."),
+    png_compression: int = typer.Option(1, "--png-compression", help="PNG zlib level 0-9 (1: fast, larger files)."),
+    image_size: Optional[int] = typer.Option(None, "--image-size", help="Resize to this training resolution first."),
+    resize_mode: str = typer.Option("none", "--resize-mode", help="none | center_crop | keep_ratio."),
+    max_pixels: int = typer.Option(64_000_000, "--max-pixels", help="Reject images with more pixels (decompression bombs)."),
+    caption_field: Optional[str] = typer.Option(None, "--caption-field", help="Read captions from this json field instead of txt."),
+    label_field: Optional[str] = typer.Option(None, "--label-field", help="Read labels from this json field instead of cls."),
+    mixed_precision: str = typer.Option("no", "--mixed-precision", help="no | fp16 | bf16 for the method's pass."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace output of a different configuration."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary."),
+    log_json: Optional[Path] = typer.Option(None, "--log-json", help="Append JSON-lines progress events to this file."),
+) -> None:
+    """Protect every image of the input shards into OUTPUT (one output shard per input shard)."""
+    from uge_protect.pipeline import ShardJobConfig, run_shard_job
+    from uge_protect.transforms.registry import create_method
+
+    try:
+        method_obj = create_method(method, str(artifact) if artifact else None, epsilon=epsilon)
+        cfg = ShardJobConfig(
+            inputs=list(inputs), output=str(output), seed=seed, batch_size=batch_size,
+            num_workers=workers, encode_threads=encode_threads, image_format=image_format,
+            allow_lossy=allow_lossy, quality=quality, png_compress_level=png_compression,
+            image_size=image_size, resize_mode=resize_mode, max_pixels=max_pixels,
+            caption_field=caption_field, label_field=label_field, mixed_precision=mixed_precision,
+            overwrite=overwrite, quiet=quiet, log_json=str(log_json) if log_json else None,
+        )
+        if cfg.lossy:
+            typer.echo(
+                f"warning: {image_format} output is lossy and weakens the protection; "
+                "this is recorded in the manifests", err=True,
+            )
+        summary = run_shard_job(cfg, method_obj)
+    except (UserError, ValueError) as exc:
+        _fail(str(exc))
+        return
+    if summary and "counts" in summary and not quiet:
+        c = summary["counts"]
+        t = summary["timings"]
+        typer.echo(
+            f"protected {c['written']} of {c['samples']} samples in {c['shards']} shards "
+            f"({c['failed']} failed{': ' + ', '.join(f'{k} {v}' for k, v in summary['failures'].items()) if c['failed'] else ''}); "
+            f"{t['images_per_second']} img/s this run; output: {output}",
+            err=True,
+        )
+
+
+@app.command()
+def inspect(
+    directory: Path = typer.Argument(..., help="An output directory of `uge-protect shard`."),
+    no_sources: bool = typer.Option(False, "--no-sources", help="Skip re-reading the source shards."),
+    as_json: bool = typer.Option(False, "--json", help="Print the full report as JSON."),
+) -> None:
+    """Summarise and verify an output directory; exits 1 on any mismatch."""
+    from uge_protect.pipeline.inspect import inspect_output
+
+    if not directory.is_dir():
+        _fail(f"output directory not found: {directory}")
+    report = inspect_output(directory, check_sources=not no_sources)
+    if as_json:
+        typer.echo(json.dumps(report, indent=2, ensure_ascii=False))
+    else:
+        typer.echo(_format_report(report))
+    if report["problems"]:
+        raise typer.Exit(code=1)
+
+
+def _format_report(report: dict) -> str:
+    if "counts" not in report:
+        return "\n".join(f"problem: {p}" for p in report["problems"])
+    c = report["counts"]
+    lines = [
+        f"directory: {report['directory']}",
+        f"method: {json.dumps(report['method'])}",
+        f"shards: {c.get('shards', 0)}  samples: {c.get('samples', 0)}  written: {c.get('written', 0)}  failed: {c.get('failed', 0)}",
+    ]
+    if report["failures"]:
+        lines.append("failures: " + ", ".join(f"{k} {v}" for k, v in report["failures"].items()))
+    lines.append(f"budget: {report['budget_levels']} levels; L∞ histogram: {report['linf_histogram']}")
+    if report["psnr"]:
+        p = report["psnr"]
+        lines.append(f"PSNR dB: min {p['min']:.2f}  median {p['median']:.2f}  mean {p['mean']:.2f}")
+    lines.append("sources re-checked" if report["sources_checked"] else "sources not re-checked")
+    if report["problems"]:
+        lines.append(f"verification FAILED ({len(report['problems'])} problems):")
+        lines.extend(f"  - {p}" for p in report["problems"])
+    else:
+        lines.append("verification passed")
+    return "\n".join(lines)
+
+
+@app.command("demo-data")
+def demo_data(
+    directory: Path = typer.Argument(..., help="Where to write train/ and test/ shards."),
+    n_train: int = typer.Option(5000, "--train", help="Training samples."),
+    n_test: int = typer.Option(1000, "--test", help="Test samples."),
+    image_size: int = typer.Option(32, "--image-size", help="Image side in pixels."),
+    per_shard: int = typer.Option(1000, "--per-shard", help="Samples per shard."),
+    seed: int = typer.Option(0, "--seed", help="Generator seed."),
+) -> None:
+    """Write the embedded, deterministic demo image-text dataset."""
+    from uge_protect.shards.demo import write_demo_dataset
+
+    try:
+        summary = write_demo_dataset(
+            directory, n_train=n_train, n_test=n_test, image_size=image_size,
+            samples_per_shard=per_shard, seed=seed,
+        )
+    except (ValueError, OSError) as exc:
+        _fail(str(exc))
+        return
+    typer.echo(json.dumps(summary, indent=2, default=str))
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,87 @@
+"""Settings of a ``shard`` run, and the fingerprint of those that change output bytes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from uge_protect.shards.decode import DEFAULT_MAX_PIXELS, RESIZE_MODES
+
+IMAGE_FORMATS = ("png", "webp", "jpeg")
+LOSSLESS_FORMATS = ("png", "webp")
+
+
+@dataclass
+class ShardJobConfig:
+    """Everything ``uge-protect shard`` needs besides the method object."""
+
+    inputs: list[str]
+    output: str
+    seed: int = 0
+    batch_size: int = 64
+    num_workers: int = 2
+    encode_threads: int = 2
+    image_format: str = "png"
+    allow_lossy: bool = False
+    quality: int = 95
+    png_compress_level: int = 1
+    image_size: int | None = None
+    resize_mode: str = "none"
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    caption_field: str | None = None
+    label_field: str | None = None
+    mixed_precision: str = "no"
+    overwrite: bool = False
+    quiet: bool = False
+    log_json: str | None = None
+    method_options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def lossy(self) -> bool:
+        """True when written images do not keep the exact protected pixels."""
+        return self.image_format == "jpeg" or (self.image_format == "webp" and self.allow_lossy)
+
+    def validate(self) -> None:
+        """Raise ValueError for inconsistent settings."""
+        if self.image_format not in IMAGE_FORMATS:
+            raise ValueError(
+                f"unknown image format {self.image_format!r}; choose {', '.join(IMAGE_FORMATS)}"
+            )
+        if self.image_format == "jpeg" and not self.allow_lossy:
+            raise ValueError(
+                "jpeg re-encoding destroys much of the perturbation; pass --allow-lossy to accept it"
+            )
+        if self.resize_mode not in RESIZE_MODES:
+            raise ValueError(f"unknown resize mode {self.resize_mode!r}; choose {', '.join(RESIZE_MODES)}")
+        if self.resize_mode != "none" and not self.image_size:
+            raise ValueError(f"--resize-mode {self.resize_mode} needs --image-size N")
+        if self.image_size is not None and self.image_size <= 0:
+            raise ValueError("--image-size must be positive")
+        if self.batch_size <= 0:
+            raise ValueError("--batch-size must be positive")
+        if self.num_workers < 0 or self.encode_threads <= 0:
+            raise ValueError("--workers must be >= 0 and --encode-threads >= 1")
+        if not 1 <= self.quality <= 100:
+            raise ValueError("--quality must be between 1 and 100")
+        if not 0 <= self.png_compress_level <= 9:
+            raise ValueError("--png-compression must be between 0 and 9")
+        if self.max_pixels <= 0:
+            raise ValueError("--max-pixels must be positive")
+        if self.mixed_precision not in ("no", "fp16", "bf16"):
+            raise ValueError("--mixed-precision must be no, fp16 or bf16")
+
+    def output_settings(self) -> dict[str, Any]:
+        """Settings that change the bytes written (part of the configuration fingerprint)."""
+        keys = (
+            "seed", "image_format", "allow_lossy", "quality", "png_compress_level", "image_size",
+            "resize_mode", "max_pixels", "caption_field", "label_field", "mixed_precision",
+        )
+        return {k: asdict(self)[k] for k in keys}
+
+
+def config_fingerprint(settings: dict[str, Any]) -> str:
+    """sha256 of a canonical JSON encoding of ``settings``."""
+    blob = json.dumps(settings, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()

@@ -1,0 +1,129 @@
+"""Owning an output directory: the lock, the run configuration check, and completion markers."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from uge_protect.errors import UserError
+from uge_protect.shards.layout import OutputLayout, read_json, write_json_atomic
+
+
+class DirectoryLock:
+    """An exclusive, non-blocking ``flock`` on ``DIR/.lock``, released when the process ends."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = ""
+            try:
+                holder = os.read(fd, 64).decode("ascii", "replace").strip()
+            finally:
+                os.close(fd)
+            who = f" (pid {holder})" if holder else ""
+            raise UserError(
+                f"another uge-protect run is writing to {self.path.parent}{who}; "
+                "wait for it to finish or choose another --output"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode("ascii"))
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+
+def check_writable(root: Path) -> None:
+    """Create ``root`` and prove it is writable, or raise a one-line :class:`UserError`."""
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        probe = root / f".write-probe-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise UserError(f"cannot write to output directory {root}: {exc.strerror or exc}") from None
+
+
+def claim_output(layout: OutputLayout, run_config: dict[str, Any], overwrite: bool) -> DirectoryLock:
+    """Lock ``layout.root`` for this run and make sure it holds nothing of another config.
+
+    With ``overwrite`` the previous outputs are removed; otherwise a directory with output of a
+    different configuration is refused. Temporary files of interrupted runs are removed.
+    """
+    check_writable(layout.root)
+    lock = DirectoryLock(layout.lock_file)
+    lock.acquire()
+    try:
+        previous = _previous_config(layout)
+        if previous is not None and previous.get("fingerprint") != run_config["fingerprint"]:
+            if not overwrite:
+                changed = _differences(previous.get("settings", {}), run_config["settings"])
+                raise UserError(
+                    f"{layout.root} holds output of a different configuration"
+                    f" ({changed or 'settings differ'}); pass --overwrite to replace it"
+                    " or choose another --output"
+                )
+        if overwrite or (previous is not None and previous.get("fingerprint") != run_config["fingerprint"]):
+            clear_outputs(layout)
+        for tmp in layout.temp_files():
+            tmp.unlink(missing_ok=True)
+        layout.make_dirs()
+        write_json_atomic(layout.run_file, run_config)
+    except BaseException:
+        lock.release()
+        raise
+    return lock
+
+
+def _previous_config(layout: OutputLayout) -> dict[str, Any] | None:
+    if layout.run_file.is_file():
+        try:
+            return read_json(layout.run_file)
+        except (OSError, ValueError):
+            return {"fingerprint": None}
+    if layout.stats_dir.is_dir() and any(layout.stats_dir.iterdir()):
+        return {"fingerprint": None}  # outputs without a run file: unknown configuration
+    return None
+
+
+def _differences(old: dict[str, Any], new: dict[str, Any]) -> str:
+    keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    return ", ".join(f"{k}: {old.get(k)!r} → {new.get(k)!r}" for k in keys[:4])
+
+
+def clear_outputs(layout: OutputLayout) -> None:
+    """Remove everything a previous run wrote (only the paths this tool owns)."""
+    for d in (layout.shards_dir, layout.manifests_dir, layout.stats_dir):
+        shutil.rmtree(d, ignore_errors=True)
+    for f in (layout.run_file, layout.protection_file):
+        f.unlink(missing_ok=True)
+
+
+def is_complete(layout: OutputLayout, name: str, fingerprint: str) -> bool:
+    """A shard is complete when its stats marker exists for this configuration and its
+    tar and manifest are in place."""
+    stats_path = layout.stats(name)
+    if not stats_path.is_file():
+        return False
+    try:
+        stats = read_json(stats_path)
+    except (OSError, ValueError):
+        return False
+    return (
+        stats.get("config_fingerprint") == fingerprint
+        and layout.shard(name).is_file()
+        and layout.manifest(name).is_file()
+        and layout.shard(name).stat().st_size == stats.get("bytes")
+    )

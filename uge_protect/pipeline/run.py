@@ -1,0 +1,251 @@
+"""Orchestration of ``uge-protect shard`` under Accelerate.
+
+Each rank takes ``sorted(shards)[rank::world_size]``, skips the ones already complete,
+reads and decodes them in DataLoader workers, protects batches on its device, encodes in
+a thread pool, and writes its own shards. The main process owns the directory (lock,
+configuration check) and merges the stats at the end. No WebDataset loader is ever handed
+to ``accelerator.prepare``: that would make every rank read every sample.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from uge_protect.errors import UserError
+from uge_protect.pipeline.config import ShardJobConfig, config_fingerprint
+from uge_protect.pipeline.encode import EncodedImage, EncodeSettings, encode_protected
+from uge_protect.pipeline.merge import merge_outputs
+from uge_protect.pipeline.progress import Progress
+from uge_protect.pipeline.records import SampleRecord, ShardBatch
+from uge_protect.pipeline.resume import claim_output, is_complete
+from uge_protect.pipeline.source import DecodeSettings, ShardSource
+from uge_protect.pipeline.writer import ShardWriter
+from uge_protect.shards.discover import expand_inputs, shard_name
+from uge_protect.shards.layout import OutputLayout
+from uge_protect.transforms.base import ProtectBatch, ProtectionMethod, sample_seed
+from uge_protect.transforms.budget import apply_perturbation, budget_levels
+
+
+def _identity(batch: ShardBatch) -> ShardBatch:
+    return batch
+
+
+def protect_records(
+    records: list[SampleRecord],
+    method: ProtectionMethod,
+    seed: int,
+    device: torch.device,
+    autocast: contextlib.AbstractContextManager | None = None,
+) -> list[np.ndarray | None]:
+    """Protect the decoded images of ``records`` in batched passes (one per image size).
+
+    Returns, per record, the protected HxWx3 uint8 array, or None for failed records.
+    """
+    out: list[np.ndarray | None] = [None] * len(records)
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, rec in enumerate(records):
+        if rec.ok and rec.pixels is not None:
+            groups.setdefault(tuple(rec.pixels.shape), []).append(i)
+    for idxs in groups.values():
+        recs = [records[i] for i in idxs]
+        u8 = torch.stack([r.pixels for r in recs]).permute(0, 3, 1, 2)
+        u8 = u8.to(device, non_blocking=True)
+        batch = ProtectBatch(
+            images=u8.to(torch.float32) / 255.0,
+            keys=[r.key for r in recs],
+            seeds=[sample_seed(seed, r.key) for r in recs],
+            captions=[r.caption for r in recs],
+            labels=[r.label for r in recs],
+        )
+        with torch.no_grad(), (autocast or contextlib.nullcontext()):
+            delta = method.perturb(batch)
+        if delta.shape != u8.shape:
+            raise RuntimeError(f"method {method.name} returned shape {tuple(delta.shape)}, expected {tuple(u8.shape)}")
+        protected = apply_perturbation(u8, delta, method.epsilon).permute(0, 2, 3, 1).cpu().numpy()
+        for j, i in enumerate(idxs):
+            out[i] = protected[j]
+    return out
+
+
+def encode_batch(
+    records: list[SampleRecord], protected: list[np.ndarray | None], settings: EncodeSettings
+) -> list[EncodedImage | None]:
+    """Encode every protected image of a batch (runs in the encoder thread pool)."""
+    return [
+        encode_protected(rec.pixels.numpy(), arr, settings) if arr is not None else None
+        for rec, arr in zip(records, protected)
+    ]
+
+
+def build_run_config(cfg: ShardJobConfig, method: ProtectionMethod) -> dict[str, Any]:
+    """The configuration recorded in ``run.json``; its fingerprint guards the directory."""
+    method_config = method.config()
+    settings = {**cfg.output_settings(), "method": method_config, "artifact": method.fingerprint()}
+    return {
+        "fingerprint": config_fingerprint(settings),
+        "method": {**method_config, "artifact_fingerprint": method.fingerprint()},
+        "settings": cfg.output_settings(),
+        "budget_levels": budget_levels(method.epsilon),
+    }
+
+
+def _make_accelerator(cfg: ShardJobConfig):
+    from accelerate import Accelerator
+
+    return Accelerator(mixed_precision=cfg.mixed_precision)
+
+
+def _broadcast_error(accelerator, error: str | None) -> str | None:
+    if accelerator.num_processes == 1:
+        return error
+    from accelerate.utils import broadcast_object_list
+
+    box = [error]
+    broadcast_object_list(box, from_process=0)
+    return box[0]
+
+
+def run_shard_job(cfg: ShardJobConfig, method: ProtectionMethod, accelerator=None) -> dict[str, Any]:
+    """Protect every input shard into ``cfg.output``; returns the merged summary (main process)
+    or this rank's counts (other ranks). Raises :class:`UserError` for bad input."""
+    try:
+        cfg.validate()
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    inputs = expand_inputs(cfg.inputs)
+    accelerator = accelerator or _make_accelerator(cfg)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    layout = OutputLayout(Path(cfg.output))
+    run_config = build_run_config(cfg, method)
+    fingerprint = run_config["fingerprint"]
+
+    lock = None
+    error = None
+    if accelerator.is_main_process:
+        try:
+            lock = claim_output(layout, run_config, cfg.overwrite)
+        except UserError as exc:
+            error = str(exc)
+    error = _broadcast_error(accelerator, error)
+    if error:
+        raise UserError(error)
+
+    try:
+        started = time.perf_counter()
+        mine = inputs[rank::world]
+        pending = [s for s in mine if not is_complete(layout, shard_name(s), fingerprint)]
+        counts = _protect_shards(cfg, method, accelerator, layout, pending, fingerprint, rank)
+        counts.update(shards_skipped=len(mine) - len(pending), seconds=time.perf_counter() - started)
+        accelerator.wait_for_everyone()
+        all_counts = _gather(accelerator, counts)
+        if not accelerator.is_main_process:
+            return counts
+        seconds = max(c["seconds"] for c in all_counts)
+        processed = sum(c["samples"] for c in all_counts)
+        timings = {
+            "seconds": round(seconds, 3),
+            "samples_processed": processed,
+            "images_per_second": round(processed / seconds, 2) if seconds > 0 else None,
+            "world_size": world,
+            "shards_processed": sum(c["shards"] for c in all_counts),
+            "shards_skipped": sum(c["shards_skipped"] for c in all_counts),
+        }
+        return merge_outputs(
+            layout, run_config, input_names=[shard_name(s) for s in inputs], timings=timings
+        )
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _gather(accelerator, counts: dict[str, Any]) -> list[dict[str, Any]]:
+    if accelerator.num_processes == 1:
+        return [counts]
+    from accelerate.utils import gather_object
+
+    return gather_object([counts])
+
+
+def _protect_shards(
+    cfg: ShardJobConfig,
+    method: ProtectionMethod,
+    accelerator,
+    layout: OutputLayout,
+    shards: list[str],
+    fingerprint: str,
+    rank: int,
+) -> dict[str, Any]:
+    device = accelerator.device
+    method.to(device)
+    decode = DecodeSettings(
+        max_pixels=cfg.max_pixels,
+        image_size=cfg.image_size,
+        resize_mode=cfg.resize_mode,
+        caption_field=cfg.caption_field,
+        label_field=cfg.label_field,
+        requires_caption=method.requires_caption,
+        requires_label=method.requires_label,
+    )
+    encode = EncodeSettings(cfg.image_format, cfg.lossy, cfg.quality, cfg.png_compress_level)
+    workers = min(cfg.num_workers, len(shards))
+    loader = DataLoader(
+        ShardSource(shards, decode, cfg.batch_size),
+        batch_size=None,
+        num_workers=workers,
+        collate_fn=_identity,
+        pin_memory=device.type == "cuda",
+        prefetch_factor=2 if workers > 0 else None,
+    )
+    progress = Progress(
+        len(shards), show=not cfg.quiet and accelerator.is_local_main_process, log_path=cfg.log_json, rank=rank
+    )
+    writers: dict[str, ShardWriter] = {}
+    inflight: deque[tuple[ShardBatch, Future]] = deque()
+    max_inflight = 2 * cfg.encode_threads + 1
+    counts = {"samples": 0, "written": 0, "failed": 0, "shards": 0}
+    autocast = accelerator.autocast() if cfg.mixed_precision != "no" else None
+
+    def drain_one() -> None:
+        batch, future = inflight.popleft()
+        encoded = future.result()
+        writer = writers.get(batch.shard_name)
+        if writer is None:
+            writer = writers[batch.shard_name] = ShardWriter(layout, batch.shard, batch.shard_name, encode, fingerprint)
+        writer.add_batch(batch, encoded)
+        written = sum(e is not None for e in encoded)
+        failed = len(batch.records) - written
+        counts["samples"] += len(batch.records)
+        counts["written"] += written
+        counts["failed"] += failed
+        progress.samples_done(written, failed)
+        if batch.last:
+            stats = writers.pop(batch.shard_name).finish(batch.tar_error)
+            counts["shards"] += 1
+            progress.shard_done(stats)
+
+    try:
+        with ThreadPoolExecutor(max_workers=cfg.encode_threads, thread_name_prefix="encode") as pool:
+            for batch in loader:
+                protected = protect_records(batch.records, method, cfg.seed, device, autocast)
+                inflight.append((batch, pool.submit(encode_batch, batch.records, protected, encode)))
+                while len(inflight) > max_inflight or (inflight and inflight[0][1].done()):
+                    drain_one()
+            while inflight:
+                drain_one()
+    except BaseException:
+        for writer in writers.values():
+            writer.abort()
+        raise
+    finally:
+        progress.event("rank_done", **counts)
+        progress.close()
+    return counts

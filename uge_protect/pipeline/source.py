@@ -1,0 +1,185 @@
+"""Reading stages, run in DataLoader workers: read → decode → batch.
+
+Each stage is a plain generator function; :class:`ShardSource` composes them and splits
+the rank's shards across DataLoader workers (whole shards per worker, so order within a
+shard is kept).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import posixpath
+from dataclasses import dataclass
+from typing import Iterable, Iterator
+
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from uge_protect.shards.decode import DecodeError, decode_image, pick_image_field
+from uge_protect.shards.discover import open_shard, shard_name
+from uge_protect.shards.tario import RawSample, TarReadError, iter_tar_samples
+from uge_protect.pipeline.records import SampleRecord, ShardBatch
+
+
+@dataclass
+class DecodeSettings:
+    """What the decode stage needs to know (picklable, sent to workers)."""
+
+    max_pixels: int
+    image_size: int | None
+    resize_mode: str
+    caption_field: str | None
+    label_field: str | None
+    requires_caption: bool
+    requires_label: bool
+
+
+def read_samples(spec: str) -> Iterator[RawSample | str]:
+    """Yield raw samples of one shard; on a corrupt or truncated tar, yield the error text last."""
+    try:
+        with open_shard(spec) as stream:
+            yield from iter_tar_samples(stream)
+    except TarReadError as exc:
+        yield f"corrupt_tar: {exc}"
+    except OSError as exc:
+        yield f"unreadable_shard: {exc}"
+
+
+def is_unsafe_key(key: str) -> bool:
+    """Keys that could escape the output directory or are not valid member names."""
+    if not key or "\x00" in key or "\\" in key or key.startswith("/"):
+        return True
+    return any(part in ("..", ".") for part in key.split("/")) or posixpath.isabs(key)
+
+
+def _text(data: bytes | None) -> str | None:
+    if data is None:
+        return None
+    try:
+        return data.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        return None
+
+
+def _caption_and_label(raw: RawSample, s: DecodeSettings) -> tuple[str | None, int | None]:
+    meta = None
+    if "json" in raw.fields and (s.caption_field or s.label_field or "cls" not in raw.fields):
+        try:
+            meta = json.loads(raw.fields["json"].decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            meta = None
+    caption = None
+    if s.caption_field:
+        value = meta.get(s.caption_field) if isinstance(meta, dict) else None
+        caption = value.strip() if isinstance(value, str) else None
+    else:
+        caption = _text(raw.fields.get("txt"))
+    label = None
+    label_text = None
+    if s.label_field:
+        value = meta.get(s.label_field) if isinstance(meta, dict) else None
+        label_text = str(value) if isinstance(value, (int, str)) and not isinstance(value, bool) else None
+    else:
+        label_text = _text(raw.fields.get("cls"))
+    if label_text is not None:
+        try:
+            label = int(label_text)
+        except ValueError:
+            label = None
+    return caption or None, label
+
+
+def decode_samples(
+    raws: Iterable[RawSample | str], s: DecodeSettings
+) -> Iterator[SampleRecord | str]:
+    """Turn raw samples into records: validate keys, find and decode the image, read text."""
+    seen: set[str] = set()
+    previous_cut = False  # the previous sample was cut short by the tar error
+    for index, raw in enumerate(raws):
+        if isinstance(raw, str):  # tar error text from read_samples
+            if not previous_cut:
+                # The error fell between samples: record it so nothing vanishes silently.
+                yield SampleRecord(key="", index=index, reason=raw)
+            yield raw
+            return
+        previous_cut = raw.error is not None
+        rec = SampleRecord(key=raw.key, index=index, fields=raw.fields)
+        duplicate = raw.key in seen
+        seen.add(raw.key)
+        rec.caption, rec.label = _caption_and_label(raw, s)
+        images = pick_image_field(raw.fields)
+        if raw.error:
+            rec.fail(raw.error)
+        elif is_unsafe_key(raw.key):
+            rec.fail("unsafe_key")
+        elif duplicate:
+            rec.fail("duplicate_key")
+        elif not images:
+            rec.fail("no_image")
+        elif len(images) > 1:
+            rec.fail("multiple_images")
+        if images:
+            rec.image_field = images[0]
+            rec.sha256_original = hashlib.sha256(raw.fields[images[0]]).hexdigest()
+        if rec.ok and s.requires_caption and rec.caption is None:
+            rec.fail("missing_caption")
+        if rec.ok and s.requires_label and rec.label is None:
+            rec.fail("missing_label")
+        if rec.ok:
+            try:
+                img = decode_image(
+                    raw.fields[rec.image_field],
+                    max_pixels=s.max_pixels,
+                    image_size=s.image_size,
+                    resize_mode=s.resize_mode,
+                )
+            except DecodeError as exc:
+                rec.fail(f"{exc.reason}: {exc.detail}" if exc.detail else exc.reason)
+            else:
+                rec.pixels = torch.from_numpy(img.pixels)
+                rec.converted_from = img.converted_from
+                rec.exif_rotated = img.exif_rotated
+                rec.source_size = img.source_size
+        yield rec
+
+
+def batch_records(
+    records: Iterable[SampleRecord | str], spec: str, batch_size: int
+) -> Iterator[ShardBatch]:
+    """Group records into batches of ``batch_size``; the final batch has ``last=True``."""
+    name = shard_name(spec)
+    seq = 0
+    pending: list[SampleRecord] = []
+    tar_error = None
+    for rec in records:
+        if isinstance(rec, str):
+            tar_error = rec
+            break
+        pending.append(rec)
+        if len(pending) == batch_size:
+            yield ShardBatch(spec, name, seq, pending, last=False)
+            seq += 1
+            pending = []
+    yield ShardBatch(spec, name, seq, pending, last=True, tar_error=tar_error)
+
+
+def shard_batches(spec: str, s: DecodeSettings, batch_size: int) -> Iterator[ShardBatch]:
+    """The composed reading stages for one shard."""
+    return batch_records(decode_samples(read_samples(spec), s), spec, batch_size)
+
+
+class ShardSource(IterableDataset):
+    """Batches from a list of shards; each DataLoader worker takes whole shards."""
+
+    def __init__(self, shards: list[str], settings: DecodeSettings, batch_size: int):
+        super().__init__()
+        self.shards = shards
+        self.settings = settings
+        self.batch_size = batch_size
+
+    def __iter__(self) -> Iterator[ShardBatch]:
+        info = get_worker_info()
+        mine = self.shards if info is None else self.shards[info.id :: info.num_workers]
+        for spec in mine:
+            yield from shard_batches(spec, self.settings, self.batch_size)

@@ -1,0 +1,164 @@
+"""Writing stage: one output shard per input shard, its manifest, then its stats (last).
+
+The tar and the manifest go to temporary names and are renamed into place; the stats JSON
+is written after both and is the completion marker that resume looks for.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import time
+from collections import Counter
+from typing import Any
+
+from uge_protect.pipeline.encode import FORMAT_EXTENSION, EncodedImage, EncodeSettings
+from uge_protect.pipeline.records import SampleRecord, ShardBatch
+from uge_protect.shards.layout import OutputLayout, write_json_atomic
+from uge_protect.shards.manifest import STATUS_FAILED, STATUS_OK, empty_row, write_manifest
+from uge_protect.shards.tario import ReproducibleTarWriter
+
+
+class _HashingFile:
+    """A write-only file wrapper that hashes what passes through it."""
+
+    def __init__(self, f):
+        self._f = f
+        self.sha256 = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: bytes) -> int:
+        self.sha256.update(data)
+        self.size += len(data)
+        return self._f.write(data)
+
+    def flush(self) -> None:
+        self._f.flush()
+
+
+def reason_code(reason: str) -> str:
+    """The machine-readable part of a failure reason (before the first colon)."""
+    return reason.split(":", 1)[0].strip()
+
+
+def member_name(key: str, ext: str) -> str:
+    return f"{key}.{ext}" if ext else key
+
+
+class ShardWriter:
+    """Writes one output shard, collecting its manifest rows and statistics."""
+
+    def __init__(
+        self,
+        layout: OutputLayout,
+        source: str,
+        name: str,
+        encode: EncodeSettings,
+        fingerprint: str,
+    ):
+        self.layout = layout
+        self.source = source
+        self.name = name
+        self.encode = encode
+        self.fingerprint = fingerprint
+        self.path = layout.shard(name)
+        self.tmp = self.path.with_name(f".{name}.tmp-{os.getpid()}")
+        self._file = open(self.tmp, "wb", buffering=1 << 20)
+        self._hashing = _HashingFile(self._file)
+        self._tar = ReproducibleTarWriter(self._hashing)
+        self.rows: list[dict[str, Any]] = []
+        self.failures: Counter[str] = Counter()
+        self.started = time.perf_counter()
+        self.linf_max = 0
+        self.psnr_values: list[float] = []
+
+    def _row(self, rec: SampleRecord) -> dict[str, Any]:
+        row = empty_row()
+        w, h = (rec.source_size or (None, None))
+        row.update(
+            key=rec.key,
+            index=rec.index,
+            source_shard=self.source,
+            caption=rec.caption,
+            label=rec.label,
+            source_width=w,
+            source_height=h,
+            converted_from=rec.converted_from or None,
+            exif_rotated=rec.exif_rotated,
+            image_field=rec.image_field,
+            sha256_original=rec.sha256_original,
+        )
+        return row
+
+    def add(self, rec: SampleRecord, encoded: EncodedImage | None) -> None:
+        """Write a protected sample (all non-image fields byte-identical) or record a failure."""
+        row = self._row(rec)
+        if rec.ok and encoded is not None:
+            out_ext = FORMAT_EXTENSION[self.encode.image_format]
+            for ext, data in rec.fields.items():
+                if ext == rec.image_field:
+                    self._tar.add(member_name(rec.key, out_ext), encoded.data)
+                else:
+                    self._tar.add(member_name(rec.key, ext), data)
+            h, w = rec.pixels.shape[:2]
+            finite_psnr = encoded.psnr if math.isfinite(encoded.psnr) else None
+            row.update(
+                output_shard=self.name,
+                status=STATUS_OK,
+                width=w,
+                height=h,
+                image_format=self.encode.image_format,
+                lossy=self.encode.lossy,
+                linf=encoded.linf,
+                psnr=encoded.psnr,
+                sha256_protected=encoded.sha256,
+            )
+            self.linf_max = max(self.linf_max, encoded.linf)
+            if finite_psnr is not None:
+                self.psnr_values.append(finite_psnr)
+        else:
+            reason = rec.reason or "not_protected"
+            row.update(status=STATUS_FAILED, reason=reason)
+            self.failures[reason_code(reason)] += 1
+        self.rows.append(row)
+
+    def add_batch(self, batch: ShardBatch, encoded: list[EncodedImage | None]) -> None:
+        for rec, enc in zip(batch.records, encoded):
+            self.add(rec, enc)
+
+    def finish(self, tar_error: str | None) -> dict[str, Any]:
+        """Close and publish the shard, its manifest and (last) its stats; returns the stats."""
+        self._tar.close()
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        os.replace(self.tmp, self.path)
+        write_manifest(self.layout.manifest(self.name), self.rows)
+        written = sum(1 for r in self.rows if r["status"] == STATUS_OK)
+        psnrs = self.psnr_values
+        stats = {
+            "shard": self.name,
+            "source": self.source,
+            "config_fingerprint": self.fingerprint,
+            "samples": len(self.rows),
+            "written": written,
+            "failed": len(self.rows) - written,
+            "failures": dict(sorted(self.failures.items())),
+            "tar_error": tar_error,
+            "linf_max": self.linf_max,
+            "psnr_mean": sum(psnrs) / len(psnrs) if psnrs else None,
+            "psnr_min": min(psnrs) if psnrs else None,
+            "bytes": self._hashing.size,
+            "sha256": self._hashing.sha256.hexdigest(),
+            "seconds": round(time.perf_counter() - self.started, 3),
+        }
+        write_json_atomic(self.layout.stats(self.name), stats)
+        return stats
+
+    def abort(self) -> None:
+        """Drop the partial shard (used when the run fails)."""
+        try:
+            self._file.close()
+        finally:
+            self.tmp.unlink(missing_ok=True)

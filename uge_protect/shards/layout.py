@@ -1,0 +1,87 @@
+"""The output directory layout and the small JSON files in it."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class OutputLayout:
+    """Paths of everything ``uge-protect shard`` writes under ``root``."""
+
+    root: Path
+
+    @property
+    def shards_dir(self) -> Path:
+        return self.root / "shards"
+
+    @property
+    def manifests_dir(self) -> Path:
+        return self.root / "manifests"
+
+    @property
+    def stats_dir(self) -> Path:
+        return self.root / "stats"
+
+    @property
+    def run_file(self) -> Path:
+        """The configuration of the run that owns this directory (written first)."""
+        return self.root / "run.json"
+
+    @property
+    def protection_file(self) -> Path:
+        return self.root / "protection.json"
+
+    @property
+    def sizes_file(self) -> Path:
+        return self.shards_dir / "sizes.json"
+
+    @property
+    def lock_file(self) -> Path:
+        return self.root / ".lock"
+
+    def shard(self, name: str) -> Path:
+        return self.shards_dir / name
+
+    def manifest(self, name: str) -> Path:
+        return self.manifests_dir / f"{_stem(name)}.parquet"
+
+    def stats(self, name: str) -> Path:
+        """Per-shard stats JSON: written last, it marks the shard complete."""
+        return self.stats_dir / f"{_stem(name)}.json"
+
+    def make_dirs(self) -> None:
+        for d in (self.shards_dir, self.manifests_dir, self.stats_dir):
+            d.mkdir(parents=True, exist_ok=True)
+
+    def temp_files(self) -> list[Path]:
+        """Leftover temporary files of interrupted writes."""
+        out: list[Path] = []
+        for d in (self.root, self.shards_dir, self.manifests_dir, self.stats_dir):
+            if d.is_dir():
+                out.extend(p for p in d.iterdir() if p.name.startswith(".") and ".tmp-" in p.name)
+        return out
+
+
+def _stem(name: str) -> str:
+    return name[:-4] if name.endswith(".tar") else name
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON through a temporary file and an atomic rename."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2, sort_keys=True, ensure_ascii=False, allow_nan=True)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_json(path: Path) -> Any:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)

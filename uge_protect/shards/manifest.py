@@ -1,0 +1,61 @@
+"""Per-sample manifests: one parquet row per *input* sample, written atomically per shard."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+STATUS_OK = "ok"
+STATUS_FAILED = "failed"
+
+#: Column schema of ``manifests/*.parquet``. ``linf`` is in uint8 levels (0–255).
+MANIFEST_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("index", pa.int64()),
+        ("source_shard", pa.string()),
+        ("output_shard", pa.string()),
+        ("status", pa.string()),
+        ("reason", pa.string()),
+        ("caption", pa.string()),
+        ("label", pa.int64()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("source_width", pa.int32()),
+        ("source_height", pa.int32()),
+        ("converted_from", pa.string()),
+        ("exif_rotated", pa.bool_()),
+        ("image_field", pa.string()),
+        ("image_format", pa.string()),
+        ("lossy", pa.bool_()),
+        ("linf", pa.int16()),
+        ("psnr", pa.float64()),
+        ("sha256_original", pa.string()),
+        ("sha256_protected", pa.string()),
+    ]
+)
+
+MANIFEST_COLUMNS = tuple(MANIFEST_SCHEMA.names)
+
+
+def empty_row() -> dict[str, Any]:
+    """A manifest row with every column set to null."""
+    return dict.fromkeys(MANIFEST_COLUMNS)
+
+
+def write_manifest(path: str | os.PathLike, rows: list[dict[str, Any]]) -> None:
+    """Write rows to a parquet file atomically (temporary name, then rename)."""
+    path = Path(path)
+    table = pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    pq.write_table(table, tmp, compression="zstd")
+    os.replace(tmp, path)
+
+
+def read_manifest(path: str | os.PathLike) -> pa.Table:
+    """Read one manifest file."""
+    return pq.read_table(path, schema=MANIFEST_SCHEMA)

@@ -1,0 +1,117 @@
+"""Low-level tar reading and writing for WebDataset shards.
+
+Reading groups consecutive tar members into samples the way WebDataset does (the key is
+the member path up to the first dot of its base name). Writing produces reproducible
+archives: fixed mtime, owner and mode, so equal inputs give byte-identical tars.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO, Iterable, Iterator
+
+#: Fixed modification time written into every tar header (reproducible output).
+TAR_MTIME = 0
+
+
+def split_member_name(name: str) -> tuple[str, str]:
+    """Split a tar member name into (key, extension) as WebDataset does.
+
+    ``"a/b/000001.jpg"`` → ``("a/b/000001", "jpg")``; ``"x.seg.png"`` → ``("x", "seg.png")``.
+    A name without a dot in its base name has an empty extension.
+    """
+    head, _, base = name.rpartition("/")
+    stem, dot, ext = base.partition(".")
+    key = f"{head}/{stem}" if head else stem
+    return key, ext if dot else ""
+
+
+@dataclass
+class RawSample:
+    """One sample as read from a tar: its key and its fields (extension → bytes), in order."""
+
+    key: str
+    fields: dict[str, bytes] = field(default_factory=dict)
+    #: Set when the sample could not be read whole (e.g. the tar ends inside it).
+    error: str | None = None
+
+
+class TarReadError(Exception):
+    """The tar stream is truncated or corrupt; samples before it were delivered."""
+
+
+def iter_tar_samples(stream: BinaryIO) -> Iterator[RawSample]:
+    """Yield samples from a tar stream, grouping consecutive members that share a key.
+
+    A member whose extension already exists in the current sample starts a new sample with
+    the same key (a duplicate, for the caller to reject). If the archive is truncated or
+    corrupt, the sample being assembled is yielded with ``error`` set and then
+    :class:`TarReadError` is raised.
+    """
+    current: RawSample | None = None
+    try:
+        with tarfile.open(fileobj=stream, mode="r|*") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                key, ext = split_member_name(member.name)
+                fobj = tar.extractfile(member)
+                data = fobj.read() if fobj is not None else b""
+                if len(data) != member.size:
+                    raise tarfile.ReadError(f"member {member.name!r} is truncated")
+                if current is not None and (current.key != key or ext in current.fields):
+                    yield current
+                    current = None
+                if current is None:
+                    current = RawSample(key=key)
+                current.fields[ext] = data
+    except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
+        if current is not None:
+            current.error = f"corrupt_tar: {exc}"
+            yield current
+        raise TarReadError(str(exc) or type(exc).__name__) from exc
+    if current is not None:
+        yield current
+
+
+def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.size = size
+    info.mtime = TAR_MTIME
+    info.mode = 0o644
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    return info
+
+
+class ReproducibleTarWriter:
+    """Write members to a tar with reproducible headers (PAX format, fixed metadata)."""
+
+    def __init__(self, fileobj: BinaryIO):
+        self._tar = tarfile.open(fileobj=fileobj, mode="w|", format=tarfile.PAX_FORMAT)
+
+    def add(self, name: str, data: bytes) -> None:
+        """Append one member with the given name and content."""
+        self._tar.addfile(_tarinfo(name, len(data)), io.BytesIO(data))
+
+    def close(self) -> None:
+        """Finish the archive (writes the end-of-archive blocks)."""
+        self._tar.close()
+
+
+def write_tar_atomic(path: str | os.PathLike, members: Iterable[tuple[str, bytes]]) -> None:
+    """Write ``members`` to ``path`` through a temporary file renamed into place."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        writer = ReproducibleTarWriter(f)
+        for name, data in members:
+            writer.add(name, data)
+        writer.close()
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
