@@ -12,12 +12,14 @@ from __future__ import annotations
 import hashlib
 import io
 from collections import Counter
+from itertools import zip_longest
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 from PIL import Image
 
+from uge_protect.pipeline.records import SampleRecord
 from uge_protect.pipeline.source import DecodeSettings, decode_samples, read_samples
 from uge_protect.pipeline.writer import reason_code
 from uge_protect.shards.discover import is_remote
@@ -122,13 +124,30 @@ def _verify_shard(
         problems.append(f"{name}: manifest has {len(rows)} rows / {len(ok_rows)} written, stats say {stats['samples']} / {stats['written']}")
     if sizes is not None and sizes.get(name) != len(ok_rows):
         problems.append(f"{name}: sizes.json says {sizes.get(name)}, manifest has {len(ok_rows)} written")
+    ok_keys = {r["key"] for r in ok_rows}
+    originals = _source_records(stats["source"], settings, ok_keys) if check_sources else None
     with open(shard_path, "rb") as f:
-        written = list(iter_tar_samples(f))
-    if [s.key for s in written] != [r["key"] for r in ok_rows]:
-        problems.append(f"{name}: keys in the shard differ from the manifest's written rows")
-        return problems
-    originals = _source_pixels(stats["source"], settings) if check_sources else None
-    for sample, row in zip(written, ok_rows):
+        problems.extend(_verify_samples(name, iter_tar_samples(f), ok_rows, originals, levels, lossy))
+    if len(problems) > MAX_LISTED_PROBLEMS:
+        problems = problems[:MAX_LISTED_PROBLEMS] + [f"{name}: … and more problems"]
+    return problems
+
+
+def _verify_samples(
+    name: str,
+    written: Iterator,
+    ok_rows: list[dict[str, Any]],
+    originals: Iterator[SampleRecord] | None,
+    levels: int,
+    lossy: bool,
+) -> list[str]:
+    """Compare the output samples, streamed, with the manifest rows and the sources."""
+    problems: list[str] = []
+    sentinel = object()
+    for sample, row in zip_longest(written, ok_rows, fillvalue=sentinel):
+        if sample is sentinel or row is sentinel or sample.key != row["key"]:
+            problems.append(f"{name}: keys in the shard differ from the manifest's written rows")
+            break
         ext = row["image_field"]
         image_ext = next((e for e in sample.fields if e in ("png", "webp", "jpg")), None)
         if image_ext is None:
@@ -141,11 +160,12 @@ def _verify_shard(
             problems.append(f"{name}/{row['key']}: L∞ {row['linf']} exceeds the budget {levels}")
         if originals is None:
             continue
-        original = originals.get(row["key"])
-        if original is None:
-            problems.append(f"{name}/{row['key']}: not found in the source shard")
+        original = next(originals, None)
+        if original is None or original.key != row["key"]:
+            problems.append(f"{name}/{row['key']}: not found in order in the source shard")
+            originals = None
             continue
-        pixels, fields = original
+        pixels, fields = original.pixels.numpy(), original.fields
         for field_ext, field_data in fields.items():
             if field_ext != ext and sample.fields.get(field_ext) != field_data:
                 problems.append(f"{name}/{row['key']}: field {field_ext!r} differs from the input")
@@ -158,13 +178,12 @@ def _verify_shard(
             problems.append(f"{name}/{row['key']}: measured L∞ {measured} but manifest says {row['linf']}")
         if not lossy and measured > levels:
             problems.append(f"{name}/{row['key']}: L∞ {measured} against the source exceeds the budget {levels}")
-    if len(problems) > MAX_LISTED_PROBLEMS:
-        problems = problems[:MAX_LISTED_PROBLEMS] + [f"{name}: … and more problems"]
     return problems
 
 
-def _source_pixels(source: str, settings: dict[str, Any]) -> dict[str, tuple[np.ndarray, dict[str, bytes]]] | None:
-    """Re-decode the source shard with the run's settings (None when it is not reachable)."""
+def _source_records(source: str, settings: dict[str, Any], keys: set[str]) -> Iterator[SampleRecord] | None:
+    """Re-decode the source shard with the run's settings, streaming the records whose key is
+    in ``keys`` in order (None when the source is not reachable)."""
     if not is_remote(source) and not Path(source).is_file():
         return None
     decode = DecodeSettings(
@@ -176,9 +195,8 @@ def _source_pixels(source: str, settings: dict[str, Any]) -> dict[str, tuple[np.
         requires_caption=False,
         requires_label=False,
     )
-    out = {}
-    for rec in decode_samples(read_samples(source), decode):
-        if isinstance(rec, str) or not rec.ok:
-            continue
-        out[rec.key] = (rec.pixels.numpy(), rec.fields)
-    return out
+    return (
+        rec
+        for rec in decode_samples(read_samples(source), decode)
+        if not isinstance(rec, str) and rec.ok and rec.key in keys
+    )

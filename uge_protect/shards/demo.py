@@ -68,9 +68,9 @@ BACKGROUNDS: list[str] = ["plain", "gradient", "striped", "checkered", "mottled"
 
 SIZES: dict[str, tuple[float, float]] = {
     # object "radius" as a fraction of the image side
-    "small": (0.17, 0.22),
-    "medium": (0.23, 0.29),
-    "large": (0.30, 0.37),
+    "small": (0.20, 0.245),
+    "medium": (0.255, 0.30),
+    "large": (0.31, 0.37),
 }
 
 # (name, normalized centre) of the nine position cells.
@@ -185,7 +185,7 @@ def _background(rng: np.random.Generator, size: int, kind: str, c1: np.ndarray) 
     """A ``size`` x ``size`` x 3 float32 background of texture ``kind`` around colour ``c1``."""
     lum = float(c1 @ np.array([0.299, 0.587, 0.114], dtype=np.float32))
     target = np.zeros(3, np.float32) if lum > 140 else np.full(3, 255.0, np.float32)
-    c2 = c1 + (target - c1) * rng.uniform(0.25, 0.45)
+    c2 = c1 + (target - c1) * rng.uniform(0.2, 0.35)
     scale = size / 32.0
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
     angle = rng.uniform(0, 2 * math.pi)
@@ -292,7 +292,7 @@ def render_sample(rng: np.random.Generator,
     # Global photometric jitter and sensor-like noise.
     contrast = rng.uniform(0.85, 1.1)
     brightness = rng.uniform(-15, 15)
-    noise_sigma = rng.uniform(2.0, 8.0)
+    noise_sigma = rng.uniform(2.0, 6.0)
     img = (img - 128.0) * contrast + 128.0 + brightness
     img = img + rng.normal(0.0, noise_sigma, img.shape).astype(np.float32)
     pixels = np.clip(np.rint(img), 0, 255).astype(np.uint8)
