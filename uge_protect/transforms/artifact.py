@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorsError
 from safetensors.torch import load_file, save_file
 
 from uge_protect import __version__
@@ -72,7 +71,7 @@ def load_artifact(
             raise UserError(f"artifact is missing its weights file: {file}")
         try:
             weights[group] = load_file(str(file))
-        except (SafetensorsError, OSError, ValueError) as exc:
+        except Exception as exc:  # safetensors raises its own error types by version
             raise UserError(f"artifact weights are unreadable: {file} ({exc})") from exc
     return config, weights
 
