@@ -30,6 +30,10 @@ def test_budget_holds_after_quantization_for_any_delta():
     room = original[2:] <= 253
     assert ((small.int() - original.int())[2:][room] == 2).all()
     assert (small[1] == 255).all()  # clipped at white
+    as_levels = apply_perturbation(original, torch.full(original.shape, 2, dtype=torch.int8), 8 / 255)
+    assert torch.equal(as_levels, small)
+    assert torch.equal(apply_perturbation(original, torch.full(original.shape, 100, dtype=torch.int16), 8 / 255),
+                       apply_perturbation(original, torch.full(original.shape, 1.0), 8 / 255))
 
 
 def test_linf_and_psnr():
@@ -48,8 +52,8 @@ def test_sample_seed_is_stable_and_key_dependent():
 
 
 def _batch(keys, size=8):
-    imgs = torch.rand(len(keys), 3, size, size)
-    return ProtectBatch(imgs, keys, [sample_seed(0, k) for k in keys], [None] * len(keys), [None] * len(keys))
+    pixels = torch.randint(0, 256, (len(keys), 3, size, size), dtype=torch.uint8)
+    return ProtectBatch(pixels, keys, [sample_seed(0, k) for k in keys], [None] * len(keys), [None] * len(keys))
 
 
 def test_random_noise_is_per_key_uniform_and_within_budget():
@@ -57,7 +61,8 @@ def test_random_noise_is_per_key_uniform_and_within_budget():
     d1 = m.perturb(_batch(["a", "b", "c"], 32))
     d2 = m.perturb(_batch(["c", "x"], 32))
     assert torch.equal(d1[2], d2[0])  # independent of the batch it is in
-    levels = torch.round(d1 * 255).int()
+    assert not d1.is_floating_point()  # integer δ: uint8 levels
+    levels = d1.int()
     assert levels.min() == -8 and levels.max() == 8
     counts = torch.bincount((levels + 8).flatten(), minlength=17).float()
     assert counts.min() > 0.8 * counts.mean()  # roughly uniform over the 17 levels

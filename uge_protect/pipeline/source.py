@@ -46,11 +46,42 @@ def read_samples(spec: str) -> Iterator[RawSample | str]:
         yield f"unreadable_shard: {exc}"
 
 
+#: Labels are stored as int64 in the manifest.
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+
+
+def _has_surrogates(text: str) -> bool:
+    """True for strings that cannot be encoded as UTF-8 (undecodable bytes in tar names,
+    lone ``\\udXXX`` escapes in JSON)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
 def is_unsafe_key(key: str) -> bool:
-    """Keys that could escape the output directory or are not valid member names."""
+    """Keys that could escape the output directory or are not valid member names
+    (including names that are not valid UTF-8: the manifest could not record them)."""
     if not key or "\x00" in key or "\\" in key or key.startswith("/"):
         return True
+    if _has_surrogates(key):
+        return True
     return any(part in ("..", ".") for part in key.split("/")) or posixpath.isabs(key)
+
+
+def printable_key(key: str) -> str:
+    """``key`` as a valid UTF-8 string: undecodable bytes become ``\\xNN`` escapes."""
+    if not _has_surrogates(key):
+        return key
+    return key.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def _clean_text(text: str) -> str:
+    """Replace lone surrogates (from JSON ``\\udXXX`` escapes) so the manifest can store it."""
+    if _has_surrogates(text):
+        text = text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+    return text
 
 
 def _text(data: bytes | None) -> str | None:
@@ -72,7 +103,7 @@ def _caption_and_label(raw: RawSample, s: DecodeSettings) -> tuple[str | None, i
     caption = None
     if s.caption_field:
         value = meta.get(s.caption_field) if isinstance(meta, dict) else None
-        caption = value.strip() if isinstance(value, str) else None
+        caption = _clean_text(value).strip() if isinstance(value, str) else None
     else:
         caption = _text(raw.fields.get("txt"))
     label = None
@@ -87,6 +118,8 @@ def _caption_and_label(raw: RawSample, s: DecodeSettings) -> tuple[str | None, i
             label = int(label_text)
         except ValueError:
             label = None
+        if label is not None and not _INT64_MIN <= label <= _INT64_MAX:
+            label = None  # out of the manifest's int64 range: treat as no label
     return caption or None, label
 
 
@@ -104,7 +137,8 @@ def decode_samples(
             yield raw
             return
         previous_cut = raw.error is not None
-        rec = SampleRecord(key=raw.key, index=index, fields=raw.fields)
+        # A key that is not valid UTF-8 is recorded with escapes (and fails as unsafe_key).
+        rec = SampleRecord(key=printable_key(raw.key), index=index, fields=raw.fields)
         duplicate = raw.key in seen
         seen.add(raw.key)
         rec.caption, rec.label = _caption_and_label(raw, s)

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import io
+import re
 import warnings
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 #: Field extensions recognised as images, in order of preference.
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
@@ -16,6 +17,17 @@ IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
 DEFAULT_MAX_PIXELS = 64_000_000
 
 RESIZE_MODES = ("none", "center_crop", "keep_ratio")
+
+#: Pillow formats accepted whatever the field's extension says (mislabelled fields are
+#: common). Others — EPS, which runs Ghostscript, and the many rarely used plugins — are
+#: refused as undecodable rather than handed to their decoders.
+ACCEPTED_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
+
+#: Object reprs with addresses (``<_io.BytesIO object at 0x7f…>``) in exception messages.
+_OBJECT_REPR = re.compile(r"<[^<>]* at 0x[0-9a-fA-F]+>")
+
+#: EXIF orientation values that ask for a flip or rotation.
+_ROTATING_ORIENTATIONS = frozenset(range(2, 9))
 
 
 class DecodeError(Exception):
@@ -52,7 +64,7 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         arr = np.asarray(img, dtype=np.float64)
         arr8 = np.clip(np.round(arr if arr.max(initial=0) > 1.0 else arr * 255.0), 0, 255)
         return Image.fromarray(arr8.astype(np.uint8), mode="L").convert("RGB")
-    if mode == "P" and "transparency" in img.info:
+    if mode in ("P", "L") and "transparency" in img.info:
         img = img.convert("RGBA")
     if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         # Composite transparent pixels onto white so the picture looks as it did.
@@ -68,10 +80,10 @@ def resize_image(img: Image.Image, size: int | None, mode: str) -> Image.Image:
     ``center_crop``: shorter side to ``size`` then a centred ``size``×``size`` crop;
     ``keep_ratio``: shorter side to ``size``, aspect ratio kept; ``none``: unchanged.
     """
-    if mode == "none" or size is None:
-        return img
     if mode not in RESIZE_MODES:
         raise ValueError(f"unknown resize mode {mode!r}; choose one of {', '.join(RESIZE_MODES)}")
+    if mode == "none" or size is None:
+        return img
     w, h = img.size
     scale = size / min(w, h)
     new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
@@ -98,11 +110,16 @@ def decode_image(
     """
     if not data:
         raise DecodeError("empty_image", "the image field has no bytes")
-    Image.MAX_IMAGE_PIXELS = max_pixels  # Pillow's own bomb check uses the same limit
+    if resize_mode not in RESIZE_MODES:
+        raise ValueError(f"unknown resize mode {resize_mode!r}; choose one of {', '.join(RESIZE_MODES)}")
+    # Pillow's own bomb check uses the same limit while we decode; the global is restored
+    # after, so a small --max-pixels does not leak into later, unrelated image reads.
+    saved_limit = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = max_pixels
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
+            img = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
             w, h = img.size
             if w <= 0 or h <= 0:
                 raise DecodeError("undecodable_image", f"invalid size {w}x{h}")
@@ -118,8 +135,16 @@ def decode_image(
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise DecodeError("too_many_pixels", str(exc)) from exc
+    except UnidentifiedImageError as exc:
+        # Pillow's message names the BytesIO object's address: keep reasons reproducible.
+        raise DecodeError(
+            "undecodable_image", f"not a recognised image (accepted: {', '.join(ACCEPTED_FORMATS)})"
+        ) from exc
     except Exception as exc:  # Pillow raises many types for corrupt data
-        raise DecodeError("undecodable_image", f"{type(exc).__name__}: {exc}") from exc
+        detail = _OBJECT_REPR.sub("<object>", f"{type(exc).__name__}: {exc}")
+        raise DecodeError("undecodable_image", detail) from exc
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved_limit
     rgb = resize_image(rgb, image_size, resize_mode)
     pixels = np.array(rgb, dtype=np.uint8)  # a writable copy
     if pixels.ndim != 3 or pixels.shape[2] != 3:
@@ -134,7 +159,7 @@ def decode_image(
 
 def _has_rotation(img: Image.Image) -> bool:
     try:
-        return img.getexif().get(0x0112, 1) not in (1, None)
+        return img.getexif().get(0x0112, 1) in _ROTATING_ORIENTATIONS
     except Exception:
         return False
 

@@ -44,31 +44,79 @@ class TarReadError(Exception):
     """The tar stream is truncated or corrupt; samples before it were delivered."""
 
 
+class _DamagedHeader(tarfile.ReadError):
+    """A header block that is cut short or fails its checksum.
+
+    :class:`tarfile.TarFile` treats these, after the first member, as the end of the archive
+    and silently stops; raising an exception that is not a ``HeaderError`` makes it propagate.
+    """
+
+
+class _StrictTarInfo(tarfile.TarInfo):
+    @classmethod
+    def fromtarfile(cls, tar):
+        try:
+            return super().fromtarfile(tar)
+        except tarfile.EOFHeaderError:
+            raise  # a zero block: the end-of-archive marker (what follows is checked after)
+        except tarfile.EmptyHeaderError:
+            if tar.offset == 0:
+                raise _DamagedHeader("empty file (0 bytes), not a tar archive") from None
+            raise _DamagedHeader("the archive ends without an end-of-archive marker (truncated)") from None
+        except tarfile.TruncatedHeaderError:
+            raise _DamagedHeader("the archive ends inside a member header (truncated)") from None
+        except tarfile.InvalidHeaderError as exc:
+            raise _DamagedHeader(f"invalid member header at byte {tar.offset} ({exc})") from None
+
+
+#: Read size when checking what follows the end-of-archive marker.
+_TRAILER_CHUNK = 1 << 16
+
+
+def _check_trailer(tar: tarfile.TarFile) -> None:
+    """After the end-of-archive marker only zero padding may follow; anything else is damage
+    (a zeroed header in the middle, or concatenated archives) that would hide samples."""
+    while True:
+        chunk = tar.fileobj.read(_TRAILER_CHUNK)
+        if not chunk:
+            return
+        if chunk.count(0) != len(chunk):
+            raise tarfile.ReadError(
+                "data after the end-of-archive marker (a zeroed header or concatenated archives)"
+            )
+
+
 def iter_tar_samples(stream: BinaryIO) -> Iterator[RawSample]:
     """Yield samples from a tar stream, grouping consecutive members that share a key.
 
     A member whose extension already exists in the current sample starts a new sample with
     the same key (a duplicate, for the caller to reject). If the archive is truncated or
-    corrupt, the sample being assembled is yielded with ``error`` set and then
-    :class:`TarReadError` is raised.
+    corrupt (a member cut short, a damaged header, a missing end-of-archive marker, data
+    after that marker), the sample being assembled — the damaged member's own sample when
+    its header was readable — is yielded with ``error`` set and then :class:`TarReadError`
+    is raised. Samples completed before the damage are yielded intact.
     """
     current: RawSample | None = None
     try:
-        with tarfile.open(fileobj=stream, mode="r|*") as tar:
+        with tarfile.open(fileobj=stream, mode="r|*", tarinfo=_StrictTarInfo) as tar:
             for member in tar:
                 if not member.isfile():
                     continue
                 key, ext = split_member_name(member.name)
-                fobj = tar.extractfile(member)
-                data = fobj.read() if fobj is not None else b""
-                if len(data) != member.size:
-                    raise tarfile.ReadError(f"member {member.name!r} is truncated")
                 if current is not None and (current.key != key or ext in current.fields):
-                    yield current
+                    yield current  # complete: a member of another sample follows
                     current = None
                 if current is None:
                     current = RawSample(key=key)
+                fobj = tar.extractfile(member)
+                try:
+                    data = fobj.read() if fobj is not None else b""
+                except tarfile.ReadError as exc:
+                    raise tarfile.ReadError(f"member {member.name!r} is cut short ({exc})") from exc
+                if len(data) != member.size:
+                    raise tarfile.ReadError(f"member {member.name!r} is cut short")
                 current.fields[ext] = data
+            _check_trailer(tar)
     except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
         if current is not None:
             current.error = f"corrupt_tar: {exc}"
@@ -107,11 +155,15 @@ def write_tar_atomic(path: str | os.PathLike, members: Iterable[tuple[str, bytes
     """Write ``members`` to ``path`` through a temporary file renamed into place."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        writer = ReproducibleTarWriter(f)
-        for name, data in members:
-            writer.add(name, data)
-        writer.close()
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            writer = ReproducibleTarWriter(f)
+            for name, data in members:
+                writer.add(name, data)
+            writer.close()
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # no half-written temporary file left behind
+        raise

@@ -7,6 +7,7 @@ inside a method: it hands over a :class:`ProtectBatch` and enforces the budget o
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -25,16 +26,25 @@ def sample_seed(seed: int, key: str) -> int:
 class ProtectBatch:
     """A batch of same-sized images and what a method may condition on.
 
-    ``images`` is float32 in [0, 1], shape (B, 3, H, W), on the method's device.
-    ``seeds`` are per-sample seeds from :func:`sample_seed`; methods draw every random
-    number of a sample from its own seed so results do not depend on batch composition.
+    ``pixels`` is uint8, shape (B, 3, H, W), on the method's device; :attr:`images` gives
+    the float32 [0, 1] version (computed on first use). ``seeds`` are per-sample seeds from
+    :func:`sample_seed`; methods draw every random number of a sample from its own seed so
+    results do not depend on batch composition.
     """
 
-    images: torch.Tensor
+    pixels: torch.Tensor
     keys: list[str]
     seeds: list[int]
     captions: list[str | None]
     labels: list[int | None]
+
+    @functools.cached_property
+    def images(self) -> torch.Tensor:
+        """Float32 images in [0, 1], contiguous (B, 3, H, W)."""
+        return self.pixels.to(torch.float32).div_(255.0).contiguous()
+
+    def __len__(self) -> int:
+        return len(self.keys)
 
 
 class ProtectionMethod(ABC):
@@ -71,9 +81,10 @@ class ProtectionMethod(ABC):
 
     @abstractmethod
     def perturb(self, batch: ProtectBatch) -> torch.Tensor:
-        """Return δ with the shape of ``batch.images`` (in [0, 1] image units).
+        """Return δ with the shape of ``batch.pixels``.
 
-        The pipeline adds δ in uint8 space and clips it to the budget, so a method may
-        return values slightly outside ±epsilon; it must not depend on other samples of
-        the batch for per-sample randomness.
+        A floating-point δ is in [0, 1] image units; an integer δ is in uint8 levels. The
+        pipeline quantizes δ, clips it to the budget and adds it in uint8 space, so a method
+        may return values slightly outside ±epsilon. Per-sample randomness must come from
+        ``batch.seeds``, never from other samples of the batch.
         """

@@ -16,15 +16,17 @@ def budget_levels(epsilon: float) -> int:
 def apply_perturbation(original: torch.Tensor, delta: torch.Tensor, epsilon: float) -> torch.Tensor:
     """Add ``delta`` to uint8 ``original`` and return uint8 pixels within the budget.
 
-    ``original`` is uint8 (any shape), ``delta`` the same shape in [0, 1] image units.
-    The result satisfies ``|protected - original| <= round(epsilon*255)`` for every pixel
-    and lies in [0, 255].
+    ``original`` is uint8 (any shape), ``delta`` the same shape: floating point in [0, 1]
+    image units, or an integer dtype in uint8 levels. δ is quantized to whole levels and clipped to ±round(epsilon·255) before it is added, so
+    ``|protected - original| <= round(epsilon*255)`` holds for every pixel, and the result
+    is clipped to [0, 255].
     """
     q = budget_levels(epsilon)
-    x = original.to(torch.float32)
-    shifted = torch.round(x + delta.to(torch.float32) * 255.0)
-    shifted = torch.minimum(torch.maximum(shifted, x - q), x + q)
-    return shifted.clamp_(0, 255).to(torch.uint8)
+    if delta.is_floating_point():
+        levels = torch.round(delta.to(torch.float32) * 255.0).clamp_(-q, q).to(torch.int16)
+    else:
+        levels = delta.to(torch.int16).clamp_(-q, q)
+    return (original.to(torch.int16) + levels).clamp_(0, 255).to(torch.uint8)
 
 
 def project_linf(delta: torch.Tensor, epsilon: float) -> torch.Tensor:

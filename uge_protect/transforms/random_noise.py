@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 
 from uge_protect.transforms.base import ProtectBatch, ProtectionMethod
@@ -21,13 +22,12 @@ class RandomNoise(ProtectionMethod):
 
     def perturb(self, batch: ProtectBatch) -> torch.Tensor:
         q = budget_levels(self.epsilon)
-        shape = tuple(batch.images.shape[1:])
-        noise = torch.empty((len(batch.seeds),) + shape, dtype=torch.int16)
-        gen = torch.Generator(device="cpu")
+        shape = tuple(batch.pixels.shape[1:])
+        noise = np.empty((len(batch.seeds),) + shape, dtype=np.int8)
         for i, seed in enumerate(batch.seeds):
-            gen.manual_seed(seed)
-            torch.randint(-q, q + 1, shape, generator=gen, dtype=torch.int16, out=noise[i])
-        return noise.to(batch.images.device, non_blocking=True).to(torch.float32) / 255.0
+            # PCG64 on the CPU: the same noise for a key on every device and batch layout.
+            noise[i] = np.random.Generator(np.random.PCG64(seed)).integers(-q, q + 1, shape, dtype=np.int8)
+        return torch.from_numpy(noise).to(batch.pixels.device)  # integer δ: uint8 levels
 
     def config(self) -> dict[str, Any]:
         return {**super().config(), "protects": False}
@@ -41,4 +41,4 @@ class PassThrough(ProtectionMethod):
     hidden = True
 
     def perturb(self, batch: ProtectBatch) -> torch.Tensor:
-        return torch.zeros_like(batch.images)
+        return torch.zeros_like(batch.pixels, dtype=torch.int8)
