@@ -10,6 +10,7 @@ to ``accelerator.prepare``: that would make every rank read every sample.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -37,6 +38,24 @@ from uge_protect.transforms.budget import apply_perturbation, budget_levels
 
 def _identity(batch: ShardBatch) -> ShardBatch:
     return batch
+
+
+def _load_malloc_trim():
+    """glibc's ``malloc_trim``, or None elsewhere."""
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+_MALLOC_TRIM = _load_malloc_trim()
+
+
+def release_freed_memory() -> None:
+    """Hand freed heap pages back to the OS (called once per finished shard, so the many
+    short-lived image buffers of a shard do not pile up as fragmentation)."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
 
 
 def protect_records(
@@ -232,6 +251,7 @@ def _protect_shards(
             stats = writers.pop(batch.shard_name).finish(batch.tar_error)
             counts["shards"] += 1
             progress.shard_done(stats)
+            release_freed_memory()
 
     try:
         with ThreadPoolExecutor(max_workers=cfg.encode_threads, thread_name_prefix="encode") as pool:
