@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from uge_protect.shards.decode import DEFAULT_MAX_PIXELS, RESIZE_MODES
@@ -36,7 +36,6 @@ class ShardJobConfig:
     overwrite: bool = False
     quiet: bool = False
     log_json: str | None = None
-    method_options: dict[str, Any] = field(default_factory=dict)
 
     @property
     def lossy(self) -> bool:
