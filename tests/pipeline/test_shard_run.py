@@ -187,3 +187,29 @@ def test_log_json_records_shards(make_shards, tmp_path):
     done = [e for e in events if e["event"] == "shard_done"]
     assert sorted(e["shard"] for e in done) == [p.name for p in shards]
     assert events[-1]["event"] == "rank_done" and events[-1]["written"] == 6
+
+
+def test_inspect_reports_a_damaged_output_shard(make_shards, tmp_path):
+    shards = make_shards(n_shards=1, per_shard=4)
+    out = tmp_path / "out"
+    run(shards, out)
+    path = OutputLayout(out).shard(shards[0].name)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    problems = inspect_output(out)["problems"]
+    assert any("output shard is damaged" in p for p in problems)
+
+
+def test_second_image_in_compound_field_is_never_copied_unprotected(tmp_path):
+    from tests.helpers import png_bytes, random_image, write_shard
+
+    rng = np.random.default_rng(0)
+    shard = write_shard(tmp_path / "m.tar", [
+        ("a", {"png": png_bytes(random_image(rng)), "seg.png": png_bytes(random_image(rng)), "txt": b"x"}),
+        ("b", {"jpg.txt": b"not an image", "png": png_bytes(random_image(rng))}),
+    ])
+    out = tmp_path / "out"
+    run([shard], out)
+    rows = read_manifest(OutputLayout(out).manifest("m.tar")).to_pylist()
+    assert [(r["key"], r["status"], r["reason"]) for r in rows] == [
+        ("a", "failed", "multiple_images"), ("b", "ok", None)]
+    assert [s.key for s in read_tar(OutputLayout(out).shard("m.tar"))] == ["b"]

@@ -77,6 +77,9 @@ def shard(
     except (UserError, ValueError) as exc:
         _fail(str(exc))
         return
+    except OSError as exc:  # disk full, permissions changed mid-run, ...
+        _fail(f"{exc.strerror or exc}{f': {exc.filename}' if exc.filename else ''} (rerun to resume)")
+        return
     if summary and "counts" in summary and not quiet:
         c = summary["counts"]
         t = summary["timings"]

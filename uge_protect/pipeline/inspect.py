@@ -25,7 +25,7 @@ from uge_protect.pipeline.writer import reason_code
 from uge_protect.shards.discover import is_remote
 from uge_protect.shards.layout import OutputLayout, read_json
 from uge_protect.shards.manifest import STATUS_OK, read_manifest
-from uge_protect.shards.tario import iter_tar_samples
+from uge_protect.shards.tario import TarReadError, iter_tar_samples
 from uge_protect.transforms.budget import linf_levels
 
 MAX_LISTED_PROBLEMS = 50
@@ -127,7 +127,10 @@ def _verify_shard(
     ok_keys = {r["key"] for r in ok_rows}
     originals = _source_records(stats["source"], settings, ok_keys) if check_sources else None
     with open(shard_path, "rb") as f:
-        problems.extend(_verify_samples(name, iter_tar_samples(f), ok_rows, originals, levels, lossy))
+        try:
+            problems.extend(_verify_samples(name, iter_tar_samples(f), ok_rows, originals, levels, lossy))
+        except TarReadError as exc:
+            problems.append(f"{name}: the output shard is damaged ({exc})")
     if len(problems) > MAX_LISTED_PROBLEMS:
         problems = problems[:MAX_LISTED_PROBLEMS] + [f"{name}: … and more problems"]
     return problems
@@ -149,7 +152,7 @@ def _verify_samples(
             problems.append(f"{name}: keys in the shard differ from the manifest's written rows")
             break
         ext = row["image_field"]
-        image_ext = next((e for e in sample.fields if e in ("png", "webp", "jpg")), None)
+        image_ext = next((e for e in sample.fields if e.rsplit(".", 1)[-1] in ("png", "webp", "jpg")), None)
         if image_ext is None:
             problems.append(f"{name}/{row['key']}: no image in the output sample")
             continue

@@ -61,13 +61,18 @@ def _has_surrogates(text: str) -> bool:
 
 
 def is_unsafe_key(key: str) -> bool:
-    """Keys that could escape the output directory or are not valid member names
-    (including names that are not valid UTF-8: the manifest could not record them)."""
-    if not key or "\x00" in key or "\\" in key or key.startswith("/"):
+    """Keys that could escape the output directory or are not valid member names: absolute
+    paths, ``..`` components, backslashes, an empty base name (a hidden file such as
+    ``dir/.png``), and names that are not valid UTF-8 (the manifest could not record them).
+
+    ``.`` components are harmless and common (``tar -cf shard.tar .`` writes ``./000001.jpg``).
+    """
+    if not key or "\x00" in key or "\\" in key or key.startswith("/") or posixpath.isabs(key):
         return True
     if _has_surrogates(key):
         return True
-    return any(part in ("..", ".") for part in key.split("/")) or posixpath.isabs(key)
+    parts = key.split("/")
+    return ".." in parts or parts[-1] in ("", ".")
 
 
 def printable_key(key: str) -> str:
@@ -78,9 +83,10 @@ def printable_key(key: str) -> str:
 
 
 def _clean_text(text: str) -> str:
-    """Replace lone surrogates (from JSON ``\\udXXX`` escapes) so the manifest can store it."""
+    """Replace each lone surrogate (from JSON ``\\udXXX`` escapes) with U+FFFD so the
+    manifest can store the text."""
     if _has_surrogates(text):
-        text = text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+        text = "".join("\ufffd" if 0xD800 <= ord(c) <= 0xDFFF else c for c in text)
     return text
 
 

@@ -95,7 +95,9 @@ class ShardWriter:
         """Write a protected sample (all non-image fields byte-identical) or record a failure."""
         row = self._row(rec)
         if rec.ok and encoded is not None:
-            out_ext = FORMAT_EXTENSION[self.encode.image_format]
+            # The image keeps any prefix of its field name: "jpg" → "png", "left.jpg" → "left.png".
+            prefix = rec.image_field.rsplit(".", 1)[0] + "." if "." in rec.image_field else ""
+            out_ext = prefix + FORMAT_EXTENSION[self.encode.image_format]
             for ext, data in rec.fields.items():
                 if ext == rec.image_field:
                     self._tar.add(member_name(rec.key, out_ext), encoded.data)
@@ -159,6 +161,7 @@ class ShardWriter:
     def abort(self) -> None:
         """Drop the partial shard (used when the run fails)."""
         try:
+            self._tar.abort()
             self._file.close()
         finally:
             self.tmp.unlink(missing_ok=True)

@@ -165,5 +165,10 @@ def _has_rotation(img: Image.Image) -> bool:
 
 
 def pick_image_field(fields: dict[str, bytes]) -> list[str]:
-    """The image extensions present in a sample's fields (case-insensitive)."""
-    return [ext for ext in fields if ext.lower() in IMAGE_EXTENSIONS]
+    """The fields of a sample that hold an image (case-insensitive).
+
+    Compound extensions count by their last part (``thumb.jpg``, ``seg.png``): a second image
+    in a sample would otherwise be copied out unprotected, so the pipeline refuses samples
+    with more than one image (``multiple_images``).
+    """
+    return [ext for ext in fields if ext.lower().rsplit(".", 1)[-1] in IMAGE_EXTENSIONS]

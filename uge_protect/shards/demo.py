@@ -105,6 +105,9 @@ _CAPTION_TEMPLATES: list[str] = [
     "an image of a {color} {shape}, {size}, {pos} on a {bg} background{extra}",
 ]
 
+#: Shapes are rotated uniformly within +/- this many degrees (and mirrored half the time).
+_MAX_ROTATION_DEG = 30.0
+
 #: Minimum RGB distance between the object colour and the mean background colour.
 _MIN_CONTRAST = 120.0
 
@@ -160,7 +163,7 @@ def _unit_outline(shape: str) -> list[tuple[str, Any]]:
 
 
 def _shape_mask(shape: str, size: int, cx: float, cy: float, radius: float,
-                angle: float, aspect: float) -> np.ndarray:
+                angle: float, aspect: float, mirrored: bool = False) -> np.ndarray:
     """Antialiased coverage mask (float32 in [0, 1], ``size`` x ``size``) of a shape."""
     ss = 4 if size <= 128 else 2
     canvas = Image.new("L", (size * ss, size * ss), 0)
@@ -168,7 +171,7 @@ def _shape_mask(shape: str, size: int, cx: float, cy: float, radius: float,
     c, s = math.cos(angle), math.sin(angle)
     rot = np.array([[c, -s], [s, c]])
     for _, pts, fill in _unit_outline(shape):
-        p = pts * np.array([aspect, 1.0 / aspect])
+        p = pts * np.array([-aspect if mirrored else aspect, 1.0 / aspect])
         p = (p @ rot.T) * radius + np.array([cx, cy])
         p = p * ss
         draw.polygon([(float(x), float(y)) for x, y in p], fill=fill)
@@ -259,7 +262,8 @@ def render_sample(rng: np.random.Generator,
     margin = 0.85 * radius
     cx = float(np.clip((px + rng.uniform(-0.06, 0.06)) * S, margin, S - margin))
     cy = float(np.clip((py + rng.uniform(-0.06, 0.06)) * S, margin, S - margin))
-    angle = rng.uniform(0, 2 * math.pi)
+    angle = math.radians(rng.uniform(-_MAX_ROTATION_DEG, _MAX_ROTATION_DEG))
+    mirrored = bool(rng.random() < 0.5)
     aspect = math.sqrt(rng.uniform(0.8, 1.25))
 
     img = bg
@@ -281,7 +285,7 @@ def render_sample(rng: np.random.Generator,
                 break
 
     # Object with a soft linear shading across it.
-    mask = _shape_mask(shape, S, cx, cy, radius, angle, aspect)[..., None]
+    mask = _shape_mask(shape, S, cx, cy, radius, angle, aspect, mirrored)[..., None]
     shade_dir = rng.uniform(0, 2 * math.pi)
     shade_amt = rng.uniform(0.0, 0.2)
     yy, xx = np.mgrid[0:S, 0:S].astype(np.float32)
@@ -316,6 +320,7 @@ def render_sample(rng: np.random.Generator,
         "center": [round(cx / S, 4), round(cy / S, 4)],
         "radius": round(float(radius) / S, 4),
         "rotation_deg": round(math.degrees(angle), 2),
+        "mirrored": mirrored,
         "aspect": round(aspect, 4),
         "noise_sigma": round(float(noise_sigma), 3),
         "template": template,

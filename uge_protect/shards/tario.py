@@ -1,8 +1,10 @@
 """Low-level tar reading and writing for WebDataset shards.
 
 Reading groups consecutive tar members into samples the way WebDataset does (the key is
-the member path up to the first dot of its base name). Writing produces reproducible
-archives: fixed mtime, owner and mode, so equal inputs give byte-identical tars.
+the member path up to the first dot of its base name). It is stricter than ``tarfile``,
+which ends an archive silently at a damaged or missing header: any truncation or corruption
+is reported, so no sample after the damage vanishes unnoticed. Writing produces
+reproducible archives: fixed mtime, owner and mode, so equal inputs give byte-identical tars.
 """
 
 from __future__ import annotations
@@ -150,6 +152,16 @@ class ReproducibleTarWriter:
         """Finish the archive (writes the end-of-archive blocks)."""
         self._tar.close()
 
+    def abort(self) -> None:
+        """Give up on the archive without writing anything more (not even buffered bytes).
+
+        Without this, the stream's finalizer later flushes into a file already closed.
+        """
+        stream = self._tar.fileobj
+        stream.buf = b""
+        stream.closed = True
+        self._tar.closed = True
+
 
 def write_tar_atomic(path: str | os.PathLike, members: Iterable[tuple[str, bytes]]) -> None:
     """Write ``members`` to ``path`` through a temporary file renamed into place."""
@@ -158,8 +170,12 @@ def write_tar_atomic(path: str | os.PathLike, members: Iterable[tuple[str, bytes
     try:
         with open(tmp, "wb") as f:
             writer = ReproducibleTarWriter(f)
-            for name, data in members:
-                writer.add(name, data)
+            try:
+                for name, data in members:
+                    writer.add(name, data)
+            except BaseException:
+                writer.abort()
+                raise
             writer.close()
             f.flush()
             os.fsync(f.fileno())
