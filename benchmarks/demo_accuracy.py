@@ -84,10 +84,10 @@ def train_cnn(xtr, ytr, xte, yte, num_classes: int, epochs: int, seed: int) -> l
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     model = small_cnn(num_classes)
-    bs = 128
+    bs = 32
     steps = epochs * ((len(xtr) + bs - 1) // bs)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=5e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps,
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=5e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps,
                                                 pct_start=0.2)
     accs = []
     for epoch in range(epochs):

@@ -32,8 +32,8 @@ __all__ = [
 ]
 
 #: Shape classes; the label of a sample is the index of its shape in this list. Every class
-#: is closed under mirroring (shapes are drawn at random rotations), so horizontal flips are
-#: label-preserving augmentations.
+#: is closed under mirroring (shapes are drawn mirrored half the time), so horizontal flips
+#: are label-preserving augmentations.
 CLASS_NAMES: list[str] = [
     "circle",
     "square",
@@ -227,10 +227,11 @@ def render_sample(rng: np.random.Generator,
     """Render one demo sample.
 
     Returns ``(image, label, caption, attrs)``: an RGB ``image_size`` x ``image_size`` image
-    of one shape (the class) with random colour, size, position, rotation and aspect on a
-    random textured background, sometimes with a small distractor blob, plus mild
-    brightness/contrast jitter and pixel noise. ``attrs`` holds every drawn attribute
-    (JSON-serializable). The output is a pure function of the generator's state.
+    of one shape (the class) with random colour, size, position, aspect, rotation (within
+    +/-30 degrees) and mirroring on a random textured background, sometimes with a small
+    distractor blob, plus mild brightness/contrast jitter and pixel noise. ``attrs`` holds
+    every drawn attribute (JSON-serializable). The output is a pure function of the
+    generator's state.
     """
     if image_size < 16:
         raise ValueError(f"image_size must be >= 16, got {image_size}")
