@@ -12,8 +12,7 @@ METHOD=${METHOD:-random}
 
 rm -rf "$DEMO_DIR"
 echo "== 1/3 demo dataset → $DEMO_DIR/data"
-"$CLI" demo-data "$DEMO_DIR/data" --train 5000 --test 1000 --per-shard 500 > "$DEMO_DIR.data.json"
-mv "$DEMO_DIR.data.json" "$DEMO_DIR/data/summary.json"
+"$CLI" demo-data "$DEMO_DIR/data" --train 5000 --test 1000 --per-shard 500
 
 echo "== 2/3 protect the training shards with --method $METHOD → $DEMO_DIR/protected"
 "$CLI" shard "$DEMO_DIR/data/train/demo-train-{000000..000009}.tar" \

@@ -155,7 +155,11 @@ def demo_data(
     except (ValueError, OSError) as exc:
         _fail(str(exc))
         return
-    typer.echo(json.dumps(summary, indent=2, default=str))
+    splits = summary["splits"]
+    typer.echo(
+        f"wrote {splits['train']['n']} train and {splits['test']['n']} test samples "
+        f"({len(summary['classes'])} classes, {image_size}x{image_size}) to {directory}/train and {directory}/test"
+    )
 
 
 def main() -> None:
