@@ -3,7 +3,8 @@
 Both run the same stages (read → decode → batch → protect → encode → write) in the same
 process, back to back, on the same shards; the ratio says what the perturbation costs next
 to I/O. Then the same job with 1 and 2 processes (Accelerate, CPU, gloo), each process
-limited to one core's worth of work (--workers 0 --encode-threads 1), to measure scaling.
+limited to one core's worth of work (--workers 0 --encode-threads 0: read, decode, protect and
+encode all in the process's main thread), to measure scaling.
 
     .venv/bin/python benchmarks/throughput.py [--images 4000] [--sizes 64 256]
 """
@@ -45,7 +46,7 @@ def launched_run(shards: list[Path], out: Path, processes: int) -> float:
     if processes > 1:
         launch.append("--multi_gpu")
     cmd = [*launch, "-m", "uge_protect", "shard", *map(str, shards), "-o", str(out), "-m", "random",
-           "--quiet", "--workers", "0", "--encode-threads", "1"]
+           "--quiet", "--workers", "0", "--encode-threads", "0"]
     subprocess.run(cmd, env=env, check=True)
     protection = json.loads((out / "protection.json").read_text())
     return protection["timings"]["images_per_second"]
@@ -72,8 +73,7 @@ def main() -> None:
             random = timed_run(shards, base / f"rand{size}", "random", **kw)
             print(f"{size}x{size}: pass-through {passthrough:8.1f} img/s | random {random:8.1f} img/s | "
                   f"ratio random/pass-through {random / passthrough:.3f} (target >= 0.9)")
-        if not args.skip_processes:
-            size = args.sizes[0]
+        for size in [] if args.skip_processes else args.sizes:
             shards = sorted((base / f"in{size}").glob("*.tar"))
             one = launched_run(shards, base / "p1", 1)
             two = launched_run(shards, base / "p2", 2)

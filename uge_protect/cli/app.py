@@ -39,7 +39,7 @@ def shard(
     seed: int = typer.Option(0, "--seed", help="Seed for per-sample randomness (combined with each key)."),
     batch_size: int = typer.Option(64, "--batch-size", help="Images per accelerator pass."),
     workers: int = typer.Option(2, "--workers", help="DataLoader worker processes that read and decode."),
-    encode_threads: int = typer.Option(2, "--encode-threads", help="Threads that encode protected images."),
+    encode_threads: int = typer.Option(2, "--encode-threads", help="Threads that encode protected images (0: encode in the main thread)."),
     image_format: str = typer.Option("png", "--image-format", help="png (default), webp (lossless) or jpeg (lossy)."),
     allow_lossy: bool = typer.Option(False, "--allow-lossy", help="Accept lossy output (jpeg, lossy webp): weakens protection."),
     quality: int = typer.Option(95, "--quality", help="Quality of lossy formats."),

@@ -60,8 +60,8 @@ class ShardJobConfig:
             raise ValueError("--image-size must be positive")
         if self.batch_size <= 0:
             raise ValueError("--batch-size must be positive")
-        if self.num_workers < 0 or self.encode_threads <= 0:
-            raise ValueError("--workers must be >= 0 and --encode-threads >= 1")
+        if self.num_workers < 0 or self.encode_threads < 0:
+            raise ValueError("--workers and --encode-threads must be >= 0")
         if not 1 <= self.quality <= 100:
             raise ValueError("--quality must be between 1 and 100")
         if not 0 <= self.png_compress_level <= 9:

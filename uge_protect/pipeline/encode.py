@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from uge_protect.transforms.budget import linf_levels, psnr
+from uge_protect.transforms.budget import difference_stats
 
 #: Output field extension per image format.
 FORMAT_EXTENSION = {"png": "png", "webp": "webp", "jpeg": "jpg"}
@@ -59,9 +59,5 @@ def encode_protected(original: np.ndarray, protected: np.ndarray, s: EncodeSetti
     written = protected
     if s.lossy:
         written = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), dtype=np.uint8)
-    return EncodedImage(
-        data=data,
-        linf=linf_levels(original, written),
-        psnr=psnr(original, written),
-        sha256=hashlib.sha256(data).hexdigest(),
-    )
+    linf, quality = difference_stats(original, written)
+    return EncodedImage(data=data, linf=linf, psnr=quality, sha256=hashlib.sha256(data).hexdigest())

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import gc
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -142,7 +143,30 @@ def run_shard_job(cfg: ShardJobConfig, method: ProtectionMethod, accelerator=Non
     except ValueError as exc:
         raise UserError(str(exc)) from None
     inputs = expand_inputs(cfg.inputs)
+    own_accelerator = accelerator is None
     accelerator = accelerator or _make_accelerator(cfg)
+    ok = False
+    try:
+        result = _run(cfg, method, accelerator, inputs)
+        ok = True
+        return result
+    finally:
+        if own_accelerator and accelerator.num_processes > 1:
+            _leave_process_group(accelerator, barrier=ok)
+
+
+def _leave_process_group(accelerator, barrier: bool) -> None:
+    """Leave together and tear the process group down, so no rank exits while another still
+    talks to it (gloo aborts a process that exits mid-group)."""
+    import torch.distributed as dist
+
+    if barrier:
+        accelerator.wait_for_everyone()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _run(cfg: ShardJobConfig, method: ProtectionMethod, accelerator, inputs: list[str]) -> dict[str, Any]:
     rank, world = accelerator.process_index, accelerator.num_processes
     layout = OutputLayout(Path(cfg.output))
     run_config = build_run_config(cfg, method)
@@ -185,6 +209,18 @@ def run_shard_job(cfg: ShardJobConfig, method: ProtectionMethod, accelerator=Non
     finally:
         if lock is not None:
             lock.release()
+
+
+class _InlineExecutor(contextlib.AbstractContextManager):
+    """Runs submitted work at once in the calling thread (``--encode-threads 0``)."""
+
+    def submit(self, fn, *args) -> Future:
+        future: Future = Future()
+        future.set_result(fn(*args))
+        return future
+
+    def __exit__(self, *exc) -> None:
+        return None
 
 
 def _gather(accelerator, counts: dict[str, Any]) -> list[dict[str, Any]]:
@@ -254,7 +290,16 @@ def _protect_shards(
             release_freed_memory()
 
     try:
-        with ThreadPoolExecutor(max_workers=cfg.encode_threads, thread_name_prefix="encode") as pool:
+        pool_cm = (
+            ThreadPoolExecutor(max_workers=cfg.encode_threads, thread_name_prefix="encode")
+            if cfg.encode_threads > 0
+            else _InlineExecutor()
+        )
+        if workers > 0:
+            # Keep the collector away from objects that forked workers share with us: its
+            # bookkeeping writes would copy those pages into every worker over time.
+            gc.freeze()
+        with pool_cm as pool:
             for batch in loader:
                 protected = protect_records(batch.records, method, cfg.seed, device, autocast)
                 inflight.append((batch, pool.submit(encode_batch, batch.records, protected, encode)))

@@ -34,16 +34,28 @@ def project_linf(delta: torch.Tensor, epsilon: float) -> torch.Tensor:
     return delta.clamp(-epsilon, epsilon)
 
 
-def linf_levels(original: np.ndarray, protected: np.ndarray) -> int:
-    """Largest absolute per-pixel difference in uint8 levels."""
+def difference_stats(original: np.ndarray, protected: np.ndarray) -> tuple[int, float]:
+    """(L∞ in uint8 levels, PSNR in dB) of two uint8 images, in one integer pass.
+
+    PSNR is ``inf`` for identical images.
+    """
     if original.shape != protected.shape:
         raise ValueError(f"shape mismatch {original.shape} vs {protected.shape}")
-    diff = np.abs(original.astype(np.int16) - protected.astype(np.int16))
-    return int(diff.max(initial=0))
+    diff = original.astype(np.int16)
+    diff -= protected
+    np.abs(diff, out=diff)
+    linf = int(diff.max(initial=0))
+    squared = int(np.square(diff.astype(np.uint16), dtype=np.uint32).sum(dtype=np.uint64))
+    if squared == 0:
+        return linf, math.inf
+    return linf, 10.0 * math.log10(255.0**2 * diff.size / squared)
+
+
+def linf_levels(original: np.ndarray, protected: np.ndarray) -> int:
+    """Largest absolute per-pixel difference in uint8 levels."""
+    return difference_stats(original, protected)[0]
 
 
 def psnr(original: np.ndarray, protected: np.ndarray) -> float:
     """Peak signal-to-noise ratio in dB (``inf`` for identical images)."""
-    diff = original.astype(np.float64) - protected.astype(np.float64)
-    mse = float(np.mean(diff * diff)) if diff.size else 0.0
-    return math.inf if mse == 0.0 else 10.0 * math.log10(255.0**2 / mse)
+    return difference_stats(original, protected)[1]
