@@ -44,6 +44,7 @@ def shard(
     allow_lossy: bool = typer.Option(False, "--allow-lossy", help="Accept lossy output (jpeg, lossy webp): weakens protection."),
     quality: int = typer.Option(95, "--quality", help="Quality of lossy formats."),
     png_compression: int = typer.Option(1, "--png-compression", help="PNG zlib level 0-9 (1: fast, larger files)."),
+    png_strategy: str = typer.Option("huffman", "--png-strategy", help="zlib strategy: huffman (fast, small for perturbed images), default, filtered, rle."),
     image_size: Optional[int] = typer.Option(None, "--image-size", help="Resize to this training resolution first."),
     resize_mode: str = typer.Option("none", "--resize-mode", help="none | center_crop | keep_ratio."),
     max_pixels: int = typer.Option(64_000_000, "--max-pixels", help="Reject images with more pixels (decompression bombs)."),
@@ -63,7 +64,7 @@ def shard(
         cfg = ShardJobConfig(
             inputs=list(inputs), output=str(output), seed=seed, batch_size=batch_size,
             num_workers=workers, encode_threads=encode_threads, image_format=image_format,
-            allow_lossy=allow_lossy, quality=quality, png_compress_level=png_compression,
+            allow_lossy=allow_lossy, quality=quality, png_compress_level=png_compression, png_strategy=png_strategy,
             image_size=image_size, resize_mode=resize_mode, max_pixels=max_pixels,
             caption_field=caption_field, label_field=label_field, mixed_precision=mixed_precision,
             overwrite=overwrite, quiet=quiet, log_json=str(log_json) if log_json else None,

@@ -21,6 +21,8 @@ class EncodeSettings:
     lossy: bool = False
     quality: int = 95
     png_compress_level: int = 1
+    #: zlib strategy: 0 default, 1 filtered, 2 Huffman only, 3 RLE.
+    png_compress_type: int = 2
 
 
 @dataclass
@@ -36,7 +38,7 @@ def encode_pixels(pixels: np.ndarray, s: EncodeSettings) -> bytes:
     img = Image.fromarray(pixels, mode="RGB")
     buf = io.BytesIO()
     if s.image_format == "png":
-        img.save(buf, format="PNG", compress_level=s.png_compress_level)
+        img.save(buf, format="PNG", compress_level=s.png_compress_level, compress_type=s.png_compress_type)
     elif s.image_format == "webp":
         if s.lossy:
             img.save(buf, format="WEBP", quality=s.quality, method=4)

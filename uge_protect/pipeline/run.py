@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from uge_protect.errors import UserError
-from uge_protect.pipeline.config import ShardJobConfig, config_fingerprint
+from uge_protect.pipeline.config import PNG_STRATEGIES, ShardJobConfig, config_fingerprint
 from uge_protect.pipeline.encode import EncodedImage, EncodeSettings, encode_protected
 from uge_protect.pipeline.merge import merge_outputs
 from uge_protect.pipeline.progress import Progress
@@ -251,7 +251,9 @@ def _protect_shards(
         requires_caption=method.requires_caption,
         requires_label=method.requires_label,
     )
-    encode = EncodeSettings(cfg.image_format, cfg.lossy, cfg.quality, cfg.png_compress_level)
+    encode = EncodeSettings(
+        cfg.image_format, cfg.lossy, cfg.quality, cfg.png_compress_level, PNG_STRATEGIES[cfg.png_strategy]
+    )
     workers = min(cfg.num_workers, len(shards))
     loader = DataLoader(
         ShardSource(shards, decode, cfg.batch_size),
@@ -266,7 +268,7 @@ def _protect_shards(
     )
     writers: dict[str, ShardWriter] = {}
     inflight: deque[tuple[ShardBatch, Future]] = deque()
-    max_inflight = 2 * cfg.encode_threads + 1
+    max_inflight = cfg.encode_threads + 1  # one batch per encoder and one waiting
     counts = {"samples": 0, "written": 0, "failed": 0, "shards": 0}
     autocast = accelerator.autocast() if cfg.mixed_precision != "no" else None
 
