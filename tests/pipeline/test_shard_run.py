@@ -213,3 +213,14 @@ def test_second_image_in_compound_field_is_never_copied_unprotected(tmp_path):
     assert [(r["key"], r["status"], r["reason"]) for r in rows] == [
         ("a", "failed", "multiple_images"), ("b", "ok", None)]
     assert [s.key for s in read_tar(OutputLayout(out).shard("m.tar"))] == ["b"]
+
+
+def test_inspect_says_how_many_sources_it_compared(make_shards, tmp_path):
+    shards = make_shards(n_shards=2, per_shard=2)
+    out = tmp_path / "out"
+    run(shards, out)
+    assert inspect_output(out)["sources_checked"] == 2
+    assert inspect_output(out, check_sources=False)["sources_checked"] == 0
+    shards[1].unlink()  # a source that is gone can no longer be compared
+    report = inspect_output(out)
+    assert report["sources_checked"] == 1 and report["problems"] == []

@@ -127,7 +127,8 @@ def _format_report(report: dict) -> str:
     if report["psnr"]:
         p = report["psnr"]
         lines.append(f"PSNR dB: min {p['min']:.2f}  median {p['median']:.2f}  mean {p['mean']:.2f}")
-    lines.append("sources re-checked" if report["sources_checked"] else "sources not re-checked")
+    n_shards = c.get("shards", 0)
+    lines.append(f"sources re-read and compared for {report['sources_checked']} of {n_shards} shards")
     if report["problems"]:
         lines.append(f"verification FAILED ({len(report['problems'])} problems):")
         lines.extend(f"  - {p}" for p in report["problems"])

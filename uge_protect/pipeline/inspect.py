@@ -66,8 +66,9 @@ def inspect_output(root: str | Path, *, check_sources: bool = True) -> dict[str,
             problems.append(f"{name}: completed under another configuration")
             continue
         counts["shards"] += 1
-        shard_problems = _verify_shard(layout, stats, levels, lossy, settings, check_sources, sizes)
+        shard_problems, checked = _verify_shard(layout, stats, levels, lossy, settings, check_sources, sizes)
         problems.extend(shard_problems)
+        counts["sources_checked"] += int(checked)
         table = read_manifest(layout.manifest(name)).to_pylist() if layout.manifest(name).is_file() else []
         for row in table:
             counts["samples"] += 1
@@ -97,7 +98,7 @@ def inspect_output(root: str | Path, *, check_sources: bool = True) -> dict[str,
         "failures": dict(sorted(failures.items())),
         "linf_histogram": {str(k): v for k, v in sorted(linf_hist.items())},
         "psnr": psnr_summary,
-        "sources_checked": check_sources,
+        "sources_checked": counts.pop("sources_checked", 0),
         "problems": problems,
     }
 
@@ -110,11 +111,12 @@ def _verify_shard(
     settings: dict[str, Any],
     check_sources: bool,
     sizes: dict[str, int] | None,
-) -> list[str]:
+) -> tuple[list[str], bool]:
+    """Problems of one shard, and whether its source was re-read and compared."""
     name = stats["shard"]
     shard_path, manifest_path = layout.shard(name), layout.manifest(name)
     if not shard_path.is_file() or not manifest_path.is_file():
-        return [f"{name}: shard or manifest missing"]
+        return [f"{name}: shard or manifest missing"], False
     problems: list[str] = []
     if _file_sha256(shard_path) != stats["sha256"]:
         problems.append(f"{name}: shard bytes differ from the completion marker (sha256)")
@@ -133,7 +135,7 @@ def _verify_shard(
             problems.append(f"{name}: the output shard is damaged ({exc})")
     if len(problems) > MAX_LISTED_PROBLEMS:
         problems = problems[:MAX_LISTED_PROBLEMS] + [f"{name}: … and more problems"]
-    return problems
+    return problems, originals is not None
 
 
 def _verify_samples(
