@@ -164,6 +164,16 @@ def demo_data(
     )
 
 
+from uge_protect.cli.eval_cmd import eval_command  # noqa: E402
+
+app.command("eval")(eval_command)
+
+
+from uge_protect.cli.fit_cmd import fit_app  # noqa: E402
+
+app.add_typer(fit_app, name="fit", help="Fit a method on training shards and save an artifact for `shard --artifact`.")
+
+
 def main() -> None:
     """Console-script entry point."""
     app()

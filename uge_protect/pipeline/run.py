@@ -53,8 +53,8 @@ _MALLOC_TRIM = _load_malloc_trim()
 
 
 def release_freed_memory() -> None:
-    """Hand freed heap pages back to the OS (called once per finished shard, so the many
-    short-lived image buffers of a shard do not pile up as fragmentation)."""
+    """Hand freed heap pages back to the OS (called after each written batch, so the many
+    short-lived image buffers do not pile up as heap fragmentation)."""
     if _MALLOC_TRIM is not None:
         _MALLOC_TRIM(0)
 
@@ -289,7 +289,7 @@ def _protect_shards(
             stats = writers.pop(batch.shard_name).finish(batch.tar_error)
             counts["shards"] += 1
             progress.shard_done(stats)
-            release_freed_memory()
+        release_freed_memory()
 
     try:
         pool_cm = (

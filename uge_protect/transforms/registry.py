@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
+
+import torch
 
 from uge_protect.errors import UserError
 from uge_protect.transforms.base import ProtectionMethod
+from uge_protect.transforms.em import ErrorMinimizing, fit_em_from_options
 from uge_protect.transforms.random_noise import PassThrough, RandomNoise
 
 _METHODS: dict[str, type[ProtectionMethod]] = {}
@@ -17,8 +20,30 @@ def register_method(cls: type[ProtectionMethod]) -> type[ProtectionMethod]:
     return cls
 
 
-for _cls in (RandomNoise, PassThrough):
+for _cls in (RandomNoise, PassThrough, ErrorMinimizing):
     register_method(_cls)
+
+#: A fitter takes uint8 images (N, 3, H, W), int64 labels (N,), an options dict and an
+#: optional progress callback, and returns ``(config, weights)`` for ``save_artifact``.
+Fitter = Callable[..., tuple[dict[str, Any], dict[str, dict[str, torch.Tensor]]]]
+
+_FITTERS: dict[str, Fitter] = {}
+
+
+def register_fitter(name: str, fitter: Fitter) -> Fitter:
+    """Register the fit function of method ``name`` (used by ``uge-protect fit NAME``)."""
+    _FITTERS[name] = fitter
+    return fitter
+
+
+register_fitter("em", fit_em_from_options)
+
+
+def get_fitter(name: str) -> Fitter:
+    """The fit function of method ``name``; :class:`UserError` when it has none."""
+    if name not in _FITTERS:
+        raise UserError(f"method {name!r} cannot be fitted; fittable methods: {', '.join(sorted(_FITTERS))}")
+    return _FITTERS[name]
 
 
 def method_names(include_hidden: bool = False) -> list[str]:

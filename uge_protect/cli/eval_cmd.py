@@ -1,0 +1,66 @@
+"""``uge-protect eval``: train on protected and on clean shards, report accuracy on clean test shards."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from uge_protect.errors import UserError
+
+
+def _fail(message: str) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code=2)
+
+
+def eval_command(
+    protected: Path = typer.Option(..., "--protected", help="Output directory of `uge-protect shard` (its shards/*.tar)."),
+    clean_train: List[str] = typer.Option(..., "--clean-train", help="Clean training shards (pattern; repeatable)."),
+    test: List[str] = typer.Option(..., "--test", help="Clean test shards (pattern; repeatable)."),
+    output: Path = typer.Option(..., "--output", "-o", help="Report directory (report.json, report.md, PNG figures)."),
+    task: str = typer.Option("classify", "--task", help="classify | clip | both."),
+    arch: Optional[List[str]] = typer.Option(None, "--arch", help="Architecture (repeatable): small_cnn, vgg11, resnet18, resnet18_cifar, mobilenet_v2. Default: small_cnn, vgg11, resnet18."),
+    defense: Optional[List[str]] = typer.Option(None, "--defense", help="Defense (repeatable): none, grayscale, jpeg:Q, cutout, mixup, strong-aug, adv-train. Default: none."),
+    epochs: int = typer.Option(8, "--epochs", help="Training epochs per classifier."),
+    batch_size: int = typer.Option(128, "--batch-size", help="Training batch size."),
+    lr: float = typer.Option(0.05, "--lr", help="Peak learning rate (one-cycle)."),
+    optimizer: str = typer.Option("sgd", "--optimizer", help="sgd (momentum, nesterov) | adamw."),
+    no_flip: bool = typer.Option(False, "--no-flip", help="No random horizontal flips (for data where mirroring changes the label)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the first repeat (repeat r uses seed + r)."),
+    repeats: int = typer.Option(1, "--repeats", help="Repeats with different seeds (reports mean and spread)."),
+    clean_fraction: float = typer.Option(0.0, "--clean-fraction", help="Fraction of protected training samples replaced by their clean versions (paired by key)."),
+    adv_epsilon: float = typer.Option(8 / 255, "--adv-epsilon", help="PGD budget of the adv-train defense, in [0,1] units (default 8/255)."),
+    adv_steps: int = typer.Option(3, "--adv-steps", help="PGD steps of the adv-train defense (step 2/255)."),
+    image_size: Optional[int] = typer.Option(None, "--image-size", help="Centre-crop/resize all images to this size."),
+    clip_epochs: Optional[int] = typer.Option(None, "--clip-epochs", help="CLIP training epochs (default: the CLIP evaluation's own)."),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda[:N]."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress lines."),
+) -> None:
+    """Train models on the protected and on the clean shards; compare them on clean test shards."""
+    from uge_protect.eval.runner import DEFAULT_ARCHS, DEFAULT_DEFENSES, EvalConfig, run_evaluation
+
+    cfg = EvalConfig(
+        protected=str(protected), clean_train=list(clean_train), test=list(test), output=str(output), task=task,
+        archs=list(arch) if arch else list(DEFAULT_ARCHS), defenses=list(defense) if defense else list(DEFAULT_DEFENSES),
+        epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, flip=not no_flip, seed=seed,
+        repeats=repeats, clean_fraction=clean_fraction, adv_epsilon=adv_epsilon, adv_steps=adv_steps,
+        image_size=image_size, clip_epochs=clip_epochs, device=device, quiet=quiet,
+    )
+    try:
+        report = run_evaluation(cfg)
+    except (UserError, ValueError) as exc:
+        _fail(str(exc))
+        return
+    except OSError as exc:
+        _fail(f"{exc.strerror or exc}{f': {exc.filename}' if exc.filename else ''}")
+        return
+    if not quiet:
+        cls = report["tasks"].get("classify")
+        if cls:
+            for row in cls["summary"]:
+                c = row["clean"]["final_test_acc"]["mean"]
+                p = row["protected"]["final_test_acc"]["mean"]
+                typer.echo(f"{row['defense']:>12} {row['arch']:<14} clean {100 * c:5.1f}%  protected {100 * p:5.1f}%", err=True)
+        typer.echo(f"wrote {output / 'report.json'}, {output / 'report.md'} and figures", err=True)

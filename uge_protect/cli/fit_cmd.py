@@ -1,0 +1,63 @@
+"""``uge-protect fit METHOD``: fit a method on labelled training shards and save its artifact."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from uge_protect.errors import UserError
+
+fit_app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Fit a protection method on training shards and save an artifact for `shard --artifact`.",
+    pretty_exceptions_enable=False,
+)
+
+
+@fit_app.callback()
+def _fit_root() -> None:
+    """Fit a protection method on training shards and save an artifact for `shard --artifact`."""
+
+
+def _fail(message: str) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code=2)
+
+
+@fit_app.command("em")
+def em(
+    train: List[str] = typer.Argument(..., help="Labelled training shards: paths, globs, {000..099} patterns."),
+    output: Path = typer.Option(..., "--output", "-o", help="Artifact directory to create (must be new or empty)."),
+    mode: str = typer.Option("sample", "--mode", help="sample (PGD per image at apply) or class (one δ per class)."),
+    epsilon: float = typer.Option(8 / 255, "--epsilon", help="L∞ budget in [0,1] image units (default 8/255)."),
+    surrogate: str = typer.Option("small_cnn", "--surrogate", help="Surrogate architecture (small_cnn, resnet18, ...)."),
+    surrogate_width: Optional[int] = typer.Option(None, "--surrogate-width", help="small_cnn channel width (default 8; 0: the architecture's default)."),
+    pgd_steps: Optional[int] = typer.Option(None, "--pgd-steps", help="PGD steps per batch (default 20)."),
+    step_size: Optional[float] = typer.Option(None, "--step-size", help="PGD step in [0,1] units (default 0.8/255)."),
+    train_batches: Optional[int] = typer.Option(None, "--train-batches", help="Surrogate SGD batches per round (default 10)."),
+    max_rounds: Optional[int] = typer.Option(None, "--max-rounds", help="Stop after this many rounds (default 3 sample, 30 class)."),
+    stop_error: Optional[float] = typer.Option(None, "--stop-error", help="Stop when the surrogate's train error on x+δ is below this (default 0.01)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Batch size (default 128)."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Surrogate SGD learning rate (default 0.1)."),
+    image_size: Optional[int] = typer.Option(None, "--image-size", help="Centre-crop training images to this side first."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the fit (initial noise, surrogate, batch order)."),
+    device: str = typer.Option("auto", "--device", help="auto (CUDA when available), cpu, cuda, cuda:N."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
+) -> None:
+    """Fit EM (error-minimizing noise, Huang et al. 2021) by min-min against a surrogate."""
+    from uge_protect.pipeline.fit import fit_from_shards
+
+    options = {
+        "mode": mode, "epsilon": epsilon, "surrogate": surrogate, "pgd_steps": pgd_steps,
+        "step_size": step_size, "train_batches": train_batches, "max_rounds": max_rounds,
+        "stop_error": stop_error, "batch_size": batch_size, "lr": lr, "image_size": image_size,
+        "seed": seed, "surrogate_width": surrogate_width,
+        "device": device,
+    }
+    try:
+        fit_from_shards("em", list(train), str(output), options, quiet=quiet)
+    except (UserError, ValueError) as exc:
+        _fail(str(exc))

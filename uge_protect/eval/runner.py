@@ -1,0 +1,359 @@
+"""``uge-protect eval``: train on protected and on clean shards, compare on clean test shards.
+
+For every defense × architecture × repeat, one model is trained on the protected training
+set and one on the clean training set, with the same defense, the same seed (same initial
+weights, same batch order) and the same settings; both are tested on the clean test set.
+Runs in one process (CPU, or the first CUDA device when there is one); multi-process
+evaluation under Accelerate is not implemented.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from uge_protect.errors import UserError
+from uge_protect.eval.classify import TrainSettings, train_classifier
+from uge_protect.eval.defenses import Defense, apply_data_defense, parse_defense, partial_protection
+from uge_protect.eval.metrics import summarize
+from uge_protect.shards.dataset import InMemoryDataset, load_shards
+from uge_protect.transforms.networks import ARCHITECTURES
+
+DEFAULT_ARCHS = ("small_cnn", "vgg11", "resnet18")
+DEFAULT_DEFENSES = ("none",)
+TASKS = ("classify", "clip", "both")
+
+
+@dataclass
+class EvalConfig:
+    """Settings of one evaluation (all recorded in report.json)."""
+
+    protected: str
+    clean_train: list[str]
+    test: list[str]
+    output: str
+    task: str = "classify"
+    archs: list[str] = field(default_factory=lambda: list(DEFAULT_ARCHS))
+    defenses: list[str] = field(default_factory=lambda: list(DEFAULT_DEFENSES))
+    epochs: int = 8
+    batch_size: int = 128
+    optimizer: str = "sgd"
+    lr: float = 0.05
+    weight_decay: float = 5e-4
+    schedule: str = "onecycle"
+    flip: bool = True
+    crop_padding: int = 4
+    seed: int = 0
+    repeats: int = 1
+    clean_fraction: float = 0.0
+    adv_epsilon: float = 8 / 255
+    adv_step: float = 2 / 255
+    adv_steps: int = 3
+    image_size: int | None = None
+    clip_epochs: int | None = None
+    clip_model_config: str | None = None
+    device: str = "auto"
+    quiet: bool = False
+    figures: bool = True
+
+    def validate(self) -> list[Defense]:
+        if self.task not in TASKS:
+            raise UserError(f"unknown task {self.task!r}; choose classify, clip or both")
+        if not self.archs:
+            raise UserError("give at least one --arch")
+        for a in self.archs:
+            if a not in ARCHITECTURES:
+                raise UserError(f"unknown architecture {a!r}; choose {', '.join(ARCHITECTURES)}")
+        if self.epochs < 1:
+            raise UserError("--epochs must be at least 1")
+        if self.batch_size < 1:
+            raise UserError("--batch-size must be at least 1")
+        if self.repeats < 1:
+            raise UserError("--repeats must be at least 1")
+        if not 0.0 <= self.clean_fraction <= 1.0:
+            raise UserError(f"--clean-fraction must be between 0 and 1, got {self.clean_fraction}")
+        if not 0.0 <= self.adv_epsilon <= 1.0:
+            raise UserError("--adv-epsilon must be between 0 and 1 (image units, e.g. 0.0314 for 8/255)")
+        if self.image_size is not None and self.image_size < 8:
+            raise UserError("--image-size must be at least 8")
+        if self.optimizer not in ("sgd", "adamw"):
+            raise UserError("--optimizer must be sgd or adamw")
+        if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
+            raise UserError("--device must be auto, cpu or cuda[:N]")
+        defenses = [parse_defense(d) for d in (self.defenses or ["none"])]
+        specs = [d.spec for d in defenses]
+        if len(set(specs)) != len(specs):
+            raise UserError(f"a defense is given twice: {' '.join(specs)}")
+        return defenses
+
+    def resolved_device(self) -> str:
+        if self.device == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        return self.device
+
+
+def _protected_shards(directory: str) -> tuple[str, dict[str, Any] | None]:
+    d = Path(directory)
+    if not d.is_dir():
+        raise UserError(f"protected directory not found: {directory}")
+    pattern = str(d / "shards" / "*.tar")
+    if not glob.glob(pattern):
+        raise UserError(f"no shards in {d / 'shards'} (expected the output directory of `uge-protect shard`)")
+    info = None
+    pj = d / "protection.json"
+    if pj.is_file():
+        try:
+            info = json.loads(pj.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            info = None
+    return pattern, info
+
+
+def _load(patterns: list[str], what: str, image_size: int | None) -> InMemoryDataset:
+    try:
+        ds = load_shards(patterns, image_size=image_size)
+    except UserError as exc:
+        raise UserError(f"{what}: {exc}") from None
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{what}: cannot read {' '.join(patterns)}: {exc}") from None
+    return ds
+
+
+def _class_names(test_patterns: list[str], num_classes: int) -> list[str] | None:
+    """``classes.json`` (a list of names) next to the test shards or one folder up, as demo-data writes."""
+    for pattern in test_patterns:
+        matches = sorted(glob.glob(pattern)) or [pattern]
+        base = Path(matches[0]).parent
+        for cand in (base / "classes.json", base.parent / "classes.json"):
+            try:
+                names = json.loads(cand.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                continue
+            if isinstance(names, list) and len(names) >= num_classes and all(isinstance(n, str) for n in names):
+                return names
+    return None
+
+
+def _echo(msg: str, quiet: bool) -> None:
+    if not quiet:
+        print(msg, file=sys.stderr, flush=True)
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}%"
+
+
+def _versions() -> dict[str, str]:
+    import torchvision
+
+    from uge_protect import __version__ as ver  # type: ignore[attr-defined]
+
+    return {"uge_protect": ver, "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "python": platform.python_version()}
+
+
+def run_evaluation(cfg: EvalConfig, *, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Run the evaluation described by ``cfg``, write report.json / report.md / figures, return the report."""
+    defenses = cfg.validate()
+    say = log or (lambda m: _echo(m, cfg.quiet))
+    started = time.perf_counter()
+    device = cfg.resolved_device()
+    protected_pattern, protection = _protected_shards(cfg.protected)
+    if not cfg.clean_train:
+        raise UserError("--clean-train is required")
+    if not cfg.test:
+        raise UserError("--test is required")
+    out = Path(cfg.output)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create output directory {out}: {exc.strerror or exc}") from None
+
+    clip_fn = None
+    if cfg.task in ("clip", "both"):
+        try:
+            from uge_protect.eval.clip import run_clip_eval as clip_fn  # noqa: N813
+        except ImportError as exc:
+            raise UserError(f"--task {cfg.task} needs the CLIP evaluation (uge_protect.eval.clip), "
+                            f"which is not available in this build: {exc}") from None
+
+    say(f"loading protected {protected_pattern}, clean {' '.join(cfg.clean_train)}, test {' '.join(cfg.test)}")
+    prot = _load([protected_pattern], "protected training shards", cfg.image_size)
+    clean = _load(list(cfg.clean_train), "clean training shards", cfg.image_size)
+    test = _load(list(cfg.test), "test shards", cfg.image_size)
+    if prot.images.shape[1:] != clean.images.shape[1:] or prot.images.shape[1:] != test.images.shape[1:]:
+        raise UserError(
+            f"image sizes differ: protected {tuple(prot.images.shape[2:])}, clean {tuple(clean.images.shape[2:])}, "
+            f"test {tuple(test.images.shape[2:])}; pass --image-size N"
+        )
+    needs_labels = cfg.task in ("classify", "both")
+    if needs_labels:
+        for name, ds in (("protected training", prot), ("clean training", clean), ("test", test)):
+            missing = int((ds.labels < 0).sum())
+            if missing:
+                raise UserError(f"{missing} of {len(ds)} {name} samples have no class label (cls field); "
+                                "classification needs one per sample (use --task clip for caption-only data)")
+    num_classes = max(prot.num_classes, clean.num_classes, test.num_classes)
+
+    # Partial protection: a seeded fraction of the protected samples replaced by their clean versions.
+    mixed_images, clean_mask = partial_protection(prot.images, prot.keys, clean.images, clean.keys,
+                                                  cfg.clean_fraction, cfg.seed)
+    prot_train = InMemoryDataset(mixed_images, prot.labels, prot.captions, prot.keys, prot.skipped)
+
+    report: dict[str, Any] = {
+        "kind": "uge-protect evaluation",
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "settings": {**asdict(cfg), "device": device, "defenses": [d.spec for d in defenses]},
+        "versions": _versions(),
+        "protection": {
+            "directory": str(cfg.protected),
+            "method": (protection or {}).get("method"),
+            "budget": (protection or {}).get("budget"),
+        },
+        "data": {
+            "protected_train": {"n": len(prot), "skipped": prot.skipped, "shards": protected_pattern},
+            "clean_train": {"n": len(clean), "skipped": clean.skipped, "shards": list(cfg.clean_train)},
+            "test": {"n": len(test), "skipped": test.skipped, "shards": list(cfg.test)},
+            "num_classes": num_classes,
+            "image_shape": list(prot.images.shape[1:]),
+            "partial_protection": {
+                "clean_fraction_requested": cfg.clean_fraction,
+                "clean_fraction_actual": float(clean_mask.float().mean()) if len(clean_mask) else 0.0,
+                "n_replaced_by_clean": int(clean_mask.sum()),
+                "paired_by": "key",
+                "seed": cfg.seed,
+            },
+        },
+        "notes": [
+            "Accuracies are fractions in [0, 1] on the clean test set.",
+            "'protected' = trained on the protected shards (with --clean-fraction of them replaced by their "
+            "clean versions); 'clean' = trained on the clean shards; both with the same defense and seed.",
+            "Data-level defenses (grayscale, jpeg:Q) preprocess training and test images alike; training-time "
+            "defenses (cutout, mixup, strong-aug, adv-train) act on training batches only.",
+            "Single-process run; multi-process (Accelerate) evaluation is not implemented.",
+        ],
+        "tasks": {},
+    }
+    method = (protection or {}).get("method", {}) or {}
+    if method.get("protects") is False:
+        report["notes"].append(f"The protection method {method.get('method')!r} is a non-protecting control.")
+
+    if cfg.task in ("classify", "both"):
+        report["tasks"]["classify"] = _run_classify(cfg, defenses, prot_train, clean, test, num_classes, device, say)
+    if clip_fn is not None:
+        report["tasks"]["clip"] = _run_clip(cfg, clip_fn, defenses, prot_train, clean, test, num_classes, device, say)
+
+    report["runtime_seconds"] = time.perf_counter() - started
+    from uge_protect.eval.report import write_report
+
+    # Sample grid: the first protected samples paired by key with their clean originals.
+    index = {k: i for i, k in enumerate(clean.keys)}
+    pairs = [(i, index[k]) for i, k in enumerate(prot.keys) if k in index][:8]
+    samples = None
+    if pairs:
+        pi = torch.tensor([p for p, _ in pairs])
+        ci = torch.tensor([c for _, c in pairs])
+        samples = (clean.images[ci], prot.images[pi])
+    report["files"] = write_report(report, out, samples=samples, figures=cfg.figures)
+    say(f"report: {out / 'report.md'} ({report['runtime_seconds']:.0f} s)")
+    return report
+
+
+def _run_classify(cfg: EvalConfig, defenses: list[Defense], prot: InMemoryDataset, clean: InMemoryDataset,
+                  test: InMemoryDataset, num_classes: int, device: str, say: Callable[[str], None]) -> dict[str, Any]:
+    runs: list[dict[str, Any]] = []
+    total = len(defenses) * len(cfg.archs) * cfg.repeats * 2
+    done = 0
+    for defense in defenses:
+        t0 = time.perf_counter()
+        data = {
+            "protected": apply_data_defense(defense, prot.images),
+            "clean": apply_data_defense(defense, clean.images),
+        }
+        test_images = apply_data_defense(defense, test.images)
+        if defense.data_level:
+            say(f"[{defense.spec}] preprocessed train and test images ({time.perf_counter() - t0:.1f} s)")
+        labels = {"protected": prot.labels, "clean": clean.labels}
+        for arch in cfg.archs:
+            for rep in range(cfg.repeats):
+                seed = cfg.seed + rep
+                for which in ("protected", "clean"):
+                    done += 1
+                    settings = TrainSettings(
+                        arch=arch, epochs=cfg.epochs, batch_size=cfg.batch_size, optimizer=cfg.optimizer,
+                        lr=cfg.lr, weight_decay=cfg.weight_decay, schedule=cfg.schedule,
+                        crop_padding=cfg.crop_padding, flip=cfg.flip, adv_epsilon=cfg.adv_epsilon,
+                        adv_step=cfg.adv_step, adv_steps=cfg.adv_steps, seed=seed, device=device,
+                    )
+                    tag = f"[{done}/{total}] {defense.spec} {arch} {which} seed {seed}"
+
+                    def on_epoch(r: dict[str, Any], tag: str = tag) -> None:
+                        say(f"{tag} epoch {r['epoch']}/{cfg.epochs}: loss {r['train_loss']:.3f} "
+                            f"train {_pct(r['train_acc'])} test {_pct(r['test_acc'])} ({r['seconds']:.1f} s)")
+
+                    result = train_classifier(data[which], labels[which], test_images, test.labels, num_classes,
+                                              settings, defense, on_epoch=on_epoch)
+                    runs.append({"defense": defense.spec, "arch": arch, "repeat": rep, "seed": seed,
+                                 "train_data": which, **result})
+    summary = []
+    for defense in defenses:
+        for arch in cfg.archs:
+            row: dict[str, Any] = {"defense": defense.spec, "arch": arch}
+            for which in ("protected", "clean"):
+                sel = [r for r in runs if r["defense"] == defense.spec and r["arch"] == arch and r["train_data"] == which]
+                epochs = len(sel[0]["per_epoch"])
+                row[which] = {
+                    "final_test_acc": summarize(r["final_test_acc"] for r in sel),
+                    "best_test_acc": summarize(r["best_test_acc"] for r in sel),
+                    "per_epoch_test_acc_mean": [
+                        sum(r["per_epoch"][e]["test_acc"] for r in sel) / len(sel) for e in range(epochs)
+                    ],
+                    "seeds": [r["seed"] for r in sel],
+                }
+            row["drop_final_test_acc"] = (row["clean"]["final_test_acc"]["mean"]
+                                          - row["protected"]["final_test_acc"]["mean"])
+            summary.append(row)
+    return {"runs": runs, "summary": summary}
+
+
+def _run_clip(cfg: EvalConfig, clip_fn: Callable[..., dict[str, Any]], defenses: list[Defense],
+              prot: InMemoryDataset, clean: InMemoryDataset, test: InMemoryDataset, num_classes: int,
+              device: str, say: Callable[[str], None]) -> dict[str, Any]:
+    for name, ds in (("protected training", prot), ("clean training", clean), ("test", test)):
+        if not any(c for c in ds.captions):
+            raise UserError(f"--task clip needs captions (txt field); the {name} shards have none")
+    class_names = _class_names(cfg.test, num_classes)
+    runs = []
+    skipped = [d.spec for d in defenses if d.train_time]
+    for defense in defenses:
+        if defense.train_time:
+            continue
+        for rep in range(cfg.repeats):
+            seed = cfg.seed + rep
+            say(f"[clip] {defense.spec} seed {seed}: training CLIP on protected and on clean pairs")
+
+            def with_images(ds: InMemoryDataset) -> InMemoryDataset:
+                return InMemoryDataset(apply_data_defense(defense, ds.images), ds.labels, ds.captions, ds.keys, ds.skipped)
+
+            kwargs: dict[str, Any] = {"seed": seed, "model_config": cfg.clip_model_config,
+                                      "batch_size": cfg.batch_size, "class_names": class_names}
+            if cfg.clip_epochs is not None:
+                kwargs["epochs"] = cfg.clip_epochs
+            try:
+                result = clip_fn(with_images(prot), with_images(clean), with_images(test),
+                                 progress=not cfg.quiet, device=device, **kwargs)
+            except TypeError:  # an implementation without the optional keywords
+                result = clip_fn(with_images(prot), with_images(clean), with_images(test), **kwargs)
+            runs.append({"defense": defense.spec, "repeat": rep, "seed": seed, **result})
+    return {"runs": runs, "class_names": class_names,
+            "skipped_defenses": skipped,
+            "note": "training-time defenses apply to the classifier task only" if skipped else None}
