@@ -38,7 +38,7 @@ def em(
     pgd_steps: Optional[int] = typer.Option(None, "--pgd-steps", help="PGD steps per batch (default 20)."),
     step_size: Optional[float] = typer.Option(None, "--step-size", help="PGD step in [0,1] units (default 0.8/255)."),
     train_batches: Optional[int] = typer.Option(None, "--train-batches", help="Surrogate SGD batches per round (default 10)."),
-    max_rounds: Optional[int] = typer.Option(None, "--max-rounds", help="Stop after this many rounds (default 3 sample, 30 class)."),
+    max_rounds: Optional[int] = typer.Option(None, "--max-rounds", help="Stop after this many rounds (default 20 sample, 30 class)."),
     stop_error: Optional[float] = typer.Option(None, "--stop-error", help="Stop when the surrogate's train error on x+δ is below this (default 0.01)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Batch size (default 128)."),
     lr: Optional[float] = typer.Option(None, "--lr", help="Surrogate SGD learning rate (default 0.1)."),

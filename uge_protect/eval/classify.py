@@ -28,9 +28,9 @@ class TrainSettings:
 
     arch: str = "small_cnn"
     epochs: int = 8
-    batch_size: int = 128
-    optimizer: str = "sgd"           # sgd (momentum 0.9, nesterov) | adamw
-    lr: float = 0.05                 # peak learning rate of the one-cycle schedule
+    batch_size: int = 64
+    optimizer: str = "adamw"         # sgd (momentum 0.9, nesterov) | adamw
+    lr: float = 3e-3                 # peak learning rate of the one-cycle schedule
     weight_decay: float = 5e-4
     schedule: str = "onecycle"       # onecycle | cosine
     crop_padding: int = 4            # random crop with this zero padding (0: off)
