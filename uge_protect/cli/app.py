@@ -9,6 +9,7 @@ from typing import List, Optional
 
 import typer
 
+from uge_protect.cli.common import fail
 from uge_protect.errors import UserError
 
 app = typer.Typer(
@@ -23,10 +24,6 @@ app = typer.Typer(
 def _root() -> None:
     """Protect image-text WebDataset shards against unauthorized training."""
 
-
-def _fail(message: str) -> None:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(code=2)
 
 
 @app.command()
@@ -76,10 +73,10 @@ def shard(
             )
         summary = run_shard_job(cfg, method_obj)
     except (UserError, ValueError) as exc:
-        _fail(str(exc))
+        fail(str(exc))
         return
     except OSError as exc:  # disk full, permissions changed mid-run, ...
-        _fail(f"{exc.strerror or exc}{f': {exc.filename}' if exc.filename else ''} (rerun to resume)")
+        fail(f"{exc.strerror or exc}{f': {exc.filename}' if exc.filename else ''} (rerun to resume)")
         return
     if summary and "counts" in summary and not quiet:
         c = summary["counts"]
@@ -102,7 +99,7 @@ def inspect(
     from uge_protect.pipeline.inspect import inspect_output
 
     if not directory.is_dir():
-        _fail(f"output directory not found: {directory}")
+        fail(f"output directory not found: {directory}")
     report = inspect_output(directory, check_sources=not no_sources)
     if as_json:
         typer.echo(json.dumps(report, indent=2, ensure_ascii=False))
@@ -155,7 +152,7 @@ def demo_data(
             samples_per_shard=per_shard, seed=seed,
         )
     except (ValueError, OSError) as exc:
-        _fail(str(exc))
+        fail(str(exc))
         return
     splits = summary["splits"]
     typer.echo(

@@ -7,12 +7,9 @@ from typing import List, Optional
 
 import typer
 
+from uge_protect.cli.common import fail
 from uge_protect.errors import UserError
 
-
-def _fail(message: str) -> None:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(code=2)
 
 
 def eval_command(
@@ -51,10 +48,10 @@ def eval_command(
     try:
         report = run_evaluation(cfg)
     except (UserError, ValueError) as exc:
-        _fail(str(exc))
+        fail(str(exc))
         return
     except OSError as exc:
-        _fail(f"{exc.strerror or exc}{f': {exc.filename}' if exc.filename else ''}")
+        fail(f"{exc.strerror or exc}{f': {exc.filename}' if exc.filename else ''}")
         return
     if not quiet:
         cls = report["tasks"].get("classify")

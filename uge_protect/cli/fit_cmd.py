@@ -7,6 +7,7 @@ from typing import List, Optional
 
 import typer
 
+from uge_protect.cli.common import fail
 from uge_protect.errors import UserError
 
 fit_app = typer.Typer(
@@ -21,10 +22,6 @@ fit_app = typer.Typer(
 def _fit_root() -> None:
     """Fit a protection method on training shards and save an artifact for `shard --artifact`."""
 
-
-def _fail(message: str) -> None:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(code=2)
 
 
 @fit_app.command("em")
@@ -60,4 +57,4 @@ def em(
     try:
         fit_from_shards("em", list(train), str(output), options, quiet=quiet)
     except (UserError, ValueError) as exc:
-        _fail(str(exc))
+        fail(str(exc))
