@@ -45,7 +45,6 @@ class ShardBatch:
 
     shard: str
     shard_name: str
-    seq: int
     records: list[SampleRecord]
     last: bool
     tar_error: str | None = None

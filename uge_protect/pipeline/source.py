@@ -189,7 +189,6 @@ def batch_records(
 ) -> Iterator[ShardBatch]:
     """Group records into batches of ``batch_size``; the final batch has ``last=True``."""
     name = shard_name(spec)
-    seq = 0
     pending: list[SampleRecord] = []
     tar_error = None
     for rec in records:
@@ -198,10 +197,9 @@ def batch_records(
             break
         pending.append(rec)
         if len(pending) == batch_size:
-            yield ShardBatch(spec, name, seq, pending, last=False)
-            seq += 1
+            yield ShardBatch(spec, name, pending, last=False)
             pending = []
-    yield ShardBatch(spec, name, seq, pending, last=True, tar_error=tar_error)
+    yield ShardBatch(spec, name, pending, last=True, tar_error=tar_error)
 
 
 def shard_batches(spec: str, s: DecodeSettings, batch_size: int) -> Iterator[ShardBatch]:

@@ -29,11 +29,6 @@ def apply_perturbation(original: torch.Tensor, delta: torch.Tensor, epsilon: flo
     return (original.to(torch.int16) + levels).clamp_(0, 255).to(torch.uint8)
 
 
-def project_linf(delta: torch.Tensor, epsilon: float) -> torch.Tensor:
-    """Clip ``delta`` to [-epsilon, epsilon] (for methods that optimise δ directly)."""
-    return delta.clamp(-epsilon, epsilon)
-
-
 def difference_stats(original: np.ndarray, protected: np.ndarray) -> tuple[int, float]:
     """(L∞ in uint8 levels, PSNR in dB) of two uint8 images, in one integer pass.
 
