@@ -150,7 +150,7 @@ def test_run_clip_eval_returns_documented_keys():
     assert res["settings"]["n_test_pairs"] == 11 and res["settings"]["epochs"] == 1
     for which in ("protected", "clean"):
         r = res[which]
-        assert set(r) == {"i2t", "t2i", "zero_shot_accuracy", "per_epoch"}
+        assert set(r) == {"i2t", "t2i", "zero_shot_accuracy", "per_epoch", "seconds", "crop_pad"}
         for d in ("i2t", "t2i"):
             assert set(r[d]) == {"R@1", "R@5", "R@10", "median_rank"}
             assert 0.0 <= r[d]["R@1"] <= r[d]["R@5"] <= r[d]["R@10"] <= 1.0

@@ -97,21 +97,27 @@ def test_same_seed_same_result(data, tmp_path):
 
 
 def test_clip_task_uses_clip_module(data, tmp_path, monkeypatch):
+    import uge_protect.eval.clip as real
+
     calls = []
 
-    def fake(protected_train, clean_train, test, **kw):
-        calls.append((len(protected_train), len(clean_train), len(test), kw))
-        m = {"R@1": 0.1, "R@5": 0.3, "R@10": 0.5, "median_rank": 12.0}
-        return {"settings": {"epochs": kw.get("epochs")}, "protected": {"i2t": m, "t2i": m, "zero_shot_accuracy": 0.2},
-                "clean": {"i2t": m, "t2i": m, "zero_shot_accuracy": 0.4}}
+    def fake(train, test, **kw):
+        calls.append((len(train), len(test), kw))
+        r = 0.1 if kw["label"] == "protected" else 0.6
+        m = {"R@1": r, "R@5": r, "R@10": r, "median_rank": 12.0}
+        return {"i2t": m, "t2i": m, "zero_shot_accuracy": 0.2, "per_epoch": [], "seconds": 0.0, "crop_pad": 1}
 
-    monkeypatch.setitem(sys.modules, "uge_protect.eval.clip", types.SimpleNamespace(run_clip_eval=fake))
+    module = types.SimpleNamespace(train_and_score_clip=fake, clip_settings=real.clip_settings)
+    monkeypatch.setitem(sys.modules, "uge_protect.eval.clip", module)
+    monkeypatch.setattr("uge_protect.eval.clip", module, raising=False)
     report = run_evaluation(_cfg(data, tmp_path / "c", task="clip", defenses=["none", "mixup"], clip_epochs=1))
-    assert calls and calls[0][:3] == (64, 64, 32) and calls[0][3]["epochs"] == 1
+    assert sorted((c[0], c[1], c[2]["label"], c[2]["epochs"]) for c in calls) == [
+        (64, 32, "clean", 1), (64, 32, "protected", 1)]
     clip = report["tasks"]["clip"]
     assert "classify" not in report["tasks"]
     assert [r["defense"] for r in clip["runs"]] == ["none"] and clip["skipped_defenses"] == ["mixup"]
-    assert clip["runs"][0]["protected"]["i2t"]["R@1"] == 0.1
+    assert clip["runs"][0]["protected"]["i2t"]["R@1"] == 0.1 and clip["runs"][0]["clean"]["t2i"]["R@10"] == 0.6
+    assert clip["runs"][0]["settings"]["epochs"] == 1
     assert "CLIP trained from scratch" in (tmp_path / "c" / "report.md").read_text()
 
 

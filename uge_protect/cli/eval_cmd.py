@@ -32,7 +32,8 @@ def eval_command(
     adv_steps: int = typer.Option(3, "--adv-steps", help="PGD steps of the adv-train defense (step 2/255)."),
     image_size: Optional[int] = typer.Option(None, "--image-size", help="Centre-crop/resize all images to this size."),
     clip_epochs: Optional[int] = typer.Option(None, "--clip-epochs", help="CLIP training epochs (default: the CLIP evaluation's own)."),
-    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda[:N]."),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda[:N] (under a multi-process launch, each process takes its own device)."),
+    cache: Optional[Path] = typer.Option(None, "--cache", help="Directory of finished training runs to reuse (keyed by data bytes, settings, seed)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress lines."),
 ) -> None:
     """Train models on the protected and on the clean shards; compare them on clean test shards."""
@@ -44,6 +45,7 @@ def eval_command(
         epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, flip=not no_flip, seed=seed,
         repeats=repeats, clean_fraction=clean_fraction, adv_epsilon=adv_epsilon, adv_steps=adv_steps,
         image_size=image_size, clip_epochs=clip_epochs, device=device, quiet=quiet,
+        cache_dir=str(cache) if cache else None,
     )
     try:
         report = run_evaluation(cfg)

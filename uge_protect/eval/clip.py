@@ -31,9 +31,11 @@ __all__ = [
     "DEFAULT_MODEL_CONFIG",
     "DEFAULT_EPOCHS",
     "build_clip",
+    "clip_settings",
     "encode_dataset",
     "retrieval_metrics",
     "run_clip_eval",
+    "train_and_score_clip",
     "train_clip",
     "zero_shot_accuracy",
 ]
@@ -416,18 +418,61 @@ def train_clip(train: InMemoryDataset, *, epochs: int = DEFAULT_EPOCHS, seed: in
     return model
 
 
-def _evaluate_one(train: InMemoryDataset, test_pairs: tuple[torch.Tensor, list[str], torch.Tensor],
-                  test: InMemoryDataset, class_names: list[str] | None, label: str,
-                  **kw: Any) -> tuple[dict[str, Any], float, int]:
+def train_and_score_clip(train: InMemoryDataset, test: InMemoryDataset, *, class_names: list[str] | None = None,
+                         label: str = "train", epochs: int = DEFAULT_EPOCHS, seed: int = 0,
+                         model_config: str | dict | None = None, batch_size: int = 128, lr: float = DEFAULT_LR,
+                         weight_decay: float = 0.1, warmup_frac: float = 0.05, crop_pad: int | None = None,
+                         device: torch.device | str | None = None, progress: bool = False) -> dict[str, Any]:
+    """Train one CLIP from scratch on ``train`` and score it on ``test``'s clean pairs.
+
+    Returns ``i2t`` and ``t2i`` (``R@1``, ``R@5``, ``R@10``, ``median_rank``),
+    ``zero_shot_accuracy`` (``None`` without class names), ``per_epoch`` (loss and test
+    Recall@10 after every epoch), ``seconds`` and the ``crop_pad`` used.
+    """
     start = time.perf_counter()
-    bundle, per_epoch, _ = _train(train, eval_pairs=(test_pairs[0], test_pairs[1]), label=label, **kw)
-    device = next(bundle.model.parameters()).device
-    ie, te = encode_dataset(bundle, test_pairs[0], test_pairs[1], device=device)
+    test_pairs = _pairs(test)
+    bundle, per_epoch, _ = _train(train, epochs=epochs, seed=seed, model_config=model_config,
+                                  batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+                                  warmup_frac=warmup_frac, crop_pad=crop_pad, device=device,
+                                  eval_pairs=(test_pairs[0], test_pairs[1]), progress=progress, label=label)
+    dev = next(bundle.model.parameters()).device
+    ie, te = encode_dataset(bundle, test_pairs[0], test_pairs[1], device=dev)
     result: dict[str, Any] = retrieval_metrics(ie, te)
-    result["zero_shot_accuracy"] = (zero_shot_accuracy(bundle, bundle.tokenizer, test, class_names, device=device)
+    result["zero_shot_accuracy"] = (zero_shot_accuracy(bundle, bundle.tokenizer, test, class_names, device=dev)
                                     if class_names else None)
     result["per_epoch"] = per_epoch
-    return result, time.perf_counter() - start, bundle.crop_pad
+    result["seconds"] = round(time.perf_counter() - start, 2)
+    result["crop_pad"] = bundle.crop_pad
+    return result
+
+
+def clip_settings(clean_train: InMemoryDataset, protected_train: InMemoryDataset, test: InMemoryDataset, *,
+                  crop_pad: int, epochs: int = DEFAULT_EPOCHS, seed: int = 0, model_config: str | dict | None = None,
+                  batch_size: int = 128, lr: float = DEFAULT_LR, weight_decay: float = 0.1,
+                  warmup_frac: float = 0.05, class_names: list[str] | None = None,
+                  device: torch.device | str | None = None) -> dict[str, Any]:
+    """The settings block recorded with a CLIP comparison."""
+    h = int(clean_train.images.shape[-2])
+    resolved = _load_config(model_config, h if clean_train.images.shape[-1] == h else None)
+    n_test = len(_pairs(test)[1])
+    return {
+        "epochs": epochs,
+        "seed": seed,
+        "model_config": resolved,
+        "batch_size": batch_size,
+        "lr": lr,
+        "weight_decay": weight_decay,
+        "warmup_frac": warmup_frac,
+        "optimizer": "AdamW + linear warmup + cosine",
+        "augmentation": f"random crop after {crop_pad}px replicate padding" if crop_pad else "none",
+        "crop_pad": crop_pad,
+        "n_protected_train": len(_pairs(protected_train)[1]),
+        "n_clean_train": len(_pairs(clean_train)[1]),
+        "n_test_pairs": n_test,
+        "chance_R@10": min(1.0, 10 / n_test),
+        "class_names": list(class_names) if class_names else None,
+        "device": str(device if device is not None else _default_device()),
+    }
 
 
 def run_clip_eval(protected_train: InMemoryDataset, clean_train: InMemoryDataset, test: InMemoryDataset, *,
@@ -443,32 +488,13 @@ def run_clip_eval(protected_train: InMemoryDataset, clean_train: InMemoryDataset
     ``t2i_R@10`` on the test pairs). Both runs use the same seed: same initialisation and
     same batch order.
     """
-    test_pairs = _pairs(test)
     kw = dict(epochs=epochs, seed=seed, model_config=model_config, batch_size=batch_size, lr=lr,
               weight_decay=weight_decay, warmup_frac=warmup_frac, crop_pad=crop_pad, device=device,
-              progress=progress)
-    protected, t_prot, pad = _evaluate_one(protected_train, test_pairs, test, class_names, "protected", **kw)
-    clean, t_clean, _ = _evaluate_one(clean_train, test_pairs, test, class_names, "clean", **kw)
-    h = int(clean_train.images.shape[-2])
-    resolved = _load_config(model_config, h if clean_train.images.shape[-1] == h else None)
-    n_test = len(test_pairs[1])
-    settings = {
-        "epochs": epochs,
-        "seed": seed,
-        "model_config": resolved,
-        "batch_size": batch_size,
-        "lr": lr,
-        "weight_decay": weight_decay,
-        "warmup_frac": warmup_frac,
-        "optimizer": "AdamW + linear warmup + cosine",
-        "augmentation": f"random crop after {pad}px replicate padding" if pad else "none",
-        "crop_pad": pad,
-        "n_protected_train": len(_pairs(protected_train)[1]),
-        "n_clean_train": len(_pairs(clean_train)[1]),
-        "n_test_pairs": n_test,
-        "chance_R@10": min(1.0, 10 / n_test),
-        "class_names": list(class_names) if class_names else None,
-        "device": str(device if device is not None else _default_device()),
-        "seconds": {"protected": round(t_prot, 2), "clean": round(t_clean, 2)},
-    }
+              progress=progress, class_names=class_names)
+    protected = train_and_score_clip(protected_train, test, label="protected", **kw)
+    clean = train_and_score_clip(clean_train, test, label="clean", **kw)
+    kw.pop("progress")
+    kw["crop_pad"] = protected["crop_pad"]
+    settings = clip_settings(clean_train, protected_train, test, **kw)
+    settings["seconds"] = {"protected": protected["seconds"], "clean": clean["seconds"]}
     return {"settings": settings, "protected": protected, "clean": clean}

@@ -3,8 +3,10 @@
 For every defense × architecture × repeat, one model is trained on the protected training
 set and one on the clean training set, with the same defense, the same seed (same initial
 weights, same batch order) and the same settings; both are tested on the clean test set.
-Runs in one process (CPU, or the first CUDA device when there is one); multi-process
-evaluation under Accelerate is not implemented.
+
+Every such training run is independent: under ``accelerate launch`` (or ``torchrun``) with
+several processes the runs are spread over the processes (:mod:`.parallel`) and the main
+process writes the report; with ``cache_dir`` finished runs are reused (:mod:`.cache`).
 """
 
 from __future__ import annotations
@@ -22,9 +24,11 @@ from typing import Any, Callable
 import torch
 
 from uge_protect.errors import UserError
+from uge_protect.eval.cache import RunCache, dataset_digest, run_key
 from uge_protect.eval.classify import TrainSettings, train_classifier
 from uge_protect.eval.defenses import Defense, apply_data_defense, parse_defense, partial_protection
 from uge_protect.eval.metrics import summarize
+from uge_protect.eval.parallel import run_spread, start_workers
 from uge_protect.shards.dataset import InMemoryDataset, load_shards
 from uge_protect.transforms.networks import ARCHITECTURES
 
@@ -64,6 +68,8 @@ class EvalConfig:
     clip_epochs: int | None = None
     clip_model_config: str | None = None
     device: str = "auto"
+    #: Directory of finished runs to reuse (see :mod:`uge_protect.eval.cache`); None: off.
+    cache_dir: str | None = None
     quiet: bool = False
     figures: bool = True
 
@@ -97,10 +103,6 @@ class EvalConfig:
             raise UserError(f"a defense is given twice: {' '.join(specs)}")
         return defenses
 
-    def resolved_device(self) -> str:
-        if self.device == "auto":
-            return "cuda" if torch.cuda.is_available() else "cpu"
-        return self.device
 
 
 def _protected_shards(directory: str) -> tuple[str, dict[str, Any] | None]:
@@ -166,9 +168,11 @@ def _versions() -> dict[str, str]:
 def run_evaluation(cfg: EvalConfig, *, log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Run the evaluation described by ``cfg``, write report.json / report.md / figures, return the report."""
     defenses = cfg.validate()
-    say = log or (lambda m: _echo(m, cfg.quiet))
+    workers = start_workers(cfg.device)
+    prefix = f"[rank {workers.rank}] " if workers.world > 1 else ""
+    say = log or (lambda m: _echo(prefix + m, cfg.quiet))
     started = time.perf_counter()
-    device = cfg.resolved_device()
+    device = workers.device
     protected_pattern, protection = _protected_shards(cfg.protected)
     if not cfg.clean_train:
         raise UserError("--clean-train is required")
@@ -177,13 +181,14 @@ def run_evaluation(cfg: EvalConfig, *, log: Callable[[str], None] | None = None)
     out = Path(cfg.output)
     try:
         out.mkdir(parents=True, exist_ok=True)
+        cache = RunCache(cfg.cache_dir)
     except OSError as exc:
         raise UserError(f"cannot create output directory {out}: {exc.strerror or exc}") from None
 
-    clip_fn = None
+    clip_mod = None
     if cfg.task in ("clip", "both"):
         try:
-            from uge_protect.eval.clip import run_clip_eval as clip_fn  # noqa: N813
+            import uge_protect.eval.clip as clip_mod
         except ImportError as exc:
             raise UserError(f"--task {cfg.task} needs the CLIP evaluation (uge_protect.eval.clip), "
                             f"which is not available in this build: {exc}") from None
@@ -214,7 +219,8 @@ def run_evaluation(cfg: EvalConfig, *, log: Callable[[str], None] | None = None)
     report: dict[str, Any] = {
         "kind": "uge-protect evaluation",
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "settings": {**asdict(cfg), "device": device, "defenses": [d.spec for d in defenses]},
+        "settings": {**asdict(cfg), "device": device, "defenses": [d.spec for d in defenses],
+                     "processes": workers.world},
         "versions": _versions(),
         "protection": {
             "directory": str(cfg.protected),
@@ -241,7 +247,8 @@ def run_evaluation(cfg: EvalConfig, *, log: Callable[[str], None] | None = None)
             "clean versions); 'clean' = trained on the clean shards; both with the same defense and seed.",
             "Data-level defenses (grayscale, jpeg:Q) preprocess training and test images alike; training-time "
             "defenses (cutout, mixup, strong-aug, adv-train) act on training batches only.",
-            "Single-process run; multi-process (Accelerate) evaluation is not implemented.",
+            f"Training runs spread over {workers.world} process(es); each run is seeded on its own, so the "
+            "results do not depend on the number of processes.",
         ],
         "tasks": {},
     }
@@ -249,10 +256,45 @@ def run_evaluation(cfg: EvalConfig, *, log: Callable[[str], None] | None = None)
     if method.get("protects") is False:
         report["notes"].append(f"The protection method {method.get('method')!r} is a non-protecting control.")
 
+    sets = {"protected": prot_train, "clean": clean}
+    digests = {name: dataset_digest(ds) for name, ds in (*sets.items(), ("test", test))}
+    jobs: list[_Job] = []
     if cfg.task in ("classify", "both"):
-        report["tasks"]["classify"] = _run_classify(cfg, defenses, prot_train, clean, test, num_classes, device, say)
-    if clip_fn is not None:
-        report["tasks"]["clip"] = _run_clip(cfg, clip_fn, defenses, prot_train, clean, test, num_classes, device, say)
+        jobs += _classify_jobs(cfg, defenses)
+    if clip_mod is not None:
+        for name, ds in (("protected training", prot), ("clean training", clean), ("test", test)):
+            if not any(c for c in ds.captions):
+                raise UserError(f"--task clip needs captions (txt field); the {name} shards have none")
+        jobs += _clip_jobs(cfg, defenses)
+    class_names = _class_names(cfg.test, num_classes) if clip_mod is not None else None
+    keys = [_job_key(job, cfg, device, digests, num_classes) for job in jobs]
+    cached = {i: hit for i, k in enumerate(keys) if (hit := cache.get(k)) is not None}
+    workers.barrier()  # every process has read the cache before any process writes to it
+    pending = [i for i in range(len(jobs)) if i not in cached]
+    if cached:
+        say(f"reusing {len(cached)} of {len(jobs)} training runs from the cache {cfg.cache_dir}")
+    if workers.world > 1 and workers.is_main:
+        say(f"{len(pending)} training runs spread over {workers.world} processes")
+    runner = _JobRunner(cfg, sets, test, num_classes, class_names, device, say, clip_mod, total=len(pending))
+
+    def work(i: int) -> dict[str, Any]:
+        result = runner.run(jobs[i])
+        cache.put(keys[i], result)
+        return result
+
+    fresh = dict(zip(pending, run_spread(workers, pending, work)))
+    results = [{**cached[i], "cached": True} if i in cached else {**fresh[i], "cached": False}
+               for i in range(len(jobs))]
+    for r in results:
+        r.pop("key", None)
+    if cfg.task in ("classify", "both"):
+        runs = [r for job, r in zip(jobs, results) if job.task == "classify"]
+        report["tasks"]["classify"] = {"runs": runs, "summary": _classify_summary(cfg, defenses, runs)}
+    if clip_mod is not None:
+        pairs = [(job, r) for job, r in zip(jobs, results) if job.task == "clip"]
+        report["tasks"]["clip"] = _clip_report(cfg, clip_mod, defenses, pairs, prot_train, clean, test,
+                                               class_names, device)
+    report["cached_runs"] = len(cached)
 
     report["runtime_seconds"] = time.perf_counter() - started
     from uge_protect.eval.report import write_report
@@ -265,47 +307,116 @@ def run_evaluation(cfg: EvalConfig, *, log: Callable[[str], None] | None = None)
         pi = torch.tensor([p for p, _ in pairs])
         ci = torch.tensor([c for _, c in pairs])
         samples = (clean.images[ci], prot.images[pi])
-    report["files"] = write_report(report, out, samples=samples, figures=cfg.figures)
-    say(f"report: {out / 'report.md'} ({report['runtime_seconds']:.0f} s)")
+    if workers.is_main:
+        report["files"] = write_report(report, out, samples=samples, figures=cfg.figures)
+        say(f"report: {out / 'report.md'} ({report['runtime_seconds']:.0f} s)")
+    workers.barrier()
     return report
 
 
-def _run_classify(cfg: EvalConfig, defenses: list[Defense], prot: InMemoryDataset, clean: InMemoryDataset,
-                  test: InMemoryDataset, num_classes: int, device: str, say: Callable[[str], None]) -> dict[str, Any]:
-    runs: list[dict[str, Any]] = []
-    total = len(defenses) * len(cfg.archs) * cfg.repeats * 2
-    done = 0
-    for defense in defenses:
-        t0 = time.perf_counter()
-        data = {
-            "protected": apply_data_defense(defense, prot.images),
-            "clean": apply_data_defense(defense, clean.images),
-        }
-        test_images = apply_data_defense(defense, test.images)
-        if defense.data_level:
-            say(f"[{defense.spec}] preprocessed train and test images ({time.perf_counter() - t0:.1f} s)")
-        labels = {"protected": prot.labels, "clean": clean.labels}
-        for arch in cfg.archs:
-            for rep in range(cfg.repeats):
-                seed = cfg.seed + rep
-                for which in ("protected", "clean"):
-                    done += 1
-                    settings = TrainSettings(
-                        arch=arch, epochs=cfg.epochs, batch_size=cfg.batch_size, optimizer=cfg.optimizer,
-                        lr=cfg.lr, weight_decay=cfg.weight_decay, schedule=cfg.schedule,
-                        crop_padding=cfg.crop_padding, flip=cfg.flip, adv_epsilon=cfg.adv_epsilon,
-                        adv_step=cfg.adv_step, adv_steps=cfg.adv_steps, seed=seed, device=device,
-                    )
-                    tag = f"[{done}/{total}] {defense.spec} {arch} {which} seed {seed}"
+@dataclass(frozen=True)
+class _Job:
+    """One training run: a model trained on one training set under one defense and seed."""
 
-                    def on_epoch(r: dict[str, Any], tag: str = tag) -> None:
-                        say(f"{tag} epoch {r['epoch']}/{cfg.epochs}: loss {r['train_loss']:.3f} "
-                            f"train {_pct(r['train_acc'])} test {_pct(r['test_acc'])} ({r['seconds']:.1f} s)")
+    task: str      # classify | clip
+    defense: Defense
+    arch: str | None
+    repeat: int
+    seed: int
+    which: str     # protected | clean
 
-                    result = train_classifier(data[which], labels[which], test_images, test.labels, num_classes,
-                                              settings, defense, on_epoch=on_epoch)
-                    runs.append({"defense": defense.spec, "arch": arch, "repeat": rep, "seed": seed,
-                                 "train_data": which, **result})
+
+def _classify_jobs(cfg: EvalConfig, defenses: list[Defense]) -> list[_Job]:
+    return [_Job("classify", d, arch, rep, cfg.seed + rep, which)
+            for d in defenses for arch in cfg.archs for rep in range(cfg.repeats)
+            for which in ("protected", "clean")]
+
+
+def _clip_jobs(cfg: EvalConfig, defenses: list[Defense]) -> list[_Job]:
+    # training-time defenses belong to the classifier's training loop
+    return [_Job("clip", d, None, rep, cfg.seed + rep, which)
+            for d in defenses if not d.train_time for rep in range(cfg.repeats)
+            for which in ("protected", "clean")]
+
+
+def _train_settings(cfg: EvalConfig, arch: str, seed: int, device: str) -> TrainSettings:
+    return TrainSettings(
+        arch=arch, epochs=cfg.epochs, batch_size=cfg.batch_size, optimizer=cfg.optimizer, lr=cfg.lr,
+        weight_decay=cfg.weight_decay, schedule=cfg.schedule, crop_padding=cfg.crop_padding, flip=cfg.flip,
+        adv_epsilon=cfg.adv_epsilon, adv_step=cfg.adv_step, adv_steps=cfg.adv_steps, seed=seed, device=device,
+    )
+
+
+def _clip_kwargs(cfg: EvalConfig, seed: int) -> dict[str, Any]:
+    kw: dict[str, Any] = {"seed": seed, "model_config": cfg.clip_model_config, "batch_size": cfg.batch_size}
+    if cfg.clip_epochs is not None:
+        kw["epochs"] = cfg.clip_epochs
+    return kw
+
+
+def _job_key(job: _Job, cfg: EvalConfig, device: str, digests: dict[str, str], num_classes: int) -> str:
+    from uge_protect import __version__
+
+    if job.task == "classify":
+        settings: dict[str, Any] = asdict(_train_settings(cfg, job.arch or "", job.seed, device))
+        settings.pop("device")
+    else:
+        settings = _clip_kwargs(cfg, job.seed)
+    return run_key(task=job.task, defense=job.defense.spec, settings=settings, train=digests[job.which],
+                   test=digests["test"], num_classes=num_classes, device=device.split(":")[0],
+                   version=__version__)
+
+
+class _JobRunner:
+    """Runs jobs in one process, keeping the current defense's preprocessed images."""
+
+    def __init__(self, cfg: EvalConfig, sets: dict[str, InMemoryDataset], test: InMemoryDataset,
+                 num_classes: int, class_names: list[str] | None, device: str, say: Callable[[str], None],
+                 clip_mod: Any, total: int):
+        self.cfg, self.sets, self.test, self.num_classes = cfg, sets, test, num_classes
+        self.class_names, self.device, self.say, self.clip_mod = class_names, device, say, clip_mod
+        self.total, self.done = total, 0
+        self._defense: str | None = None
+        self._data: dict[str, InMemoryDataset] = {}
+
+    def _with_defense(self, defense: Defense) -> dict[str, InMemoryDataset]:
+        if self._defense != defense.spec:
+            t0 = time.perf_counter()
+            self._data = {name: InMemoryDataset(apply_data_defense(defense, ds.images), ds.labels, ds.captions,
+                                                ds.keys, ds.skipped)
+                          for name, ds in (*self.sets.items(), ("test", self.test))}
+            self._defense = defense.spec
+            if defense.data_level:
+                self.say(f"[{defense.spec}] preprocessed train and test images ({time.perf_counter() - t0:.1f} s)")
+        return self._data
+
+    def run(self, job: _Job) -> dict[str, Any]:
+        data = self._with_defense(job.defense)
+        self.done += 1
+        train, test = data[job.which], data["test"]
+        meta = {"defense": job.defense.spec, "repeat": job.repeat, "seed": job.seed, "train_data": job.which}
+        if job.task == "clip":
+            self.say(f"[clip] {job.defense.spec} {job.which} seed {job.seed}: training CLIP")
+            result = self.clip_mod.train_and_score_clip(
+                train, test, class_names=self.class_names, label=job.which, device=self.device,
+                progress=not self.cfg.quiet, **_clip_kwargs(self.cfg, job.seed))
+            return {**meta, **result}
+        assert job.arch is not None
+        tag = f"[{self.done}/{self.total}] {job.defense.spec} {job.arch} {job.which} seed {job.seed}"
+        epochs = self.cfg.epochs
+
+        def on_epoch(r: dict[str, Any]) -> None:
+            self.say(f"{tag} epoch {r['epoch']}/{epochs}: loss {r['train_loss']:.3f} "
+                     f"train {_pct(r['train_acc'])} test {_pct(r['test_acc'])} ({r['seconds']:.1f} s)")
+
+        result = train_classifier(train.images, train.labels, test.images, test.labels, self.num_classes,
+                                  _train_settings(self.cfg, job.arch, job.seed, self.device), job.defense,
+                                  on_epoch=on_epoch)
+        return {"defense": job.defense.spec, "arch": job.arch, "repeat": job.repeat, "seed": job.seed,
+                "train_data": job.which, **result}
+
+
+def _classify_summary(cfg: EvalConfig, defenses: list[Defense], runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     summary = []
     for defense in defenses:
         for arch in cfg.archs:
@@ -324,38 +435,23 @@ def _run_classify(cfg: EvalConfig, defenses: list[Defense], prot: InMemoryDatase
             row["drop_final_test_acc"] = (row["clean"]["final_test_acc"]["mean"]
                                           - row["protected"]["final_test_acc"]["mean"])
             summary.append(row)
-    return {"runs": runs, "summary": summary}
+    return summary
 
 
-def _run_clip(cfg: EvalConfig, clip_fn: Callable[..., dict[str, Any]], defenses: list[Defense],
-              prot: InMemoryDataset, clean: InMemoryDataset, test: InMemoryDataset, num_classes: int,
-              device: str, say: Callable[[str], None]) -> dict[str, Any]:
-    for name, ds in (("protected training", prot), ("clean training", clean), ("test", test)):
-        if not any(c for c in ds.captions):
-            raise UserError(f"--task clip needs captions (txt field); the {name} shards have none")
-    class_names = _class_names(cfg.test, num_classes)
+def _clip_report(cfg: EvalConfig, clip_mod: Any, defenses: list[Defense], pairs: list[tuple[_Job, dict[str, Any]]],
+                 prot: InMemoryDataset, clean: InMemoryDataset, test: InMemoryDataset,
+                 class_names: list[str] | None, device: str) -> dict[str, Any]:
     runs = []
+    by_run: dict[tuple[str, int], dict[str, Any]] = {}
+    for job, result in pairs:
+        by_run.setdefault((job.defense.spec, job.repeat), {})[job.which] = result
+    for (spec, rep), both in by_run.items():
+        settings = clip_mod.clip_settings(clean, prot, test, crop_pad=both["protected"].get("crop_pad", 0),
+                                          class_names=class_names, device=device, **_clip_kwargs(cfg, cfg.seed + rep))
+        settings["seconds"] = {w: both[w].get("seconds") for w in ("protected", "clean")}
+        strip = ("defense", "repeat", "seed", "train_data")
+        runs.append({"defense": spec, "repeat": rep, "seed": cfg.seed + rep, "settings": settings,
+                     **{w: {k: v for k, v in both[w].items() if k not in strip} for w in ("protected", "clean")}})
     skipped = [d.spec for d in defenses if d.train_time]
-    for defense in defenses:
-        if defense.train_time:
-            continue
-        for rep in range(cfg.repeats):
-            seed = cfg.seed + rep
-            say(f"[clip] {defense.spec} seed {seed}: training CLIP on protected and on clean pairs")
-
-            def with_images(ds: InMemoryDataset) -> InMemoryDataset:
-                return InMemoryDataset(apply_data_defense(defense, ds.images), ds.labels, ds.captions, ds.keys, ds.skipped)
-
-            kwargs: dict[str, Any] = {"seed": seed, "model_config": cfg.clip_model_config,
-                                      "batch_size": cfg.batch_size, "class_names": class_names}
-            if cfg.clip_epochs is not None:
-                kwargs["epochs"] = cfg.clip_epochs
-            try:
-                result = clip_fn(with_images(prot), with_images(clean), with_images(test),
-                                 progress=not cfg.quiet, device=device, **kwargs)
-            except TypeError:  # an implementation without the optional keywords
-                result = clip_fn(with_images(prot), with_images(clean), with_images(test), **kwargs)
-            runs.append({"defense": defense.spec, "repeat": rep, "seed": seed, **result})
-    return {"runs": runs, "class_names": class_names,
-            "skipped_defenses": skipped,
+    return {"runs": runs, "class_names": class_names, "skipped_defenses": skipped,
             "note": "training-time defenses apply to the classifier task only" if skipped else None}
