@@ -5,17 +5,24 @@ architecture on protected and on clean shards (same seed, same settings) and tes
 test shards, under each defense. Prints one table; every report is kept under --workdir.
 
     .venv/bin/python benchmarks/efficacy_em.py [--workdir DIR] [--epochs 8]
-        [--archs small_cnn vgg11 resnet18] [--defenses grayscale jpeg:10]
-        [--defense-archs small_cnn] [--modes class sample] [--sample-rounds 3]
+        [--archs small_cnn vgg11 resnet18] [--defenses grayscale jpeg:75 ...]
+        [--defense-archs small_cnn] [--modes class sample] [--clean-fraction 0.2]
+        [--processes 2]
 
-Defaults are sized for 2 CPU cores (about 40 minutes): every architecture without a defense,
-and the extra defenses on the architectures in --defense-archs.
+Every architecture is trained without a defense; every defense (and partial protection,
+--clean-fraction) is run on the architectures in --defense-archs (for the `random` control only with
+--control-defenses). The clean-trained models
+are shared between the methods through `eval --cache`, and every finished run is kept, so an
+interrupted benchmark resumes where it stopped. With --processes N the evaluations run under
+`accelerate launch` with N CPU processes. The default grid is about 35 training runs:
+roughly 1.5 hours on 2 CPU cores.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -29,16 +36,27 @@ def sh(*args: str) -> None:
     subprocess.run([*CLI, *args], check=True)
 
 
-def evaluate(protected: Path, data: Path, out: Path, archs: list[str], defenses: list[str], a) -> dict:
+def evaluate(protected: Path, data: Path, out: Path, archs: list[str], defenses: list[str], a,
+             clean_fraction: float = 0.0) -> dict:
     if not (out / "report.json").is_file():
         cmd = ["eval", "--protected", str(protected), "--clean-train", str(data / "train" / "*.tar"),
                "--test", str(data / "test" / "*.tar"), "-o", str(out), "--epochs", str(a.epochs),
-               "--seed", str(a.seed), "--quiet"]
+               "--seed", str(a.seed), "--cache", str(Path(a.workdir) / "run-cache"), "--quiet"]
+        if clean_fraction:
+            cmd += ["--clean-fraction", str(clean_fraction)]
         for arch in archs:
             cmd += ["--arch", arch]
         for d in defenses:
             cmd += ["--defense", d]
-        sh(*cmd)
+        if a.processes > 1:
+            launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
+                      str(a.processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                      "-m", "uge_protect"]
+            print("$ accelerate launch ... uge-protect " + " ".join(cmd), flush=True)
+            env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1")
+            subprocess.run([*launch, *cmd], check=True, env=env)
+        else:
+            sh(*cmd)
     return json.loads((out / "report.json").read_text())
 
 
@@ -54,7 +72,13 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--archs", nargs="+", default=["small_cnn", "vgg11", "resnet18"])
-    p.add_argument("--defenses", nargs="*", default=["grayscale", "jpeg:10"])
+    p.add_argument("--defenses", nargs="*",
+                   default=["grayscale", "jpeg:75", "jpeg:10", "cutout", "mixup", "strong-aug", "adv-train"])
+    p.add_argument("--clean-fraction", type=float, default=0.2,
+                   help="partial protection: this fraction of the training set left clean (0: skip)")
+    p.add_argument("--control-defenses", action="store_true",
+                   help="also run the defenses on the `random` control (by default it is run without a defense)")
+    p.add_argument("--processes", type=int, default=1, help="evaluate under accelerate launch with N CPU processes")
     p.add_argument("--defense-archs", nargs="+", default=["small_cnn"])
     p.add_argument("--modes", nargs="+", default=["class", "sample"], choices=["class", "sample"])
     p.add_argument("--sample-rounds", type=int, default=20)
@@ -85,11 +109,17 @@ def main() -> None:
     table = []
     for name, path in protected.items():
         reports = [evaluate(path, data, work / "reports" / name / "none", a.archs, ["none"], a)]
-        if a.defenses and name != "random":
-            reports.append(evaluate(path, data, work / "reports" / name / "defenses", a.defense_archs, a.defenses, a))
+        for d in a.defenses if name != "random" or a.control_defenses else []:
+            slug = d.replace(":", "")
+            reports.append(evaluate(path, data, work / "reports" / name / slug, a.defense_archs, [d], a))
         for report in reports:
             for arch, defense, clean, prot in rows(report):
                 table.append((name, arch, defense, clean, prot))
+        if a.clean_fraction and name != "random":
+            report = evaluate(path, data, work / "reports" / name / f"clean-fraction-{a.clean_fraction:g}",
+                              a.defense_archs, ["none"], a, clean_fraction=a.clean_fraction)
+            for arch, _, clean, prot in rows(report):
+                table.append((name, arch, f"{100 * a.clean_fraction:g}% clean", clean, prot))
 
     print("\nclean test accuracy of models trained on protected vs clean demo shards "
           f"({a.epochs} epochs, seed {a.seed})")

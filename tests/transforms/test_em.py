@@ -171,10 +171,13 @@ def test_artifact_round_trip_and_errors(fitted, tmp_path):
 
 def test_bad_options_are_user_errors():
     images, labels = _data(n=8)
-    with pytest.raises(UserError, match="unknown EM option"):
-        get_fitter("em")(images, labels, {"bogus": 1})
+    captions = [f"c{i}" for i in range(8)]
+    with pytest.raises(UserError, match="not used by the sample mode: bogus"):
+        get_fitter("em")(images, labels, captions, {"bogus": 1})
     with pytest.raises(UserError, match="mode"):
-        get_fitter("em")(images, labels, {"mode": "pixel"})
+        get_fitter("em")(images, labels, captions, {"mode": "pixel"})
+    with pytest.raises(UserError, match="not used by EM's CLIP mode: surrogate_width"):
+        get_fitter("em")(images, labels, captions, {"mode": "clip", "surrogate_width": 8})
     with pytest.raises(UserError, match="at least two classes"):
         fit_em(images, torch.zeros(8, dtype=torch.int64), EMConfig(**TINY))
     cfg = EMConfig.from_options({"surrogate": "vgg11"})

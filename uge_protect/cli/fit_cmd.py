@@ -28,31 +28,36 @@ def _fit_root() -> None:
 def em(
     train: List[str] = typer.Argument(..., help="Labelled training shards: paths, globs, {000..099} patterns."),
     output: Path = typer.Option(..., "--output", "-o", help="Artifact directory to create (must be new or empty)."),
-    mode: str = typer.Option("sample", "--mode", help="sample (PGD per image at apply) or class (one δ per class)."),
+    mode: str = typer.Option("sample", "--mode", help="sample (PGD per image at apply), class (one δ per class), or clip (PGD per image-caption pair against a CLIP; needs captions, not labels)."),
     epsilon: float = typer.Option(8 / 255, "--epsilon", help="L∞ budget in [0,1] image units (default 8/255)."),
-    surrogate: str = typer.Option("small_cnn", "--surrogate", help="Surrogate architecture (small_cnn, resnet18, ...)."),
-    surrogate_width: Optional[int] = typer.Option(None, "--surrogate-width", help="small_cnn channel width (default 8; 0: the architecture's default)."),
+    surrogate: Optional[str] = typer.Option(None, "--surrogate", help="sample/class: surrogate classifier (default small_cnn; resnet18, vgg11, ...)."),
+    surrogate_width: Optional[int] = typer.Option(None, "--surrogate-width", help="sample/class: small_cnn channel width (default 8; 0: the architecture's default)."),
+    clip_model: Optional[str] = typer.Option(None, "--clip-model", help="clip: surrogate CLIP, an open_clip model name or JSON config (default: a tiny ViT CLIP)."),
+    clip_pretrained: Optional[str] = typer.Option(None, "--clip-pretrained", help="clip: open_clip pretrained tag or local checkpoint; the surrogate then stays frozen."),
+    bank_size: Optional[int] = typer.Option(None, "--bank-size", help="clip: training captions kept as the fixed negatives of the per-sample loss (default 255)."),
     pgd_steps: Optional[int] = typer.Option(None, "--pgd-steps", help="PGD steps per batch (default 20)."),
     step_size: Optional[float] = typer.Option(None, "--step-size", help="PGD step in [0,1] units (default 0.8/255)."),
     train_batches: Optional[int] = typer.Option(None, "--train-batches", help="Surrogate SGD batches per round (default 10)."),
-    max_rounds: Optional[int] = typer.Option(None, "--max-rounds", help="Stop after this many rounds (default 20 sample, 30 class)."),
+    max_rounds: Optional[int] = typer.Option(None, "--max-rounds", help="Stop after this many rounds (default 20 sample, 30 class, 10 clip)."),
     stop_error: Optional[float] = typer.Option(None, "--stop-error", help="Stop when the surrogate's train error on x+δ is below this (default 0.01)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Batch size (default 128)."),
-    lr: Optional[float] = typer.Option(None, "--lr", help="Surrogate SGD learning rate (default 0.1)."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Surrogate learning rate (default 0.1 SGD; clip 1e-3 AdamW)."),
     image_size: Optional[int] = typer.Option(None, "--image-size", help="Centre-crop training images to this side first."),
     seed: int = typer.Option(0, "--seed", help="Seed of the fit (initial noise, surrogate, batch order)."),
     device: str = typer.Option("auto", "--device", help="auto (CUDA when available), cpu, cuda, cuda:N."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
 ) -> None:
-    """Fit EM (error-minimizing noise, Huang et al. 2021) by min-min against a surrogate."""
+    """Fit EM (error-minimizing noise, Huang et al. 2021) by min-min against a surrogate.
+
+    sample and class modes need labelled shards (cls); clip mode needs captions (txt)."""
     from uge_protect.pipeline.fit import fit_from_shards
 
     options = {
         "mode": mode, "epsilon": epsilon, "surrogate": surrogate, "pgd_steps": pgd_steps,
         "step_size": step_size, "train_batches": train_batches, "max_rounds": max_rounds,
         "stop_error": stop_error, "batch_size": batch_size, "lr": lr, "image_size": image_size,
-        "seed": seed, "surrogate_width": surrogate_width,
-        "device": device,
+        "seed": seed, "surrogate_width": surrogate_width, "device": device,
+        "clip_model": clip_model, "clip_pretrained": clip_pretrained, "bank_size": bank_size,
     }
     try:
         fit_from_shards("em", list(train), str(output), options, quiet=quiet)

@@ -13,12 +13,9 @@ demo data; any open_clip model name, JSON config file or config dict can replace
 
 from __future__ import annotations
 
-import copy
-import json
 import math
 import sys
 import time
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -26,6 +23,13 @@ import torch.nn.functional as F
 
 from uge_protect.errors import UserError
 from uge_protect.shards.dataset import InMemoryDataset
+from uge_protect.transforms.clip_models import (
+    DEFAULT_MEAN,
+    DEFAULT_STD,
+    ClipBundle,
+    build_clip_model,
+    resolve_model_config,
+)
 
 __all__ = [
     "DEFAULT_MODEL_CONFIG",
@@ -56,100 +60,22 @@ DEFAULT_MODEL_CONFIG: dict[str, Any] = {
     "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 128, "heads": 4, "layers": 2},
 }
 
-#: CLIP's image normalisation, used when a config does not name its own.
-_DEFAULT_MEAN = (0.48145466, 0.4578275, 0.40821073)
-_DEFAULT_STD = (0.26862954, 0.26130258, 0.27577711)
-
-#: Keys of an open_clip JSON config that ``CLIP.__init__`` accepts.
-_CLIP_KWARGS = {"embed_dim", "vision_cfg", "text_cfg", "quick_gelu", "init_logit_scale", "init_logit_bias",
-                "nonscalar_logit_scale"}
-
 _MAX_LOGIT_SCALE = math.log(100.0)
 
 
-class _ClipBundle:
-    """A model with what is needed to feed it: tokenizer, input size, normalisation."""
-
-    def __init__(self, model: torch.nn.Module, tokenizer: Callable, image_size: int,
-                 mean: tuple[float, ...], std: tuple[float, ...], config: str | dict):
-        self.model = model
-        self.tokenizer = tokenizer
-        self.image_size = image_size
-        self.mean = mean
-        self.std = std
-        self.config = config
-
-
-# --------------------------------------------------------------------------- model
-
-
-def _simple_tokenizer(context_length: int) -> Callable:
-    # The BPE vocabulary ships inside the open_clip package: no download.
-    from open_clip.tokenizer import SimpleTokenizer
-
-    return SimpleTokenizer(context_length=context_length)
-
-
 def _load_config(model_config: str | dict | None, image_size: int | None) -> str | dict:
-    if model_config is None:
-        cfg = copy.deepcopy(DEFAULT_MODEL_CONFIG)
-        if image_size is not None:
-            cfg["vision_cfg"]["image_size"] = image_size
-        return cfg
-    if isinstance(model_config, dict):
-        return copy.deepcopy(model_config)
-    path = Path(model_config)
-    if path.suffix == ".json" or path.is_file():
-        try:
-            return json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise UserError(f"cannot read CLIP model config {model_config}: {exc}") from exc
-    return str(model_config)  # an open_clip model name
+    return resolve_model_config(model_config, DEFAULT_MODEL_CONFIG, image_size)
 
 
 def build_clip(model_config: str | dict | None = None, *, image_size: int | None = None,
-               seed: int = 0) -> _ClipBundle:
+               seed: int = 0) -> ClipBundle:
     """Build a randomly initialised CLIP (never pretrained weights) and its tokenizer.
 
     ``model_config`` is ``None`` (the tiny :data:`DEFAULT_MODEL_CONFIG`, sized to
     ``image_size``), an open_clip model name, a path to a JSON config in open_clip's format,
     or such a config as a dict.
     """
-    import open_clip
-    from open_clip.model import CLIP, CustomTextCLIP
-
-    cfg = _load_config(model_config, image_size)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        if isinstance(cfg, str):
-            try:
-                model = open_clip.create_model(cfg, pretrained=None)
-            except RuntimeError as exc:
-                raise UserError(f"unknown open_clip model {cfg!r}: {exc}") from exc
-            tokenizer = open_clip.get_tokenizer(cfg)
-            pp = getattr(model.visual, "preprocess_cfg", {}) or {}
-            mean, std = tuple(pp.get("mean", _DEFAULT_MEAN)), tuple(pp.get("std", _DEFAULT_STD))
-        else:
-            if "vision_cfg" not in cfg or "text_cfg" not in cfg or "embed_dim" not in cfg:
-                raise UserError("a CLIP model config needs embed_dim, vision_cfg and text_cfg")
-            kwargs = {k: v for k, v in cfg.items() if k in _CLIP_KWARGS}
-            text_cfg = cfg["text_cfg"]
-            custom = cfg.get("custom_text") or "hf_model_name" in text_cfg
-            if "hf_model_name" in text_cfg:
-                text_cfg = dict(text_cfg, hf_model_pretrained=False)
-                kwargs["text_cfg"] = text_cfg
-            model = (CustomTextCLIP if custom else CLIP)(**kwargs)
-            context_length = int(text_cfg.get("context_length", 77))
-            if "hf_tokenizer_name" in text_cfg or "hf_model_name" in text_cfg:
-                tok_name = text_cfg.get("hf_tokenizer_name") or text_cfg["hf_model_name"]
-                tokenizer = open_clip.tokenizer.HFTokenizer(tok_name, context_length=context_length)
-            else:
-                tokenizer = _simple_tokenizer(context_length)
-            pp = cfg.get("preprocess_cfg", {})
-            mean, std = tuple(pp.get("mean", _DEFAULT_MEAN)), tuple(pp.get("std", _DEFAULT_STD))
-    size = model.visual.image_size
-    size = int(size[0] if isinstance(size, (tuple, list)) else size)
-    return _ClipBundle(model, tokenizer, size, mean, std, cfg)
+    return build_clip_model(_load_config(model_config, image_size), seed=seed)
 
 
 # --------------------------------------------------------------------------- data
@@ -172,7 +98,7 @@ def _to_float(images: torch.Tensor, size: int, device: torch.device) -> torch.Te
     return x
 
 
-def _normalizer(bundle: _ClipBundle, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
+def _normalizer(bundle: ClipBundle, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
     mean = torch.tensor(bundle.mean, device=device).view(1, -1, 1, 1)
     std = torch.tensor(bundle.std, device=device).view(1, -1, 1, 1)
     return lambda x: (x - mean) / std
@@ -195,7 +121,7 @@ def _random_crop(x: torch.Tensor, pad: int, gen: torch.Generator) -> torch.Tenso
 
 
 @torch.no_grad()
-def encode_dataset(bundle: _ClipBundle, images: torch.Tensor, captions: list[str], *,
+def encode_dataset(bundle: ClipBundle, images: torch.Tensor, captions: list[str], *,
                    batch_size: int = 256, device: torch.device | str = "cpu"
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """L2-normalised image and text embeddings (CPU float tensors)."""
@@ -264,12 +190,12 @@ def zero_shot_accuracy(model: Any, tokenizer: Callable, test: InMemoryDataset, c
     open_clip model, or a build bundle. Samples without a label (-1) or with a label outside
     ``class_names`` are ignored; ``None`` when none remain.
     """
-    if isinstance(model, _ClipBundle):
+    if isinstance(model, ClipBundle):
         image_size = image_size or model.image_size
         mean, std, model = mean or model.mean, std or model.std, model.model
     image_size = image_size or getattr(model, "input_size", None)
-    mean = mean or getattr(model, "image_mean", None) or _DEFAULT_MEAN
-    std = std or getattr(model, "image_std", None) or _DEFAULT_STD
+    mean = mean or getattr(model, "image_mean", None) or DEFAULT_MEAN
+    std = std or getattr(model, "image_std", None) or DEFAULT_STD
     if device is None:
         params = getattr(model, "parameters", None)
         first = next(iter(params()), None) if callable(params) else None
@@ -316,7 +242,7 @@ def _train(train: InMemoryDataset, *, epochs: int, seed: int, model_config: str 
            batch_size: int, lr: float, weight_decay: float, warmup_frac: float, crop_pad: int | None,
            device: torch.device | str | None, eval_pairs: tuple[torch.Tensor, list[str]] | None,
            progress: bool, label: str, max_steps: int | None = None
-           ) -> tuple[_ClipBundle, list[dict[str, Any]], list[float]]:
+           ) -> tuple[ClipBundle, list[dict[str, Any]], list[float]]:
     device = torch.device(device) if device is not None else _default_device()
     images, captions, _ = _pairs(train)
     h, w = images.shape[-2:]

@@ -86,7 +86,7 @@ class EMConfig:
 
     def validate(self) -> None:
         if self.mode not in MODES:
-            raise UserError(f"unknown EM mode {self.mode!r}; choose 'sample' or 'class'")
+            raise UserError(f"unknown EM mode {self.mode!r}; choose 'sample', 'class' or 'clip'")
         if not 0.0 < self.epsilon <= 1.0:
             raise UserError(f"epsilon must be in (0, 1], got {self.epsilon}")
         if not 0.0 < self.step_size <= 1.0:
@@ -108,15 +108,15 @@ class EMConfig:
 
     @classmethod
     def from_options(cls, options: dict[str, Any]) -> "EMConfig":
-        """Build from a dict; None means "default". Unknown keys are a :class:`UserError`.
+        """Build from a dict; None means "default". Unknown keys (given, not None) are a :class:`UserError`.
 
         ``surrogate_width`` 0 (or, for a surrogate other than small_cnn, absent) means the
         architecture's own width."""
         names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(options) - names)
-        if unknown:
-            raise UserError(f"unknown EM option(s): {', '.join(unknown)}")
         given = {k: v for k, v in options.items() if v is not None}
+        unknown = sorted(set(given) - names)
+        if unknown:
+            raise UserError(f"EM option(s) not used by the {given.get('mode', 'sample')} mode: {', '.join(unknown)}")
         if given.get("surrogate", "small_cnn") != "small_cnn" and "surrogate_width" not in given:
             given["surrogate_width"] = None  # the default width is small_cnn's
         if given.get("surrogate_width") == 0:
@@ -286,10 +286,22 @@ def fit_em(
 
 
 def fit_em_from_options(
-    images: torch.Tensor, labels: torch.Tensor, options: dict[str, Any], progress: Progress | None = None,
+    images: torch.Tensor, labels: torch.Tensor, captions: list[str | None], options: dict[str, Any],
+    progress: Progress | None = None,
 ) -> tuple[dict[str, Any], dict[str, dict[str, torch.Tensor]]]:
-    """The fitter registered under ``"em"``: options dict → :class:`EMConfig` → :func:`fit_em`."""
+    """The fitter registered under ``"em"``: sample/class modes fit against a classifier on
+    the labels (:func:`fit_em`), the ``clip`` mode against a CLIP on the captions
+    (:func:`uge_protect.transforms.em_clip.fit_em_clip`)."""
+    if options.get("mode") == "clip":
+        from uge_protect.transforms.em_clip import EMClipConfig, fit_em_clip
+
+        return fit_em_clip(images, [str(c) for c in captions], EMClipConfig.from_options(options), progress)
     return fit_em(images, labels, EMConfig.from_options(options), progress)
+
+
+def em_fit_needs(options: dict[str, Any]) -> str:
+    """What an EM fit needs of each training sample: ``"captions"`` (clip mode) or ``"labels"``."""
+    return "captions" if options.get("mode") == "clip" else "labels"
 
 
 class ErrorMinimizing(ProtectionMethod):
@@ -330,7 +342,10 @@ class ErrorMinimizing(ProtectionMethod):
         (8/255, what the CLI passes when ``--epsilon`` is absent) also counts as "not given"
         for an artifact fitted with a smaller ε, so a run never exceeds the default silently."""
         config, weights = load_artifact(path, expected_method="em")
-        for key in ("epsilon", "mode", "num_classes", "step_size", "pgd_steps", "surrogate"):
+        clip_mode = config.get("mode") == "clip"
+        required = ("epsilon", "step_size", "pgd_steps", "clip_model") if clip_mode else (
+            "epsilon", "mode", "num_classes", "step_size", "pgd_steps", "surrogate")
+        for key in required:
             if key not in config:
                 raise UserError(f"EM artifact config lacks {key!r}: {path}")
         fitted = float(config["epsilon"])
@@ -341,6 +356,10 @@ class ErrorMinimizing(ProtectionMethod):
                 f"artifact {path} was fitted with epsilon {config['epsilon']:.6g}, not {epsilon:.6g}; "
                 "pass the artifact's epsilon (or refit with the one you want)"
             )
+        if clip_mode:
+            from uge_protect.transforms.em_clip import ErrorMinimizingClip
+
+            return ErrorMinimizingClip(config, weights, fingerprint=artifact_fingerprint(path))  # type: ignore[return-value]
         return cls(config, weights, fingerprint=artifact_fingerprint(path))
 
     def to(self, device: torch.device | str) -> "ErrorMinimizing":

@@ -8,7 +8,7 @@ import torch
 
 from uge_protect.errors import UserError
 from uge_protect.transforms.base import ProtectionMethod
-from uge_protect.transforms.em import ErrorMinimizing, fit_em_from_options
+from uge_protect.transforms.em import ErrorMinimizing, em_fit_needs, fit_em_from_options
 from uge_protect.transforms.random_noise import PassThrough, RandomNoise
 
 _METHODS: dict[str, type[ProtectionMethod]] = {}
@@ -23,24 +23,36 @@ def register_method(cls: type[ProtectionMethod]) -> type[ProtectionMethod]:
 for _cls in (RandomNoise, PassThrough, ErrorMinimizing):
     register_method(_cls)
 
-#: A fitter takes uint8 images (N, 3, H, W), int64 labels (N,), an options dict and an
-#: optional progress callback, and returns ``(config, weights)`` for ``save_artifact``.
+#: A fitter takes uint8 images (N, 3, H, W), int64 labels (N,), captions (N,), an options
+#: dict and an optional progress callback, and returns ``(config, weights)`` for
+#: ``save_artifact``.
 Fitter = Callable[..., tuple[dict[str, Any], dict[str, dict[str, torch.Tensor]]]]
+#: What a fit needs of every training sample, given its options: "labels" or "captions".
+Needs = Callable[[dict[str, Any]], str]
 
-_FITTERS: dict[str, Fitter] = {}
+_FITTERS: dict[str, tuple[Fitter, Needs]] = {}
 
 
-def register_fitter(name: str, fitter: Fitter) -> Fitter:
+def register_fitter(name: str, fitter: Fitter, needs: Needs = lambda options: "labels") -> Fitter:
     """Register the fit function of method ``name`` (used by ``uge-protect fit NAME``)."""
-    _FITTERS[name] = fitter
+    _FITTERS[name] = (fitter, needs)
     return fitter
 
 
-register_fitter("em", fit_em_from_options)
+register_fitter("em", fit_em_from_options, em_fit_needs)
 
 
 def get_fitter(name: str) -> Fitter:
     """The fit function of method ``name``; :class:`UserError` when it has none."""
+    return _fitter_entry(name)[0]
+
+
+def fit_needs(name: str, options: dict[str, Any]) -> str:
+    """What fitting ``name`` with ``options`` needs of each sample: "labels" or "captions"."""
+    return _fitter_entry(name)[1](options)
+
+
+def _fitter_entry(name: str) -> tuple[Fitter, Needs]:
     if name not in _FITTERS:
         raise UserError(f"method {name!r} cannot be fitted; fittable methods: {', '.join(sorted(_FITTERS))}")
     return _FITTERS[name]

@@ -1,0 +1,176 @@
+"""open_clip models for methods that need a CLIP (EM's CLIP variant, T2UE) and for evaluation.
+
+A model is named by an open_clip model name (``"ViT-B-32"``), a JSON config file in
+open_clip's format, or such a config as a dict. Weights come from nowhere (random
+initialisation, seeded), from an open_clip pretrained tag (downloaded by open_clip), or from
+a local checkpoint: ``.safetensors`` is read with safetensors, anything else with
+``torch.load(weights_only=True)``, which refuses pickled code.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+from uge_protect.errors import UserError
+
+#: CLIP's image normalisation, used when a config does not name its own.
+DEFAULT_MEAN = (0.48145466, 0.4578275, 0.40821073)
+DEFAULT_STD = (0.26862954, 0.26130258, 0.27577711)
+
+#: Keys of an open_clip JSON config that ``CLIP.__init__`` accepts.
+_CLIP_KWARGS = {"embed_dim", "vision_cfg", "text_cfg", "quick_gelu", "init_logit_scale", "init_logit_bias",
+                "nonscalar_logit_scale"}
+
+
+class ClipBundle:
+    """A CLIP model with what is needed to feed it: tokenizer, input size, normalisation.
+
+    ``config`` is the resolved model config (a dict, or an open_clip model name), enough to
+    rebuild the architecture with :func:`build_clip_model`.
+    """
+
+    def __init__(self, model: torch.nn.Module, tokenizer: Callable, image_size: int,
+                 mean: tuple[float, ...], std: tuple[float, ...], config: str | dict):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.image_size = image_size
+        self.mean = mean
+        self.std = std
+        self.config = config
+
+    def prepare_images(self, x: torch.Tensor) -> torch.Tensor:
+        """[0, 1] float images (N, 3, H, W) → the model's input (resized, normalised); differentiable."""
+        if x.shape[-2:] != (self.image_size, self.image_size):
+            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear",
+                              align_corners=False, antialias=True)
+        mean = torch.tensor(self.mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+        return (x - mean) / std
+
+    def encode_images(self, x: torch.Tensor) -> torch.Tensor:
+        """L2-normalised embeddings of [0, 1] images."""
+        return F.normalize(self.model.encode_image(self.prepare_images(x)).float(), dim=-1)
+
+    def encode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """L2-normalised embeddings of token ids (N, context_length)."""
+        return F.normalize(self.model.encode_text(tokens).float(), dim=-1)
+
+    def tokenize(self, texts: list[str]) -> torch.Tensor:
+        return self.tokenizer(texts)
+
+
+def simple_tokenizer(context_length: int) -> Callable:
+    """open_clip's BPE tokenizer; its vocabulary ships inside the package (no download)."""
+    from open_clip.tokenizer import SimpleTokenizer
+
+    return SimpleTokenizer(context_length=context_length)
+
+
+def resolve_model_config(model_config: str | dict | None, default: dict, image_size: int | None = None
+                         ) -> str | dict:
+    """``None`` → a copy of ``default`` (its vision image size set to ``image_size`` when
+    given); a dict → a copy; a ``.json`` path → its contents; any other string → an open_clip
+    model name."""
+    if model_config is None:
+        cfg = copy.deepcopy(default)
+        if image_size is not None:
+            cfg["vision_cfg"]["image_size"] = image_size
+        return cfg
+    if isinstance(model_config, dict):
+        return copy.deepcopy(model_config)
+    path = Path(model_config)
+    if path.suffix == ".json" or path.is_file():
+        try:
+            return json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise UserError(f"cannot read CLIP model config {model_config}: {exc}") from exc
+    return str(model_config)
+
+
+def _load_weights(model: torch.nn.Module, source: str) -> None:
+    path = Path(source)
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # safetensors / torch raise their own error types
+        raise UserError(f"cannot read CLIP checkpoint {source}: {exc}") from exc
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    state = {k[7:] if k.startswith("module.") else k: v for k, v in state.items()}
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[0]
+        raise UserError(f"CLIP checkpoint {source} does not fit the model: {first}") from exc
+
+
+def build_clip_model(model_config: str | dict, *, seed: int = 0, pretrained: str | None = None) -> ClipBundle:
+    """Build an open_clip CLIP from a resolved config (see :func:`resolve_model_config`).
+
+    ``pretrained`` is None (random init from ``seed``), a path to a local checkpoint, or an
+    open_clip pretrained tag for a named model (downloaded by open_clip on first use).
+    """
+    import open_clip
+    from open_clip.model import CLIP, CustomTextCLIP
+
+    cfg = model_config
+    local = pretrained is not None and Path(pretrained).exists()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if isinstance(cfg, str):
+            try:
+                model = open_clip.create_model(cfg, pretrained=None if local else pretrained)
+            except RuntimeError as exc:
+                raise UserError(f"cannot build open_clip model {cfg!r}: {exc}") from exc
+            tokenizer = open_clip.get_tokenizer(cfg)
+            pp = getattr(model.visual, "preprocess_cfg", {}) or {}
+            mean, std = tuple(pp.get("mean", DEFAULT_MEAN)), tuple(pp.get("std", DEFAULT_STD))
+        else:
+            if "vision_cfg" not in cfg or "text_cfg" not in cfg or "embed_dim" not in cfg:
+                raise UserError("a CLIP model config needs embed_dim, vision_cfg and text_cfg")
+            if pretrained is not None and not local:
+                raise UserError(f"pretrained weights {pretrained!r} not found: with a model config, "
+                                "give a local checkpoint file (a pretrained tag needs a model name)")
+            kwargs = {k: v for k, v in cfg.items() if k in _CLIP_KWARGS}
+            text_cfg = cfg["text_cfg"]
+            custom = cfg.get("custom_text") or "hf_model_name" in text_cfg
+            if "hf_model_name" in text_cfg:
+                text_cfg = dict(text_cfg, hf_model_pretrained=False)
+                kwargs["text_cfg"] = text_cfg
+            model = (CustomTextCLIP if custom else CLIP)(**kwargs)
+            context_length = int(text_cfg.get("context_length", 77))
+            if "hf_tokenizer_name" in text_cfg or "hf_model_name" in text_cfg:
+                tok_name = text_cfg.get("hf_tokenizer_name") or text_cfg["hf_model_name"]
+                tokenizer = open_clip.tokenizer.HFTokenizer(tok_name, context_length=context_length)
+            else:
+                tokenizer = simple_tokenizer(context_length)
+            pp = cfg.get("preprocess_cfg", {})
+            mean, std = tuple(pp.get("mean", DEFAULT_MEAN)), tuple(pp.get("std", DEFAULT_STD))
+    if local:
+        _load_weights(model, str(pretrained))
+    size = model.visual.image_size
+    size = int(size[0] if isinstance(size, (tuple, list)) else size)
+    return ClipBundle(model, tokenizer, size, mean, std, cfg)
+
+
+def clip_state(bundle: ClipBundle) -> dict[str, torch.Tensor]:
+    """The model's persistent tensors, detached on the CPU (for safetensors)."""
+    return {k: v.detach().cpu().clone().contiguous() for k, v in bundle.model.state_dict().items()}
+
+
+def load_clip_state(bundle: ClipBundle, state: dict[str, torch.Tensor]) -> None:
+    """Load :func:`clip_state` output back; :class:`UserError` when it does not fit."""
+    try:
+        bundle.model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise UserError(f"stored CLIP weights do not fit the model: {str(exc).splitlines()[0]}") from exc

@@ -1,0 +1,334 @@
+"""EM's CLIP variant: error-minimizing noise for unlabelled image-text pairs.
+
+Instead of a classifier's cross-entropy, PGD minimizes a surrogate CLIP's contrastive loss
+between the perturbed image and its own caption, so that a model trained on the pairs finds
+the noise an easier match for the caption than the image content.
+
+* Fit (min-min, like :mod:`em`): alternate a few AdamW steps of the surrogate CLIP on the
+  symmetric InfoNCE of (clip(x + δ), caption) batches with PGD sweeps that lower each
+  sample's loss. With pretrained surrogate weights the surrogate stays frozen and only the
+  PGD sweeps run.
+* The per-sample loss is the image→text cross-entropy of the true caption against a fixed
+  bank of other training captions (stored in the artifact as tokens), not against the other
+  captions of the batch: a sample's noise then never depends on which samples share its
+  batch, which streaming apply needs. Bank captions identical to the sample's own are
+  masked out.
+* Fit stops when the surrogate retrieves the true caption first (among it and the bank) for
+  all but ``stop_error`` of the perturbed training images, or after ``max_rounds``.
+* Apply runs the same PGD against the fitted surrogate, per batch, from an initial δ drawn
+  from each sample's seed, in fixed chunks so the floats do not depend on batch size. δ is
+  computed at the image's own resolution (the surrogate resizes its input differentiably).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+from uge_protect.errors import UserError
+from uge_protect.transforms.base import ProtectBatch, ProtectionMethod
+from uge_protect.transforms.clip_models import (
+    ClipBundle,
+    build_clip_model,
+    clip_state,
+    load_clip_state,
+    resolve_model_config,
+)
+
+Progress = Callable[[dict[str, Any]], None]
+
+#: Apply runs PGD on chunks of exactly this many images (zero-padded), as in :mod:`em`.
+APPLY_CHUNK = 64
+
+_MAX_LOGIT_SCALE = math.log(100.0)
+
+#: The default surrogate: a small CLIP that trains on a CPU (2-layer ViT of width 64 on 4×4
+#: patches, 2-layer text transformer of width 64). Its image size follows the training images.
+DEFAULT_SURROGATE: dict[str, Any] = {
+    "embed_dim": 64,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 32, "patch_size": 4},
+    "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+}
+
+
+@dataclass
+class EMClipConfig:
+    """Hyper-parameters of an EM-CLIP fit (noise as in the paper: ε 8/255, step 0.8/255, 20 steps)."""
+
+    mode: str = "clip"
+    epsilon: float = 8 / 255
+    step_size: float = 0.8 / 255
+    pgd_steps: int = 20
+    #: open_clip model name, JSON config path or dict; None: :data:`DEFAULT_SURROGATE`.
+    clip_model: str | dict | None = None
+    #: Pretrained weights (open_clip tag or local checkpoint); None: trained from scratch.
+    clip_pretrained: str | None = None
+    bank_size: int = 255
+    train_batches: int = 10
+    max_rounds: int = 10
+    stop_error: float = 0.01
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    seed: int = 0
+    image_size: int | None = None
+    device: str = "auto"
+
+    def validate(self) -> None:
+        if self.mode != "clip":
+            raise UserError(f"EM-CLIP mode must be 'clip', got {self.mode!r}")
+        if not 0.0 < self.epsilon <= 1.0:
+            raise UserError(f"epsilon must be in (0, 1], got {self.epsilon}")
+        if not 0.0 < self.step_size <= 1.0:
+            raise UserError(f"step size must be in (0, 1], got {self.step_size}")
+        for name in ("pgd_steps", "train_batches", "max_rounds", "batch_size", "bank_size"):
+            if getattr(self, name) < 1:
+                raise UserError(f"{name.replace('_', ' ')} must be >= 1, got {getattr(self, name)}")
+        if self.batch_size < 2:
+            raise UserError("batch size must be >= 2 for a contrastive loss")
+        if not 0.0 <= self.stop_error < 1.0:
+            raise UserError(f"stop error must be in [0, 1), got {self.stop_error}")
+        if self.lr <= 0:
+            raise UserError(f"learning rate must be > 0, got {self.lr}")
+
+    @classmethod
+    def from_options(cls, options: dict[str, Any]) -> "EMClipConfig":
+        """Build from a dict; None means "default". Unknown keys are a :class:`UserError`."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        given = {k: v for k, v in options.items() if v is not None}
+        unknown = sorted(set(given) - names)
+        if unknown:
+            raise UserError(f"option(s) not used by EM's CLIP mode: {', '.join(unknown)}")
+        cfg = cls(**given)
+        cfg.validate()
+        return cfg
+
+
+def _freeze(model: torch.nn.Module, frozen: bool) -> None:
+    for p in model.parameters():
+        p.requires_grad_(not frozen)
+
+
+def _same_caption(tokens: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
+    """(B, K) bool: bank caption k has the same tokens as sample b's caption."""
+    return (tokens[:, None, :] == bank[None, :, :]).all(dim=-1)
+
+
+def _logit_scale(bundle: ClipBundle) -> torch.Tensor:
+    return bundle.model.logit_scale.detach().exp().clamp(max=100.0)
+
+
+def sample_loss(bundle: ClipBundle, x: torch.Tensor, text_emb: torch.Tensor, bank_emb: torch.Tensor,
+                same: torch.Tensor) -> torch.Tensor:
+    """Per-sample image→text cross-entropy of the own caption against the bank, (B,)."""
+    img = bundle.encode_images(x)
+    pos = (img * text_emb).sum(dim=-1, keepdim=True)
+    neg = (img @ bank_emb.T).masked_fill(same, float("-inf"))
+    logits = _logit_scale(bundle) * torch.cat([pos, neg], dim=1)
+    return F.cross_entropy(logits, torch.zeros(len(x), dtype=torch.long, device=x.device), reduction="none")
+
+
+def _project(x: torch.Tensor, delta: torch.Tensor, epsilon: float) -> torch.Tensor:
+    delta = delta.clamp(-epsilon, epsilon)
+    return (x + delta).clamp_(0.0, 1.0) - x
+
+
+def pgd_min_clip(bundle: ClipBundle, x: torch.Tensor, text_emb: torch.Tensor, bank_emb: torch.Tensor,
+                 same: torch.Tensor, delta: torch.Tensor, epsilon: float, step_size: float, steps: int
+                 ) -> torch.Tensor:
+    """``steps`` signed-gradient steps lowering :func:`sample_loss`, projected after each step."""
+    delta = _project(x, delta, epsilon)
+    for _ in range(steps):
+        d = delta.detach().requires_grad_(True)
+        with torch.enable_grad():
+            loss = sample_loss(bundle, (x + d).clamp(0.0, 1.0), text_emb, bank_emb, same).sum()
+            (grad,) = torch.autograd.grad(loss, d)
+        delta = _project(x, delta - step_size * grad.sign(), epsilon)
+    return delta.detach()
+
+
+def _infonce(bundle: ClipBundle, x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    img = bundle.encode_images(x)
+    txt = bundle.encode_tokens(tokens)
+    logits = bundle.model.logit_scale.exp() * img @ txt.T
+    target = torch.arange(len(x), device=x.device)
+    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+
+
+@torch.no_grad()
+def _retrieval_error(bundle: ClipBundle, images: torch.Tensor, delta: torch.Tensor, tokens: torch.Tensor,
+                     bank: torch.Tensor, bank_emb: torch.Tensor, batch_size: int) -> float:
+    wrong = 0
+    for s in range(0, len(images), batch_size):
+        x = (images[s:s + batch_size].float().div(255.0) + delta[s:s + batch_size]).clamp_(0.0, 1.0)
+        t = tokens[s:s + batch_size]
+        img = bundle.encode_images(x)
+        pos = (img * bundle.encode_tokens(t)).sum(-1)
+        neg = (img @ bank_emb.T).masked_fill(_same_caption(t, bank), float("-inf"))
+        wrong += int((neg.max(dim=1).values >= pos).sum())  # the own caption must score highest
+    return wrong / len(images)
+
+
+def fit_em_clip(images: torch.Tensor, captions: list[str], cfg: EMClipConfig, progress: Progress | None = None
+                ) -> tuple[dict[str, Any], dict[str, dict[str, torch.Tensor]]]:
+    """Fit EM-CLIP noise by min-min on uint8 ``images`` (N, 3, H, W) and their ``captions``.
+
+    Returns ``(config, weights)`` for :func:`artifact.save_artifact`: the surrogate CLIP's
+    state under ``"surrogate"`` and the bank's caption tokens under ``"bank"``.
+    """
+    cfg.validate()
+    if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"images must be uint8 (N, 3, H, W), got {images.dtype} {tuple(images.shape)}")
+    if len(captions) != len(images):
+        raise ValueError("one caption per image is needed")
+    if len(images) < 2:
+        raise UserError("EM's CLIP mode needs at least two captioned images")
+    started = time.perf_counter()
+    n, _, h, w = images.shape
+    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available()
+                          else "cpu" if cfg.device == "auto" else cfg.device)
+    model_cfg = resolve_model_config(cfg.clip_model, DEFAULT_SURROGATE, image_size=h if h == w else None)
+    bundle = build_clip_model(model_cfg, seed=cfg.seed, pretrained=cfg.clip_pretrained)
+    bundle.model.to(device)
+    trainable = cfg.clip_pretrained is None
+    gen = torch.Generator().manual_seed(cfg.seed)
+    tokens = bundle.tokenize(list(captions)).to(device)
+    bank_idx = torch.randperm(n, generator=gen)[: min(cfg.bank_size, n)]
+    bank = tokens[bank_idx.to(device)]
+    images = images.to(device)
+    eps = cfg.epsilon
+    delta = ((torch.rand((n, 3, h, w), generator=gen) * 2 - 1) * eps).to(device)
+    opt = torch.optim.AdamW([p for p in bundle.model.parameters()], lr=cfg.lr, weight_decay=cfg.weight_decay)
+    bs = min(cfg.batch_size, n)
+    order, cursor = torch.randperm(n, generator=gen), 0
+    history: list[float] = []
+    for rnd in range(1, cfg.max_rounds + 1):
+        if trainable:
+            bundle.model.train()
+            _freeze(bundle.model, False)
+            for _ in range(cfg.train_batches):
+                if cursor + bs > n:
+                    order, cursor = torch.randperm(n, generator=gen), 0
+                idx = order[cursor:cursor + bs].to(device)
+                cursor += bs
+                x = (images[idx].float().div_(255.0) + delta[idx]).clamp_(0.0, 1.0)
+                loss = _infonce(bundle, x, tokens[idx])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                with torch.no_grad():
+                    bundle.model.logit_scale.clamp_(0, _MAX_LOGIT_SCALE)
+        bundle.model.eval()
+        _freeze(bundle.model, True)
+        with torch.no_grad():
+            bank_emb = bundle.encode_tokens(bank)
+        for s in range(0, n, cfg.batch_size):
+            t = tokens[s:s + cfg.batch_size]
+            x = images[s:s + cfg.batch_size].float().div_(255.0)
+            with torch.no_grad():
+                text_emb = bundle.encode_tokens(t)
+            delta[s:s + cfg.batch_size] = pgd_min_clip(bundle, x, text_emb, bank_emb, _same_caption(t, bank),
+                                                       delta[s:s + cfg.batch_size], eps, cfg.step_size,
+                                                       cfg.pgd_steps)
+        error = _retrieval_error(bundle, images, delta, tokens, bank, bank_emb, cfg.batch_size)
+        history.append(round(error, 6))
+        if progress is not None:
+            progress({"round": rnd, "max_rounds": cfg.max_rounds, "train_error": error,
+                      "seconds": time.perf_counter() - started})
+        if error < cfg.stop_error:
+            break
+    _freeze(bundle.model, False)
+    config = {
+        "method": "em",
+        **dataclasses.asdict(cfg),
+        "clip_model": model_cfg,
+        "device": device.type,
+        "fit_size": [h, w],
+        "n_train": n,
+        "bank_size": int(len(bank)),
+        "rounds": len(history),
+        "train_error": history[-1],
+        "train_error_history": history,
+        "converged": history[-1] < cfg.stop_error,
+        "surrogate_trained": trainable,
+    }
+    weights = {"surrogate": clip_state(bundle), "bank": {"tokens": bank.detach().cpu().clone()}}
+    return config, weights
+
+
+class ErrorMinimizingClip(ProtectionMethod):
+    """Apply a fitted EM-CLIP artifact: PGD against its surrogate CLIP, per sample and caption."""
+
+    name = "em"
+    requires_caption = True
+
+    def __init__(self, config: dict[str, Any], weights: dict[str, dict[str, torch.Tensor]],
+                 fingerprint: str | None = None):
+        super().__init__(epsilon=float(config["epsilon"]))
+        self._config = dict(config)
+        self._fingerprint = fingerprint
+        self.mode = "clip"
+        self.step_size = float(config["step_size"])
+        self.pgd_steps = int(config["pgd_steps"])
+        if "surrogate" not in weights or "tokens" not in weights.get("bank", {}):
+            raise UserError("EM-CLIP artifact lacks its surrogate or caption bank weights")
+        # The architecture only: weights come from the artifact, never from the network.
+        self.bundle = build_clip_model(config["clip_model"], seed=0)
+        load_clip_state(self.bundle, weights["surrogate"])
+        self.bundle.model.eval()
+        _freeze(self.bundle.model, True)
+        self.bank = weights["bank"]["tokens"].long()
+        with torch.no_grad():
+            self.bank_emb = self.bundle.encode_tokens(self.bank)
+
+    def to(self, device: torch.device | str) -> "ErrorMinimizingClip":
+        super().to(device)
+        self.bundle.model.to(self.device)
+        self.bank = self.bank.to(self.device)
+        with torch.no_grad():
+            self.bank_emb = self.bundle.encode_tokens(self.bank)
+        return self
+
+    def fingerprint(self) -> str | None:
+        return self._fingerprint
+
+    def config(self) -> dict[str, Any]:
+        keep = ("mode", "step_size", "pgd_steps", "bank_size", "fit_size", "rounds", "train_error",
+                "surrogate_trained", "clip_pretrained")
+        model = self._config.get("clip_model")
+        return {**super().config(), **{k: self._config.get(k) for k in keep},
+                "clip_model": model if isinstance(model, str) else "config",
+                "apply_chunk": APPLY_CHUNK}
+
+    def perturb(self, batch: ProtectBatch) -> torch.Tensor:
+        if any(not c for c in batch.captions):
+            raise UserError("EM's CLIP mode needs a caption for every sample")
+        b, c, h, w = batch.pixels.shape
+        eps = self.epsilon
+        init = torch.empty((b, c, h, w), dtype=torch.float32)
+        for i, seed in enumerate(batch.seeds):
+            g = torch.Generator().manual_seed(int(seed))
+            init[i] = (torch.rand((c, h, w), generator=g) * 2 - 1) * eps
+        tokens = self.bundle.tokenize([str(t) for t in batch.captions]).to(self.device)
+        x = batch.images
+        out = torch.empty((b, c, h, w), dtype=torch.float32, device=self.device)
+        for start in range(0, b, APPLY_CHUNK):
+            stop = min(start + APPLY_CHUNK, b)
+            k = stop - start
+            xs = torch.zeros((APPLY_CHUNK, c, h, w), dtype=torch.float32, device=self.device)
+            ds = torch.zeros_like(xs)
+            ts = torch.zeros((APPLY_CHUNK, tokens.shape[1]), dtype=tokens.dtype, device=self.device)
+            xs[:k] = x[start:stop].float()
+            ds[:k] = init[start:stop].to(self.device)
+            ts[:k] = tokens[start:stop]
+            with torch.no_grad():
+                text_emb = self.bundle.encode_tokens(ts)
+            out[start:stop] = pgd_min_clip(self.bundle, xs, text_emb, self.bank_emb, _same_caption(ts, self.bank),
+                                           ds, eps, self.step_size, self.pgd_steps)[:k]
+        return out
