@@ -1,4 +1,4 @@
-"""Efficacy of EM (sample-wise and class-wise) against clean training and the `random` control.
+"""Efficacy of EM (sample-wise, class-wise, CLIP) against clean training and the `random` control.
 
 On the demo dataset: fit EM, protect the training shards, then `uge-protect eval` trains each
 architecture on protected and on clean shards (same seed, same settings) and tests on the clean
@@ -10,9 +10,11 @@ test shards, under each defense. Prints one table; every report is kept under --
         [--processes 2]
 
 Every architecture is trained without a defense; every defense (and partial protection,
---clean-fraction) is run on the architectures in --defense-archs (for the `random` control only with
---control-defenses). The clean-trained models
-are shared between the methods through `eval --cache`, and every finished run is kept, so an
+--clean-fraction) is run on the architectures in --defense-archs, for EM's class and sample
+modes (for the `random` control only with --control-defenses). EM's clip mode (fitted on
+captions, no labels) is judged by a CLIP trained from scratch (`eval --task clip`, with
+--clip-defenses) and by the classifiers without a defense. The clean-trained models are
+shared between the methods through `eval --cache`, and every finished run is kept, so an
 interrupted benchmark resumes where it stopped. With --processes N the evaluations run under
 `accelerate launch` with N CPU processes. The default grid is about 35 training runs:
 roughly 1.5 hours on 2 CPU cores.
@@ -37,9 +39,9 @@ def sh(*args: str) -> None:
 
 
 def evaluate(protected: Path, data: Path, out: Path, archs: list[str], defenses: list[str], a,
-             clean_fraction: float = 0.0) -> dict:
+             clean_fraction: float = 0.0, task: str = "classify") -> dict:
     if not (out / "report.json").is_file():
-        cmd = ["eval", "--protected", str(protected), "--clean-train", str(data / "train" / "*.tar"),
+        cmd = ["eval", "--task", task, "--protected", str(protected), "--clean-train", str(data / "train" / "*.tar"),
                "--test", str(data / "test" / "*.tar"), "-o", str(out), "--epochs", str(a.epochs),
                "--seed", str(a.seed), "--cache", str(Path(a.workdir) / "run-cache"), "--quiet"]
         if clean_fraction:
@@ -80,7 +82,9 @@ def main() -> None:
                    help="also run the defenses on the `random` control (by default it is run without a defense)")
     p.add_argument("--processes", type=int, default=1, help="evaluate under accelerate launch with N CPU processes")
     p.add_argument("--defense-archs", nargs="+", default=["small_cnn"])
-    p.add_argument("--modes", nargs="+", default=["class", "sample"], choices=["class", "sample"])
+    p.add_argument("--modes", nargs="+", default=["class", "sample", "clip"], choices=["class", "sample", "clip"])
+    p.add_argument("--clip-defenses", nargs="*", default=["grayscale", "jpeg:10"],
+                   help="data-level defenses for the CLIP evaluation of EM's clip mode")
     p.add_argument("--sample-rounds", type=int, default=20)
     a = p.parse_args()
     work = Path(a.workdir)
@@ -109,26 +113,44 @@ def main() -> None:
     table = []
     for name, path in protected.items():
         reports = [evaluate(path, data, work / "reports" / name / "none", a.archs, ["none"], a)]
-        for d in a.defenses if name != "random" or a.control_defenses else []:
+        defended = name in ("em-class", "em-sample") or (name == "random" and a.control_defenses)
+        for d in a.defenses if defended else []:
             slug = d.replace(":", "")
             reports.append(evaluate(path, data, work / "reports" / name / slug, a.defense_archs, [d], a))
         for report in reports:
             for arch, defense, clean, prot in rows(report):
                 table.append((name, arch, defense, clean, prot))
-        if a.clean_fraction and name != "random":
+        if a.clean_fraction and defended:
             report = evaluate(path, data, work / "reports" / name / f"clean-fraction-{a.clean_fraction:g}",
                               a.defense_archs, ["none"], a, clean_fraction=a.clean_fraction)
             for arch, _, clean, prot in rows(report):
                 table.append((name, arch, f"{100 * a.clean_fraction:g}% clean", clean, prot))
+
+    # CLIP from scratch: the random control and EM's CLIP mode (the clean CLIP runs are shared)
+    clip_table = []
+    for name in ("random", "em-clip"):
+        if name not in protected:
+            continue
+        defenses = ["none"] + (a.clip_defenses if name != "random" else [])
+        report = evaluate(protected[name], data, work / "reports" / name / "clip", ["small_cnn"], defenses, a,
+                          task="clip")
+        for run in report["tasks"]["clip"]["runs"]:
+            clip_table.append((name, run["defense"],
+                               *(run[w][d]["R@10"] for w in ("clean", "protected") for d in ("i2t", "t2i"))))
 
     print("\nclean test accuracy of models trained on protected vs clean demo shards "
           f"({a.epochs} epochs, seed {a.seed})")
     print(f"{'training data':<12} {'arch':<10} {'defense':<10} {'clean-trained':>13} {'protected-trained':>17}")
     for name, arch, defense, clean, prot in table:
         print(f"{name:<12} {arch:<10} {defense:<10} {100 * clean:12.1f}% {100 * prot:16.1f}%")
+    if clip_table:
+        print("\nCLIP trained from scratch on protected vs clean pairs: Recall@10 on the clean test pairs")
+        print(f"{'training data':<12} {'defense':<10} {'clean i2t':>9} {'clean t2i':>9} {'prot i2t':>9} {'prot t2i':>9}")
+        for name, defense, ci, ct, pi, pt in clip_table:
+            print(f"{name:<12} {defense:<10} {ci:9.3f} {ct:9.3f} {pi:9.3f} {pt:9.3f}")
     for k, v in timings.items():
         print(f"time {k}: {v:.0f} s")
-    (work / "summary.json").write_text(json.dumps({"rows": table, "timings": timings}, indent=2))
+    (work / "summary.json").write_text(json.dumps({"rows": table, "clip_rows": clip_table, "timings": timings}, indent=2))
 
 
 if __name__ == "__main__":
