@@ -1,0 +1,121 @@
+"""T2UE: a text-conditioned generator fitted for a few steps; apply from captions alone."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from uge_protect.errors import UserError
+from uge_protect.transforms.artifact import save_artifact
+from uge_protect.transforms.base import ProtectBatch, sample_seed
+from uge_protect.transforms.budget import apply_perturbation
+from uge_protect.transforms.t2ue import T2UEConfig, TextToUnlearnable, fit_t2ue
+
+EPS = 8 / 255
+TINY_CLIP = {
+    "embed_dim": 16,
+    "vision_cfg": {"image_size": 16, "layers": 1, "width": 32, "head_width": 16, "patch_size": 4},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+COLOURS = ["red", "green", "blue", "yellow"]
+
+
+def _tiny(**kw):
+    base = dict(surrogate=TINY_CLIP, noise_size=16, width=8, z_dim=8, steps=40, warmup_steps=10, batch_size=16)
+    base.update(kw)
+    return T2UEConfig(**base)
+
+
+def _data(n=64):
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (n, 3, 16, 16), generator=g, dtype=torch.uint8)
+    captions = [f"a {COLOURS[i % 4]} thing number {i}" for i in range(n)]
+    return images, captions
+
+
+@pytest.fixture(scope="module", params=["ssa", "unet"])
+def fitted(request, tmp_path_factory):
+    images, captions = _data()
+    config, weights = fit_t2ue(images, captions, _tiny(backbone=request.param))
+    path = tmp_path_factory.mktemp(f"t2ue_{request.param}")
+    save_artifact(path, config, weights)
+    return images, captions, path, config
+
+
+def _batch(images, captions, keys, labels=None):
+    return ProtectBatch(images, list(keys), [sample_seed(0, k) for k in keys], list(captions),
+                        list(labels) if labels is not None else [None] * len(keys))
+
+
+def test_training_loss_falls(fitted):
+    *_, config = fitted
+    losses = [h["loss"] for h in config["loss_history"]]
+    assert len(losses) >= 2 and losses[-1] < losses[0]
+    assert config["surrogate_trained"] and config["method"] == "t2ue"
+
+
+def test_round_trip_budget_and_determinism(fitted):
+    images, captions, path, _ = fitted
+    method = TextToUnlearnable.from_artifact(str(path))
+    assert method.requires_caption and not method.requires_label
+    keys = [f"k{i}" for i in range(20)]
+    full = method.perturb(_batch(images[:20], captions[:20], keys))
+    assert full.shape == (20, 3, 16, 16) and full.abs().max() <= EPS + 1e-6
+    out = apply_perturbation(images[:20], full, EPS)
+    assert (out.int() - images[:20].int()).abs().max() <= 8 and not torch.equal(out, images[:20])
+    part = method.perturb(_batch(images[5:8], captions[5:8], keys[5:8]))
+    assert torch.equal(part, full[5:8])  # independent of batch composition
+    again = TextToUnlearnable.from_artifact(str(path)).perturb(_batch(images[:20], captions[:20], keys))
+    assert torch.equal(again, full)
+    # the same caption under another key (another z) gives other noise
+    other = method.perturb(_batch(images[:1], captions[:1], ["another-key"]))
+    assert not torch.equal(other, full[:1])
+    # noise is resized to each image's size and stays in budget
+    big = torch.zeros((2, 3, 40, 24), dtype=torch.uint8)
+    d = method.perturb(_batch(big, captions[:2], keys[:2]))
+    assert d.shape == (2, 3, 40, 24) and d.abs().max() <= EPS + 1e-6
+
+
+def test_class_mode_one_noise_per_class(fitted):
+    images, captions, path, _ = fitted
+    method = TextToUnlearnable.from_artifact(str(path), mode="class", class_names=COLOURS, template="a photo of a {}")
+    assert method.requires_label and not method.requires_caption
+    keys = [f"k{i}" for i in range(8)]
+    labels = [0, 1, 0, 2, 3, 1, 0, 2]
+    d = method.perturb(_batch(images[:8], [None] * 8, keys, labels))
+    assert torch.equal(d[0], d[2]) and torch.equal(d[0], d[6]) and torch.equal(d[1], d[5])
+    assert not torch.equal(d[0], d[1])
+    assert method.config()["template"] == "a photo of a {}"
+    with pytest.raises(UserError, match="class name"):
+        method.perturb(_batch(images[:1], [None], keys[:1], [9]))
+    with pytest.raises(UserError, match="class names"):
+        TextToUnlearnable.from_artifact(str(path), mode="class")
+
+
+def test_sample_mode_needs_captions(fitted):
+    images, _, path, _ = fitted
+    method = TextToUnlearnable.from_artifact(str(path))
+    with pytest.raises(UserError, match="caption"):
+        method.perturb(_batch(images[:2], ["ok", None], ["a", "b"]))
+
+
+def test_checkpoint_and_resume_give_the_same_generator():
+    images, captions = _data(n=32)
+    cfg = _tiny(steps=20, warmup_steps=6)
+    states = []
+    full_cfg, full = fit_t2ue(images, captions, cfg, checkpoint=states.append, checkpoint_every=10)
+    assert [s["step"] for s in states] == [10, 20]
+    resumed_cfg, resumed = fit_t2ue(images, captions, cfg, state=states[0])
+    for group in ("generator", "text_encoder"):
+        for k, v in full[group].items():
+            assert torch.equal(v, resumed[group][k]), (group, k)
+    assert resumed_cfg["loss_history"] == full_cfg["loss_history"]
+
+
+def test_options():
+    with pytest.raises(UserError, match="unknown T2UE option"):
+        T2UEConfig.from_options({"bogus": 1})
+    with pytest.raises(UserError, match="backbone"):
+        T2UEConfig.from_options({"backbone": "gan"})
+    with pytest.raises(UserError, match="batch size"):
+        T2UEConfig.from_options({"batch_size": 1})

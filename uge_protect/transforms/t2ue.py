@@ -1,0 +1,439 @@
+"""``t2ue``: Text-to-Unlearnable Examples (arXiv 2508.03091), noise made from the caption alone.
+
+A generator G(text, z) → δ (‖δ‖∞ ≤ ε through ε·tanh) is trained to minimise a surrogate
+CLIP's symmetric InfoNCE on (image + G(text, z), text) pairs (paper Eq. 4): noise that makes
+image-caption pairs trivially easy to match, so a model trained on them learns the noise.
+
+* Caption features come from a **frozen** open_clip text tower (the conditioning encoder):
+  the pooled, normalised embedding for the ``ssa`` generator, the token states for ``unet``.
+* With pretrained surrogate weights (an open_clip tag or a local checkpoint) the surrogate
+  stays frozen and also serves as the conditioning encoder, as in the paper.
+* Without them the surrogate is trained from scratch on the training pairs: first
+  ``warmup_steps`` plain CLIP steps on clean pairs, after which a frozen copy of its text
+  tower becomes the conditioning encoder; then generator and surrogate steps alternate
+  (min-min), both lowering the InfoNCE.
+
+Apply needs only captions: ``sample`` mode draws z from the sample's seed (key + run seed);
+``class`` mode turns the label into a caption with a template and uses one fixed z per class.
+The noise is generated at ``noise_size`` and resized bilinearly to each image (a convex
+combination, so the budget holds). This module works on tensors; files belong to the pipeline.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+from uge_protect.errors import UserError
+from uge_protect.transforms.artifact import artifact_fingerprint, load_artifact
+from uge_protect.transforms.base import ProtectBatch, ProtectionMethod, sample_seed
+from uge_protect.transforms.clip_models import (
+    ClipBundle,
+    build_clip_model,
+    clip_state,
+    load_clip_state,
+    resolve_model_config,
+)
+from uge_protect.transforms.t2ue_generators import BACKBONES, build_generator
+
+Progress = Callable[[dict[str, Any]], None]
+
+#: Apply generates noise in chunks of exactly this many captions (zero-padded), so a sample's
+#: floats never depend on how many samples share its batch.
+APPLY_CHUNK = 64
+MODES = ("sample", "class")
+DEFAULT_TEMPLATE = "a photo of a {}"
+_MAX_LOGIT_SCALE = math.log(100.0)
+
+#: Surrogate trained from scratch when no pretrained weights are given: a small CLIP that
+#: trains on a CPU (its image size follows the training images).
+DEFAULT_SURROGATE: dict[str, Any] = {
+    "embed_dim": 64,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 32, "patch_size": 4},
+    "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+}
+
+
+@dataclass
+class T2UEConfig:
+    """Hyper-parameters of a T2UE fit."""
+
+    backbone: str = "ssa"
+    epsilon: float = 8 / 255
+    noise_size: int = 32
+    z_dim: int = 100
+    width: int = 32
+    surrogate: str | dict | None = None
+    surrogate_pretrained: str | None = None
+    steps: int = 600
+    warmup_steps: int = 300
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    surrogate_lr: float = 2e-3
+    seed: int = 0
+    image_size: int | None = None
+    device: str = "auto"
+
+    def validate(self) -> None:
+        if self.backbone not in BACKBONES:
+            raise UserError(f"unknown T2UE backbone {self.backbone!r}; choose ssa or unet")
+        if not 0.0 < self.epsilon <= 1.0:
+            raise UserError(f"epsilon must be in (0, 1], got {self.epsilon}")
+        if self.noise_size < 8:
+            raise UserError(f"noise size must be >= 8, got {self.noise_size}")
+        for name in ("z_dim", "width", "steps", "batch_size"):
+            if getattr(self, name) < 1:
+                raise UserError(f"{name.replace('_', ' ')} must be >= 1, got {getattr(self, name)}")
+        if self.warmup_steps < 0:
+            raise UserError("warmup steps must be >= 0")
+        if self.batch_size < 2:
+            raise UserError("batch size must be >= 2 for a contrastive loss")
+        if self.lr <= 0 or self.surrogate_lr <= 0:
+            raise UserError("learning rates must be > 0")
+
+    @classmethod
+    def from_options(cls, options: dict[str, Any]) -> "T2UEConfig":
+        """Build from a dict; None means "default"; unknown keys are a :class:`UserError`."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        given = {k: v for k, v in options.items() if v is not None}
+        unknown = sorted(set(given) - names)
+        if unknown:
+            raise UserError(f"unknown T2UE option(s): {', '.join(unknown)}")
+        cfg = cls(**given)
+        cfg.validate()
+        return cfg
+
+
+# --------------------------------------------------------------------------- caption features
+
+
+def text_features(bundle: ClipBundle, tokens: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """Pooled normalised embeddings (B, D) and token states with their mask ((B, L, W), (B, L))."""
+    model = bundle.model
+    if not hasattr(model, "token_embedding"):
+        raise UserError("T2UE needs an open_clip CLIP with its own text transformer (not an HF text tower)")
+    cast = model.transformer.get_cast_dtype()
+    x = model.token_embedding(tokens).to(cast) + model.positional_embedding.to(cast)
+    x = model.ln_final(model.transformer(x, attn_mask=model.attn_mask))
+    from open_clip.transformer import text_global_pool
+
+    pooled = text_global_pool(x, tokens, model.text_pool_type, eos_token_id=getattr(model, "text_eos_id", None))
+    proj = model.text_projection
+    if proj is not None:
+        pooled = proj(pooled) if isinstance(proj, torch.nn.Linear) else pooled @ proj
+    mask = (tokens != 0).to(x.dtype)
+    mask[:, 0] = 1.0  # never an all-masked row
+    return F.normalize(pooled.float(), dim=-1), (x.float(), mask)
+
+
+def _text_dims(bundle: ClipBundle, context: int) -> tuple[int, int]:
+    with torch.no_grad():
+        pooled, (states, _) = text_features(bundle, torch.zeros((1, context), dtype=torch.long))
+    return pooled.shape[-1], states.shape[-1]
+
+
+def _text_only_state(bundle: ClipBundle) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in clip_state(bundle).items() if not k.startswith("visual.")}
+
+
+def latent(seed: int, z_dim: int) -> torch.Tensor:
+    """z ~ N(0, I) from a seed, drawn on the CPU (the same on every device)."""
+    return torch.randn(z_dim, generator=torch.Generator().manual_seed(int(seed)))
+
+
+# --------------------------------------------------------------------------- fit
+
+
+def _infonce(surrogate: ClipBundle, x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    img = surrogate.encode_images(x)
+    txt = surrogate.encode_tokens(tokens)
+    logits = surrogate.model.logit_scale.exp().clamp(max=100.0) * img @ txt.T
+    target = torch.arange(len(x), device=x.device)
+    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+
+
+def _resize_noise(delta: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    if tuple(delta.shape[-2:]) == (h, w):
+        return delta
+    return F.interpolate(delta, size=(h, w), mode="bilinear", align_corners=False)
+
+
+def fit_t2ue(images: torch.Tensor, captions: list[str], cfg: T2UEConfig, progress: Progress | None = None,
+             *, state: dict[str, Any] | None = None, checkpoint: Callable[[dict[str, Any]], None] | None = None,
+             checkpoint_every: int = 0) -> tuple[dict[str, Any], dict[str, dict[str, torch.Tensor]]]:
+    """Train a T2UE generator on uint8 ``images`` (N, 3, H, W) and their ``captions``.
+
+    ``state`` (from an earlier ``checkpoint`` call) resumes a fit; ``checkpoint`` is called
+    with the full training state every ``checkpoint_every`` steps. Returns ``(config,
+    weights)`` for :func:`artifact.save_artifact`: ``generator`` and ``text_encoder`` (the
+    conditioning CLIP's text tower).
+    """
+    cfg.validate()
+    if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"images must be uint8 (N, 3, H, W), got {images.dtype} {tuple(images.shape)}")
+    if len(captions) != len(images) or len(images) < 2:
+        raise UserError("T2UE needs at least two captioned training images")
+    started = time.perf_counter()
+    n, _, h, w = images.shape
+    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available()
+                          else "cpu" if cfg.device == "auto" else cfg.device)
+    model_cfg = resolve_model_config(cfg.surrogate, DEFAULT_SURROGATE, image_size=h if h == w else None)
+    surrogate = build_clip_model(model_cfg, seed=cfg.seed, pretrained=cfg.surrogate_pretrained)
+    surrogate.model.to(device)
+    pretrained = cfg.surrogate_pretrained is not None
+    tokens = surrogate.tokenize(list(captions))
+    text_dim, token_dim = _text_dims(surrogate, tokens.shape[1])
+    generator = build_generator(cfg.backbone, text_dim=text_dim, token_dim=token_dim, z_dim=cfg.z_dim,
+                                size=cfg.noise_size, width=cfg.width, epsilon=cfg.epsilon, seed=cfg.seed).to(device)
+    g_opt = torch.optim.AdamW(generator.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    s_opt = torch.optim.AdamW(surrogate.model.parameters(), lr=cfg.surrogate_lr, weight_decay=0.1)
+    warmup = 0 if pretrained else cfg.warmup_steps
+    total = warmup + cfg.steps
+    g_sched = torch.optim.lr_scheduler.CosineAnnealingLR(g_opt, T_max=cfg.steps)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    step = 0
+    conditioner: ClipBundle | None = surrogate if pretrained else None
+    history: list[dict[str, float]] = []
+    if state is not None:
+        step = int(state["step"])
+        generator.load_state_dict(state["generator"])
+        load_clip_state(surrogate, state["surrogate"])
+        g_opt.load_state_dict(state["g_opt"])
+        s_opt.load_state_dict(state["s_opt"])
+        g_sched.load_state_dict(state["g_sched"])
+        history = list(state["history"])
+        if not pretrained and step >= warmup:
+            conditioner = copy.deepcopy(surrogate)
+            load_clip_state(conditioner, state["conditioner"])
+    if conditioner is not None:
+        conditioner.model.eval()
+        for p in conditioner.model.parameters():
+            p.requires_grad_(False)
+    bs = min(cfg.batch_size, n)
+    order, cursor = torch.randperm(n, generator=gen), 0
+    seen = 0
+    window: list[float] = []
+    if state is not None:
+        order, cursor, window = state["order"].clone(), int(state["cursor"]), list(state["window"])
+        gen.set_state(state["rng"])
+    while step < total:
+        if cursor + bs > n:
+            order, cursor = torch.randperm(n, generator=gen), 0
+        idx = order[cursor:cursor + bs]
+        cursor += bs
+        x = images[idx].to(device).float().div_(255.0)
+        t = tokens[idx].to(device)
+        if step < warmup:  # clean CLIP steps: the surrogate learns the data before noise is made
+            surrogate.model.train()
+            loss = _infonce(surrogate, x, t)
+            s_opt.zero_grad(set_to_none=True)
+            loss.backward()
+            s_opt.step()
+            with torch.no_grad():
+                surrogate.model.logit_scale.clamp_(0, _MAX_LOGIT_SCALE)
+            step += 1
+            if step == warmup:
+                conditioner = copy.deepcopy(surrogate)
+                conditioner.model.eval()
+                for p in conditioner.model.parameters():
+                    p.requires_grad_(False)
+            continue
+        assert conditioner is not None
+        z = torch.randn((len(idx), cfg.z_dim), generator=gen).to(device)
+        with torch.no_grad():
+            emb, states = text_features(conditioner, t)
+        # generator step: lower the InfoNCE through δ, surrogate fixed
+        generator.train()
+        surrogate.model.eval()
+        for p in surrogate.model.parameters():
+            p.requires_grad_(False)
+        delta = _resize_noise(generator(emb, z, states), h, w)
+        loss = _infonce(surrogate, (x + delta).clamp(0.0, 1.0), t)
+        g_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        g_opt.step()
+        g_sched.step()
+        if not pretrained:  # surrogate step on the perturbed pairs (min-min)
+            for p in surrogate.model.parameters():
+                p.requires_grad_(True)
+            surrogate.model.train()
+            s_loss = _infonce(surrogate, (x + delta.detach()).clamp(0.0, 1.0), t)
+            s_opt.zero_grad(set_to_none=True)
+            s_loss.backward()
+            s_opt.step()
+            with torch.no_grad():
+                surrogate.model.logit_scale.clamp_(0, _MAX_LOGIT_SCALE)
+        step += 1
+        seen += len(idx)
+        window.append(float(loss.detach()))
+        if step % 20 == 0 or step == total:
+            seconds = time.perf_counter() - started
+            record = {"step": step - warmup, "loss": sum(window) / len(window)}
+            history.append(record)
+            window = []
+            if progress is not None:
+                progress({**record, "steps": cfg.steps, "seconds": seconds,
+                          "images_per_s": seen / max(seconds, 1e-9)})
+        if checkpoint is not None and checkpoint_every and step % checkpoint_every == 0 and step < total:
+            checkpoint(copy.deepcopy({  # a snapshot: the live tensors keep changing
+                "step": step, "generator": generator.state_dict(), "surrogate": clip_state(surrogate),
+                "conditioner": clip_state(conditioner), "g_opt": g_opt.state_dict(), "s_opt": s_opt.state_dict(),
+                "g_sched": g_sched.state_dict(), "rng": gen.get_state(), "history": history,
+                "order": order, "cursor": cursor, "window": window,
+            }))
+    assert conditioner is not None
+    config = {
+        "method": "t2ue",
+        **dataclasses.asdict(cfg),
+        "surrogate": model_cfg,
+        "device": device.type,
+        "fit_size": [h, w],
+        "n_train": n,
+        "text_dim": text_dim,
+        "token_dim": token_dim,
+        "context_length": int(tokens.shape[1]),
+        "loss_history": history,
+        "final_loss": history[-1]["loss"] if history else None,
+        "surrogate_trained": not pretrained,
+    }
+    weights = {
+        "generator": {k: v.detach().cpu().clone() for k, v in generator.state_dict().items()},
+        "text_encoder": _text_only_state(conditioner),
+    }
+    return config, weights
+
+
+def fit_t2ue_from_options(images: torch.Tensor, labels: torch.Tensor, captions: list[str | None],
+                          options: dict[str, Any], progress: Progress | None = None
+                          ) -> tuple[dict[str, Any], dict[str, dict[str, torch.Tensor]]]:
+    """The fitter registered under ``"t2ue"`` (needs captions)."""
+    return fit_t2ue(images, [str(c) for c in captions], T2UEConfig.from_options(options), progress)
+
+
+# --------------------------------------------------------------------------- apply
+
+
+class TextToUnlearnable(ProtectionMethod):
+    """Apply a fitted T2UE generator: noise from each sample's caption (or class prompt) and z."""
+
+    name = "t2ue"
+
+    def __init__(self, config: dict[str, Any], weights: dict[str, dict[str, torch.Tensor]], *,
+                 mode: str = "sample", class_names: list[str] | None = None, template: str = DEFAULT_TEMPLATE,
+                 seed: int = 0, fingerprint: str | None = None):
+        super().__init__(epsilon=float(config["epsilon"]))
+        if mode not in MODES:
+            raise UserError(f"unknown T2UE mode {mode!r}; choose sample or class")
+        if mode == "class":
+            if not class_names:
+                raise UserError("T2UE class mode needs class names (--class-names)")
+            if "{}" not in template:
+                raise UserError(f"the class template must contain '{{}}' for the class name, got {template!r}")
+        self.mode = mode
+        self.class_names = list(class_names or [])
+        self.template = template
+        self.seed = int(seed)
+        self._config = dict(config)
+        self._fingerprint = fingerprint
+        self.z_dim = int(config["z_dim"])
+        if "generator" not in weights or "text_encoder" not in weights:
+            raise UserError("T2UE artifact lacks its generator or text encoder weights")
+        self.encoder = build_clip_model(config["surrogate"], seed=0)
+        missing, unexpected = self.encoder.model.load_state_dict(weights["text_encoder"], strict=False)
+        if unexpected or any(not k.startswith("visual.") for k in missing):
+            raise UserError("T2UE artifact's text encoder does not fit its model config")
+        self.encoder.model.eval()
+        self.generator = build_generator(
+            config["backbone"], text_dim=int(config["text_dim"]), token_dim=int(config["token_dim"]),
+            z_dim=self.z_dim, size=int(config["noise_size"]), width=int(config["width"]),
+            epsilon=float(config["epsilon"]))
+        try:
+            self.generator.load_state_dict(weights["generator"], strict=True)
+        except RuntimeError as exc:
+            raise UserError(f"T2UE artifact's generator does not load: {str(exc).splitlines()[0]}") from exc
+        self.generator.eval()
+        for module in (self.encoder.model, self.generator):
+            for p in module.parameters():
+                p.requires_grad_(False)
+
+    @property
+    def requires_caption(self) -> bool:  # type: ignore[override]
+        return self.mode == "sample"
+
+    @property
+    def requires_label(self) -> bool:  # type: ignore[override]
+        return self.mode == "class"
+
+    @classmethod
+    def from_artifact(cls, path: str, epsilon: float | None = None, **options: Any) -> "TextToUnlearnable":
+        """Load an artifact made by ``uge-protect fit t2ue``; ``options`` are mode, class_names,
+        template and seed. The artifact's ε is authoritative (another given ε is an error)."""
+        config, weights = load_artifact(path, expected_method="t2ue")
+        for key in ("epsilon", "backbone", "z_dim", "noise_size", "width", "text_dim", "token_dim", "surrogate"):
+            if key not in config:
+                raise UserError(f"T2UE artifact config lacks {key!r}: {path}")
+        fitted = float(config["epsilon"])
+        if epsilon is not None and abs(float(epsilon) - fitted) > 1e-9 and not (
+                abs(float(epsilon) - 8 / 255) <= 1e-9 and fitted < 8 / 255):
+            raise UserError(f"artifact {path} was fitted with epsilon {fitted:.6g}, not {float(epsilon):.6g}")
+        return cls(config, weights, fingerprint=artifact_fingerprint(path), **options)
+
+    def to(self, device: torch.device | str) -> "TextToUnlearnable":
+        super().to(device)
+        self.encoder.model.to(self.device)
+        self.generator.to(self.device)
+        return self
+
+    def fingerprint(self) -> str | None:
+        return self._fingerprint
+
+    def config(self) -> dict[str, Any]:
+        keep = ("backbone", "noise_size", "z_dim", "width", "fit_size", "steps", "surrogate_trained",
+                "surrogate_pretrained", "final_loss")
+        extra: dict[str, Any] = {"mode": self.mode, "seed": self.seed, "apply_chunk": APPLY_CHUNK}
+        if self.mode == "class":
+            extra.update(class_names=self.class_names, template=self.template)
+        return {**super().config(), **{k: self._config.get(k) for k in keep}, **extra}
+
+    def prompts_and_latents(self, batch: ProtectBatch) -> tuple[list[str], torch.Tensor]:
+        """The text each sample's noise is made from, and its z (B, z_dim)."""
+        if self.mode == "class":
+            texts, zs = [], []
+            for lab in batch.labels:
+                if lab is None or not 0 <= int(lab) < len(self.class_names):
+                    raise UserError(f"label {lab!r} has no class name (give --class-names for every class)")
+                texts.append(self.template.format(self.class_names[int(lab)]))
+                zs.append(latent(sample_seed(self.seed, f"class:{int(lab)}"), self.z_dim))
+            return texts, torch.stack(zs)
+        if any(not c for c in batch.captions):
+            raise UserError("T2UE sample mode needs a caption for every sample")
+        return [str(c) for c in batch.captions], torch.stack([latent(s, self.z_dim) for s in batch.seeds])
+
+    @torch.no_grad()
+    def noise(self, texts: list[str], z: torch.Tensor) -> torch.Tensor:
+        """Noise (B, 3, noise_size, noise_size) for captions and latents, chunk by chunk."""
+        tokens = self.encoder.tokenize(texts)
+        out = []
+        for start in range(0, len(texts), APPLY_CHUNK):
+            k = min(APPLY_CHUNK, len(texts) - start)
+            t = torch.zeros((APPLY_CHUNK, tokens.shape[1]), dtype=tokens.dtype)
+            zz = torch.zeros((APPLY_CHUNK, self.z_dim))
+            t[:k] = tokens[start:start + k]
+            zz[:k] = z[start:start + k]
+            t, zz = t.to(self.device), zz.to(self.device)
+            emb, states = text_features(self.encoder, t)
+            out.append(self.generator(emb, zz, states)[:k].float())
+        return torch.cat(out)
+
+    def perturb(self, batch: ProtectBatch) -> torch.Tensor:
+        texts, z = self.prompts_and_latents(batch)
+        _, _, h, w = batch.pixels.shape
+        return _resize_noise(self.noise(texts, z), h, w).clamp(-self.epsilon, self.epsilon)
