@@ -23,7 +23,7 @@ def _eval_cmd(data, out, *launcher):  # noqa: F811
     return [*launcher, "-m", "uge_protect", "eval", "--protected", str(data / "prot"),
             "--clean-train", str(data / "train" / "*.tar"), "--test", str(data / "test" / "*.tar"),
             "--arch", "small_cnn", "--defense", "none", "--defense", "grayscale", "--epochs", "1",
-            "--batch-size", "32", "--device", "cpu", "-q", "-o", str(out)]
+            "--batch-size", "32", "-q", "-o", str(out)]
 
 
 def test_two_processes_give_the_single_process_report(data, tmp_path):  # noqa: F811

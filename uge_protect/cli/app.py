@@ -48,6 +48,9 @@ def shard(
     caption_field: Optional[str] = typer.Option(None, "--caption-field", help="Read captions from this json field instead of txt."),
     label_field: Optional[str] = typer.Option(None, "--label-field", help="Read labels from this json field instead of cls."),
     mixed_precision: str = typer.Option("no", "--mixed-precision", help="no | fp16 | bf16 for the method's pass."),
+    mode: Optional[str] = typer.Option(None, "--mode", help="t2ue: sample (noise from each caption, z from the key; default) or class (from the label's class prompt, one z per class)."),
+    class_names: Optional[str] = typer.Option(None, "--class-names", help="t2ue class mode: comma-separated names, or a JSON list file (e.g. classes.json), in label order."),
+    template: Optional[str] = typer.Option(None, "--template", help="t2ue class mode: prompt template with {} for the class name (default 'a photo of a {}')."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace output of a different configuration."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary."),
     log_json: Optional[Path] = typer.Option(None, "--log-json", help="Append JSON-lines progress events to this file."),
@@ -57,7 +60,10 @@ def shard(
     from uge_protect.transforms.registry import create_method
 
     try:
-        method_obj = create_method(method, str(artifact) if artifact else None, epsilon=epsilon)
+        method_options = {k: v for k, v in (("mode", mode), ("template", template)) if v is not None}
+        if class_names is not None:
+            method_options["class_names"] = _class_names(class_names)
+        method_obj = create_method(method, str(artifact) if artifact else None, epsilon=epsilon, **method_options)
         cfg = ShardJobConfig(
             inputs=list(inputs), output=str(output), seed=seed, batch_size=batch_size,
             num_workers=workers, encode_threads=encode_threads, image_format=image_format,
@@ -87,6 +93,21 @@ def shard(
             f"{t['images_per_second']} img/s this run; output: {output}",
             err=True,
         )
+
+
+def _class_names(value: str) -> list[str]:
+    """Class names from a JSON list file, a file with one name per line, or a comma-separated list."""
+    path = Path(value)
+    if path.is_file():
+        text = path.read_text(encoding="utf-8")
+        try:
+            names = json.loads(text)
+        except ValueError:
+            names = [line.strip() for line in text.splitlines() if line.strip()]
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise UserError(f"--class-names file {value} must hold a JSON list of strings or one name per line")
+        return names
+    return [n.strip() for n in value.split(",") if n.strip()]
 
 
 @app.command()
@@ -165,6 +186,11 @@ from uge_protect.cli.eval_cmd import eval_command  # noqa: E402
 
 app.command("eval")(eval_command)
 
+
+from uge_protect.cli.zero_contact_cmd import apply_noise_command, noise_command  # noqa: E402
+
+app.command("noise")(noise_command)
+app.command("apply-noise")(apply_noise_command)
 
 from uge_protect.cli.fit_cmd import fit_app  # noqa: E402
 

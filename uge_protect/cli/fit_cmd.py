@@ -63,3 +63,44 @@ def em(
         fit_from_shards("em", list(train), str(output), options, quiet=quiet)
     except (UserError, ValueError) as exc:
         fail(str(exc))
+
+
+@fit_app.command("t2ue")
+def t2ue(
+    train: List[str] = typer.Argument(..., help="Captioned training shards: paths, globs, {000..099} patterns."),
+    output: Path = typer.Option(..., "--output", "-o", help="Artifact directory to create (or, with --resume, to finish)."),
+    backbone: Optional[str] = typer.Option(None, "--backbone", help="Generator: ssa (the paper's, default) or unet (diffusers UNet2DConditionModel)."),
+    epsilon: float = typer.Option(8 / 255, "--epsilon", help="L∞ budget in [0,1] image units (default 8/255)."),
+    surrogate: Optional[str] = typer.Option(None, "--surrogate", help="Surrogate CLIP: open_clip model name or JSON config (default: a tiny ViT CLIP)."),
+    surrogate_pretrained: Optional[str] = typer.Option(None, "--surrogate-pretrained", help="open_clip pretrained tag or local checkpoint: the surrogate stays frozen. Without it the surrogate is trained from scratch (min-min)."),
+    noise_size: Optional[int] = typer.Option(None, "--noise-size", help="Side of the generated noise (default 32; resized to each image)."),
+    z_dim: Optional[int] = typer.Option(None, "--z-dim", help="Latent size (default 100)."),
+    width: Optional[int] = typer.Option(None, "--width", help="Generator channel width (default 32)."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Generator steps (default 600)."),
+    warmup_steps: Optional[int] = typer.Option(None, "--warmup-steps", help="Clean CLIP steps before the generator starts, from-scratch surrogate only (default 300)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Batch size over all processes (default 128)."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Generator learning rate, AdamW with a cosine schedule (default 1e-3)."),
+    surrogate_lr: Optional[float] = typer.Option(None, "--surrogate-lr", help="Surrogate learning rate when trained (default 2e-3)."),
+    image_size: Optional[int] = typer.Option(None, "--image-size", help="Centre-crop training images to this side first."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the fit."),
+    device: str = typer.Option("auto", "--device", help="auto (CUDA when available), cpu, cuda, cuda:N."),
+    checkpoint_every: int = typer.Option(100, "--checkpoint-every", help="Write OUTPUT/checkpoint.pt every N steps (0: never)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from OUTPUT/checkpoint.pt (same data and options)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
+) -> None:
+    """Fit T2UE (text-to-unlearnable examples): a generator of noise from captions alone."""
+    from uge_protect.pipeline.fit import fit_from_shards
+
+    options = {
+        "backbone": backbone, "epsilon": epsilon, "surrogate": surrogate,
+        "surrogate_pretrained": surrogate_pretrained, "noise_size": noise_size, "z_dim": z_dim, "width": width,
+        "steps": steps, "warmup_steps": warmup_steps, "batch_size": batch_size, "lr": lr,
+        "surrogate_lr": surrogate_lr, "image_size": image_size, "seed": seed, "device": device,
+    }
+    if checkpoint_every < 0:
+        fail("--checkpoint-every must be >= 0")
+    try:
+        fit_from_shards("t2ue", list(train), str(output), options, quiet=quiet, resume=resume,
+                        checkpoint_every=checkpoint_every)
+    except (UserError, ValueError) as exc:
+        fail(str(exc))

@@ -63,7 +63,9 @@ def start_workers(device: str) -> Workers:
         return Workers(rank=0, world=1, device=device)
     from accelerate import PartialState
 
-    state = PartialState(cpu=device == "cpu")
+    cpu = (device == "cpu" or not torch.cuda.is_available()
+           or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"))
+    state = PartialState(cpu=cpu)  # without cpu=True a CPU-only launch would not join its group
     chosen = "cpu" if device == "cpu" else str(state.device)
     if chosen == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         local = int(os.environ.get("LOCAL_WORLD_SIZE", state.num_processes))

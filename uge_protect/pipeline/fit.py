@@ -7,6 +7,8 @@ checks them, reports progress and writes the artifact.
 
 from __future__ import annotations
 
+import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -17,16 +19,62 @@ import torch
 from uge_protect.errors import UserError
 from uge_protect.shards.dataset import load_shards
 from uge_protect.transforms.artifact import artifact_fingerprint, save_artifact
-from uge_protect.transforms.registry import fit_needs, get_fitter
+from uge_protect.transforms.registry import fit_needs, fitter_supports_checkpoints, get_fitter
 
 
 def _print_progress(event: dict[str, Any]) -> None:
+    if "step" in event:
+        parts = [f"step {event['step']}/{event.get('steps')}", f"loss {event['loss']:.4f}"]
+        if "images_per_s" in event:
+            parts.append(f"{event['images_per_s']:.0f} img/s")
+        if "seconds" in event:
+            parts.append(f"{event['seconds']:.1f} s")
+        print("fit: " + ", ".join(parts), file=sys.stderr, flush=True)
+        return
     parts = [f"round {event.get('round')}/{event.get('max_rounds')}"]
     if "train_error" in event:
         parts.append(f"surrogate train error {100 * event['train_error']:.2f}%")
     if "seconds" in event:
         parts.append(f"{event['seconds']:.1f} s")
     print("fit: " + ", ".join(parts), file=sys.stderr, flush=True)
+
+
+CHECKPOINT_NAME = "checkpoint.pt"
+
+
+def _options_key(method: str, train_patterns: list[str], options: dict[str, Any]) -> str:
+    given = {k: v for k, v in options.items() if v is not None}  # None means "default"
+    return json.dumps({"method": method, "train": list(train_patterns), "options": given},
+                      sort_keys=True, default=str)
+
+
+def _load_checkpoint(path: Path, key: str) -> dict[str, Any]:
+    try:
+        # weights_only: tensors, dicts, lists and numbers only; never arbitrary pickled objects
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types for a damaged file
+        raise UserError(f"checkpoint {path} is unreadable ({exc}); delete it to start over") from exc
+    if not isinstance(state, dict) or state.get("options_key") != key:
+        raise UserError(f"checkpoint {path} was written by a fit with other data or options; "
+                        "resume with the same command, or delete it to start over")
+    return state
+
+
+def _save_checkpoint(path: Path, state: dict[str, Any], key: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    torch.save({**state, "options_key": key}, str(tmp))
+    os.replace(tmp, path)
+
+
+def _process_group() -> tuple[int, int]:
+    """(rank, world) of a multi-process launch (joining its process group), else (0, 1)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, 1
+    from accelerate import PartialState
+
+    cpu = not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+    state = PartialState(cpu=cpu)  # without cpu=True a CPU-only launch would not join its group
+    return state.process_index, state.num_processes
 
 
 def fit_from_shards(
@@ -37,21 +85,39 @@ def fit_from_shards(
     *,
     quiet: bool = False,
     progress: Callable[[dict[str, Any]], None] | None = None,
+    resume: bool = False,
+    checkpoint_every: int = 0,
 ) -> dict[str, Any]:
     """Fit ``method`` on the samples of ``train_patterns`` and save the artifact.
 
     ``options`` go to the method's fitter (None values mean "default"); ``image_size`` in
     it also brings every image to that side (centre crop) when loading. Samples without what
     the fit needs (a label, or a caption; see :func:`registry.fit_needs`) are left out and
-    counted; none left is a :class:`UserError`. Returns a
-    summary: artifact path and fingerprint, counts, seconds and the method's config.
+    counted; none left is a :class:`UserError`.
+
+    Fitters that support it write a checkpoint (``OUTPUT/checkpoint.pt``) every
+    ``checkpoint_every`` steps; ``resume`` continues from it (same data and options only).
+    Under a multi-process launch every process fits its share of each batch and the main
+    process writes. Returns a summary: artifact path and fingerprint, counts, seconds and
+    the method's config.
     """
     fitter = get_fitter(method)
+    rank, world = _process_group()
     out = Path(output_dir)
+    ckpt = out / CHECKPOINT_NAME
+    key = _options_key(method, train_patterns, options)
     if out.exists() and not out.is_dir():
         raise UserError(f"output exists and is not a directory: {out}")
-    if out.is_dir() and any(out.iterdir()):
-        raise UserError(f"output directory is not empty: {out}; choose a new one")
+    if (out / "config.json").is_file():
+        raise UserError(f"{out} already holds a finished artifact; choose a new output directory")
+    others = [p.name for p in out.iterdir() if p.name != CHECKPOINT_NAME and not p.name.startswith(".")] \
+        if out.is_dir() else []
+    if others or (out.is_dir() and ckpt.is_file() and not resume):
+        hint = " (it holds a checkpoint: add --resume to continue)" if ckpt.is_file() and not others else ""
+        raise UserError(f"output directory is not empty: {out}{hint}; choose a new one")
+    if resume and not fitter_supports_checkpoints(method):
+        raise UserError(f"`fit {method}` cannot resume; start it again")
+    state = _load_checkpoint(ckpt, key) if resume and ckpt.is_file() else None
     started = time.perf_counter()
     image_size = options.get("image_size")
     data = load_shards(list(train_patterns), image_size=image_size)
@@ -70,21 +136,32 @@ def fit_from_shards(
         )
     images, labels = data.images[keep], data.labels[keep]
     captions = [c for c, k in zip(data.captions, keep.tolist()) if k]
+    quiet = quiet or rank != 0
     if not quiet:
         size = f"{images.shape[-1]}x{images.shape[-2]}"
         classes = f", {int(labels.max()) + 1} classes" if needs == "labels" else ""
         print(
             f"fit: {n_keep} training images ({size}{classes}); "
-            f"{len(data) - n_keep} without {what} and {data.skipped} undecodable left out",
+            f"{len(data) - n_keep} without {what} and {data.skipped} undecodable left out"
+            + (f"; resuming at step {state['step']}" if state else "")
+            + (f"; {world} processes" if world > 1 else ""),
             file=sys.stderr, flush=True,
         )
     report = progress or (None if quiet else _print_progress)
-    config, weights = fitter(images, labels, captions, dict(options), report)
-    save_artifact(out, config, weights)
+    extra: dict[str, Any] = {}
+    if fitter_supports_checkpoints(method):
+        out.mkdir(parents=True, exist_ok=True)
+        save = (lambda st: _save_checkpoint(ckpt, st, key)) if rank == 0 else None
+        extra = {"state": state, "checkpoint": save, "checkpoint_every": checkpoint_every,
+                 "rank": rank, "world": world}
+    config, weights = fitter(images, labels, captions, dict(options), report, **extra)
+    if rank == 0:
+        save_artifact(out, config, weights)
+        ckpt.unlink(missing_ok=True)
     seconds = time.perf_counter() - started
     summary = {
         "artifact": str(out),
-        "fingerprint": artifact_fingerprint(out),
+        "fingerprint": artifact_fingerprint(out) if rank == 0 else None,
         "samples": n_keep,
         "left_out": len(data) - n_keep,
         "undecodable": data.skipped,
@@ -93,9 +170,12 @@ def fit_from_shards(
     }
     if not quiet:
         err = config.get("train_error")
+        loss = config.get("final_loss")
+        done = f"after {config['rounds']} rounds" if "rounds" in config else f"after {config.get('steps')} steps"
         print(
-            f"fit: saved {method} artifact to {out} after {config.get('rounds', '?')} rounds in {seconds:.1f} s"
-            + (f" (surrogate train error {100 * err:.2f}%)" if err is not None else ""),
+            f"fit: saved {method} artifact to {out} {done} in {seconds:.1f} s"
+            + (f" (surrogate train error {100 * err:.2f}%)" if err is not None else "")
+            + (f" (final loss {loss:.4f})" if loss is not None else ""),
             file=sys.stderr, flush=True,
         )
     return summary

@@ -336,7 +336,7 @@ class ErrorMinimizing(ProtectionMethod):
             self.class_delta = delta.float()
 
     @classmethod
-    def from_artifact(cls, path: str, epsilon: float | None = None, **_: Any) -> "ErrorMinimizing":
+    def from_artifact(cls, path: str, epsilon: float | None = None) -> "ErrorMinimizing":
         """Load an artifact made by ``uge-protect fit em``. Its ε is authoritative: an
         ``epsilon`` that differs is an error; None means "not given". The default budget
         (8/255, what the CLI passes when ``--epsilon`` is absent) also counts as "not given"

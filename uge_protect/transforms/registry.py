@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Callable
 
 import torch
@@ -10,6 +11,7 @@ from uge_protect.errors import UserError
 from uge_protect.transforms.base import ProtectionMethod
 from uge_protect.transforms.em import ErrorMinimizing, em_fit_needs, fit_em_from_options
 from uge_protect.transforms.random_noise import PassThrough, RandomNoise
+from uge_protect.transforms.t2ue import TextToUnlearnable, fit_t2ue_from_options
 
 _METHODS: dict[str, type[ProtectionMethod]] = {}
 
@@ -20,7 +22,7 @@ def register_method(cls: type[ProtectionMethod]) -> type[ProtectionMethod]:
     return cls
 
 
-for _cls in (RandomNoise, PassThrough, ErrorMinimizing):
+for _cls in (RandomNoise, PassThrough, ErrorMinimizing, TextToUnlearnable):
     register_method(_cls)
 
 #: A fitter takes uint8 images (N, 3, H, W), int64 labels (N,), captions (N,), an options
@@ -30,16 +32,21 @@ Fitter = Callable[..., tuple[dict[str, Any], dict[str, dict[str, torch.Tensor]]]
 #: What a fit needs of every training sample, given its options: "labels" or "captions".
 Needs = Callable[[dict[str, Any]], str]
 
-_FITTERS: dict[str, tuple[Fitter, Needs]] = {}
+_FITTERS: dict[str, tuple[Fitter, Needs, bool]] = {}
 
 
-def register_fitter(name: str, fitter: Fitter, needs: Needs = lambda options: "labels") -> Fitter:
-    """Register the fit function of method ``name`` (used by ``uge-protect fit NAME``)."""
-    _FITTERS[name] = (fitter, needs)
+def register_fitter(name: str, fitter: Fitter, needs: Needs = lambda options: "labels",
+                    checkpoints: bool = False) -> Fitter:
+    """Register the fit function of method ``name`` (used by ``uge-protect fit NAME``).
+
+    ``checkpoints``: the fitter also takes ``state``, ``checkpoint``, ``checkpoint_every``,
+    ``rank`` and ``world`` keywords (resumable, multi-process fits)."""
+    _FITTERS[name] = (fitter, needs, checkpoints)
     return fitter
 
 
 register_fitter("em", fit_em_from_options, em_fit_needs)
+register_fitter("t2ue", fit_t2ue_from_options, lambda options: "captions", checkpoints=True)
 
 
 def get_fitter(name: str) -> Fitter:
@@ -52,7 +59,12 @@ def fit_needs(name: str, options: dict[str, Any]) -> str:
     return _fitter_entry(name)[1](options)
 
 
-def _fitter_entry(name: str) -> tuple[Fitter, Needs]:
+def fitter_supports_checkpoints(name: str) -> bool:
+    """Whether ``fit NAME`` can checkpoint, resume and spread over processes."""
+    return _fitter_entry(name)[2]
+
+
+def _fitter_entry(name: str) -> tuple[Fitter, Needs, bool]:
     if name not in _FITTERS:
         raise UserError(f"method {name!r} cannot be fitted; fittable methods: {', '.join(sorted(_FITTERS))}")
     return _FITTERS[name]
@@ -74,7 +86,22 @@ def create_method(
     if artifact is not None:
         if from_artifact is None:
             raise UserError(f"method {name!r} takes no --artifact")
+        _check_options(name, from_artifact, options)
         return from_artifact(artifact, **options)
     if from_artifact is not None and getattr(cls, "needs_artifact", True):
         raise UserError(f"method {name!r} needs --artifact DIR (made by `uge-protect fit {name}`)")
+    _check_options(name, cls, options)
     return cls(**options)
+
+
+def _check_options(name: str, factory: Callable[..., Any] | None, options: dict[str, Any]) -> None:
+    """A clear error for an option the method does not take (e.g. ``--mode`` for ``random``)."""
+    if factory is None:
+        return
+    params = inspect.signature(factory).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    unknown = sorted(set(options) - set(params))
+    if unknown:
+        flags = ", ".join("--" + u.replace("_", "-") for u in unknown)
+        raise UserError(f"method {name!r} takes no {flags}")

@@ -166,21 +166,50 @@ def _resize_noise(delta: torch.Tensor, h: int, w: int) -> torch.Tensor:
     return F.interpolate(delta, size=(h, w), mode="bilinear", align_corners=False)
 
 
+def _sync_grads(params: Any, world: int) -> None:
+    """Average gradients over the processes of a launch (each computed its share of the batch)."""
+    if world <= 1:
+        return
+    import torch.distributed as dist
+
+    for p in params:
+        if p.grad is not None:
+            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+            p.grad.div_(world)
+
+
+def _sync_buffers(module: torch.nn.Module, world: int) -> None:
+    """Average floating buffers (batch-norm running statistics) over the processes."""
+    if world <= 1:
+        return
+    import torch.distributed as dist
+
+    for b in module.buffers():
+        if b.is_floating_point():
+            dist.all_reduce(b, op=dist.ReduceOp.SUM)
+            b.div_(world)
+
+
 def fit_t2ue(images: torch.Tensor, captions: list[str], cfg: T2UEConfig, progress: Progress | None = None,
              *, state: dict[str, Any] | None = None, checkpoint: Callable[[dict[str, Any]], None] | None = None,
-             checkpoint_every: int = 0) -> tuple[dict[str, Any], dict[str, dict[str, torch.Tensor]]]:
+             checkpoint_every: int = 0, rank: int = 0, world: int = 1
+             ) -> tuple[dict[str, Any], dict[str, dict[str, torch.Tensor]]]:
     """Train a T2UE generator on uint8 ``images`` (N, 3, H, W) and their ``captions``.
 
     ``state`` (from an earlier ``checkpoint`` call) resumes a fit; ``checkpoint`` is called
-    with the full training state every ``checkpoint_every`` steps. Returns ``(config,
-    weights)`` for :func:`artifact.save_artifact`: ``generator`` and ``text_encoder`` (the
-    conditioning CLIP's text tower).
+    with the full training state every ``checkpoint_every`` steps. Under a launch of
+    ``world`` processes (process group already joined) each takes every ``world``-th sample
+    of each batch, its InfoNCE uses the negatives it holds, and gradients are averaged.
+    Returns ``(config, weights)`` for :func:`artifact.save_artifact`: ``generator`` and
+    ``text_encoder`` (the conditioning CLIP's text tower).
     """
     cfg.validate()
     if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
         raise ValueError(f"images must be uint8 (N, 3, H, W), got {images.dtype} {tuple(images.shape)}")
     if len(captions) != len(images) or len(images) < 2:
         raise UserError("T2UE needs at least two captioned training images")
+    if min(cfg.batch_size, len(images)) < 2 * world:
+        raise UserError(f"batch size {cfg.batch_size} is too small for {world} processes (at least 2 each)")
     started = time.perf_counter()
     n, _, h, w = images.shape
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available()
@@ -227,8 +256,9 @@ def fit_t2ue(images: torch.Tensor, captions: list[str], cfg: T2UEConfig, progres
     while step < total:
         if cursor + bs > n:
             order, cursor = torch.randperm(n, generator=gen), 0
-        idx = order[cursor:cursor + bs]
+        batch = order[cursor:cursor + bs]
         cursor += bs
+        idx = batch[rank::world]  # this process's share of the batch
         x = images[idx].to(device).float().div_(255.0)
         t = tokens[idx].to(device)
         if step < warmup:  # clean CLIP steps: the surrogate learns the data before noise is made
@@ -236,6 +266,7 @@ def fit_t2ue(images: torch.Tensor, captions: list[str], cfg: T2UEConfig, progres
             loss = _infonce(surrogate, x, t)
             s_opt.zero_grad(set_to_none=True)
             loss.backward()
+            _sync_grads(surrogate.model.parameters(), world)
             s_opt.step()
             with torch.no_grad():
                 surrogate.model.logit_scale.clamp_(0, _MAX_LOGIT_SCALE)
@@ -247,7 +278,7 @@ def fit_t2ue(images: torch.Tensor, captions: list[str], cfg: T2UEConfig, progres
                     p.requires_grad_(False)
             continue
         assert conditioner is not None
-        z = torch.randn((len(idx), cfg.z_dim), generator=gen).to(device)
+        z = torch.randn((len(batch), cfg.z_dim), generator=gen)[rank::world].to(device)
         with torch.no_grad():
             emb, states = text_features(conditioner, t)
         # generator step: lower the InfoNCE through δ, surrogate fixed
@@ -259,6 +290,7 @@ def fit_t2ue(images: torch.Tensor, captions: list[str], cfg: T2UEConfig, progres
         loss = _infonce(surrogate, (x + delta).clamp(0.0, 1.0), t)
         g_opt.zero_grad(set_to_none=True)
         loss.backward()
+        _sync_grads(generator.parameters(), world)
         g_opt.step()
         g_sched.step()
         if not pretrained:  # surrogate step on the perturbed pairs (min-min)
@@ -268,11 +300,12 @@ def fit_t2ue(images: torch.Tensor, captions: list[str], cfg: T2UEConfig, progres
             s_loss = _infonce(surrogate, (x + delta.detach()).clamp(0.0, 1.0), t)
             s_opt.zero_grad(set_to_none=True)
             s_loss.backward()
+            _sync_grads(surrogate.model.parameters(), world)
             s_opt.step()
             with torch.no_grad():
                 surrogate.model.logit_scale.clamp_(0, _MAX_LOGIT_SCALE)
         step += 1
-        seen += len(idx)
+        seen += len(batch)
         window.append(float(loss.detach()))
         if step % 20 == 0 or step == total:
             seconds = time.perf_counter() - started
@@ -282,6 +315,8 @@ def fit_t2ue(images: torch.Tensor, captions: list[str], cfg: T2UEConfig, progres
             if progress is not None:
                 progress({**record, "steps": cfg.steps, "seconds": seconds,
                           "images_per_s": seen / max(seconds, 1e-9)})
+        if checkpoint_every and step % checkpoint_every == 0 and step < total:
+            _sync_buffers(generator, world)  # every process holds the same state from here
         if checkpoint is not None and checkpoint_every and step % checkpoint_every == 0 and step < total:
             checkpoint(copy.deepcopy({  # a snapshot: the live tensors keep changing
                 "step": step, "generator": generator.state_dict(), "surrogate": clip_state(surrogate),
@@ -290,6 +325,7 @@ def fit_t2ue(images: torch.Tensor, captions: list[str], cfg: T2UEConfig, progres
                 "order": order, "cursor": cursor, "window": window,
             }))
     assert conditioner is not None
+    _sync_buffers(generator, world)
     config = {
         "method": "t2ue",
         **dataclasses.asdict(cfg),
@@ -303,6 +339,7 @@ def fit_t2ue(images: torch.Tensor, captions: list[str], cfg: T2UEConfig, progres
         "loss_history": history,
         "final_loss": history[-1]["loss"] if history else None,
         "surrogate_trained": not pretrained,
+        "processes": world,
     }
     weights = {
         "generator": {k: v.detach().cpu().clone() for k, v in generator.state_dict().items()},
@@ -312,10 +349,10 @@ def fit_t2ue(images: torch.Tensor, captions: list[str], cfg: T2UEConfig, progres
 
 
 def fit_t2ue_from_options(images: torch.Tensor, labels: torch.Tensor, captions: list[str | None],
-                          options: dict[str, Any], progress: Progress | None = None
+                          options: dict[str, Any], progress: Progress | None = None, **kwargs: Any
                           ) -> tuple[dict[str, Any], dict[str, dict[str, torch.Tensor]]]:
-    """The fitter registered under ``"t2ue"`` (needs captions)."""
-    return fit_t2ue(images, [str(c) for c in captions], T2UEConfig.from_options(options), progress)
+    """The fitter registered under ``"t2ue"`` (needs captions; checkpoints, resumes, multi-process)."""
+    return fit_t2ue(images, [str(c) for c in captions], T2UEConfig.from_options(options), progress, **kwargs)
 
 
 # --------------------------------------------------------------------------- apply
