@@ -13,7 +13,7 @@ Every architecture is trained without a defense; every defense (and partial prot
 --clean-fraction) is run on the architectures in --defense-archs, for EM's class and sample
 modes (for the `random` control only with --control-defenses). EM's clip mode (fitted on
 captions, no labels) is judged by a CLIP trained from scratch (`eval --task clip`, with
---clip-defenses) and by the classifiers without a defense. The clean-trained models are
+--clip-defenses) and by the classifiers of --defense-archs without a defense. The clean-trained models are
 shared between the methods through `eval --cache`, and every finished run is kept, so an
 interrupted benchmark resumes where it stopped. With --processes N the evaluations run under
 `accelerate launch` with N CPU processes. The default grid is about 35 training runs:
@@ -24,48 +24,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-CLI = [sys.executable, "-m", "uge_protect"]
-
-
-def sh(*args: str) -> None:
-    print("$ uge-protect " + " ".join(args), flush=True)
-    subprocess.run([*CLI, *args], check=True)
-
-
-def evaluate(protected: Path, data: Path, out: Path, archs: list[str], defenses: list[str], a,
-             clean_fraction: float = 0.0, task: str = "classify") -> dict:
-    if not (out / "report.json").is_file():
-        cmd = ["eval", "--task", task, "--protected", str(protected), "--clean-train", str(data / "train" / "*.tar"),
-               "--test", str(data / "test" / "*.tar"), "-o", str(out), "--epochs", str(a.epochs),
-               "--seed", str(a.seed), "--cache", str(Path(a.workdir) / "run-cache"), "--quiet"]
-        if clean_fraction:
-            cmd += ["--clean-fraction", str(clean_fraction)]
-        for arch in archs:
-            cmd += ["--arch", arch]
-        for d in defenses:
-            cmd += ["--defense", d]
-        if a.processes > 1:
-            launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
-                      str(a.processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                      "-m", "uge_protect"]
-            print("$ accelerate launch ... uge-protect " + " ".join(cmd), flush=True)
-            env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1")
-            subprocess.run([*launch, *cmd], check=True, env=env)
-        else:
-            sh(*cmd)
-    return json.loads((out / "report.json").read_text())
-
-
-def rows(report: dict):
-    """(arch, defense, clean final, protected final) per result of a report."""
-    for r in report["tasks"]["classify"]["summary"]:
-        yield r["arch"], r["defense"], r["clean"]["final_test_acc"]["mean"], r["protected"]["final_test_acc"]["mean"]
+from efficacy_common import classify_rows, clip_rows, evaluate, print_tables, sh
 
 
 def main() -> None:
@@ -110,21 +72,24 @@ def main() -> None:
             timings[f"shard em {mode}"] = time.perf_counter() - start
         protected[f"em-{mode}"] = out
 
+    common = dict(epochs=a.epochs, seed=a.seed, cache=work / "run-cache", processes=a.processes)
     table = []
     for name, path in protected.items():
-        reports = [evaluate(path, data, work / "reports" / name / "none", a.archs, ["none"], a)]
+        # EM's clip mode is judged by CLIP below; the classifiers in --defense-archs add a cross-check
+        archs = a.defense_archs if name == "em-clip" else a.archs
+        reports = [evaluate(path, data, work / "reports" / name / "none", archs=archs, defenses=["none"], **common)]
         defended = name in ("em-class", "em-sample") or (name == "random" and a.control_defenses)
         for d in a.defenses if defended else []:
             slug = d.replace(":", "")
-            reports.append(evaluate(path, data, work / "reports" / name / slug, a.defense_archs, [d], a))
+            reports.append(evaluate(path, data, work / "reports" / name / slug, archs=a.defense_archs,
+                                    defenses=[d], **common))
         for report in reports:
-            for arch, defense, clean, prot in rows(report):
-                table.append((name, arch, defense, clean, prot))
+            table += [(name, *row) for row in classify_rows(report)]
         if a.clean_fraction and defended:
             report = evaluate(path, data, work / "reports" / name / f"clean-fraction-{a.clean_fraction:g}",
-                              a.defense_archs, ["none"], a, clean_fraction=a.clean_fraction)
-            for arch, _, clean, prot in rows(report):
-                table.append((name, arch, f"{100 * a.clean_fraction:g}% clean", clean, prot))
+                              archs=a.defense_archs, defenses=["none"], clean_fraction=a.clean_fraction, **common)
+            table += [(name, arch, f"{100 * a.clean_fraction:g}% clean", c, pr)
+                      for arch, _, c, pr in classify_rows(report)]
 
     # CLIP from scratch: the random control and EM's CLIP mode (the clean CLIP runs are shared)
     clip_table = []
@@ -132,22 +97,12 @@ def main() -> None:
         if name not in protected:
             continue
         defenses = ["none"] + (a.clip_defenses if name != "random" else [])
-        report = evaluate(protected[name], data, work / "reports" / name / "clip", ["small_cnn"], defenses, a,
-                          task="clip")
-        for run in report["tasks"]["clip"]["runs"]:
-            clip_table.append((name, run["defense"],
-                               *(run[w][d]["R@10"] for w in ("clean", "protected") for d in ("i2t", "t2i"))))
+        report = evaluate(protected[name], data, work / "reports" / name / "clip", archs=["small_cnn"],
+                          defenses=defenses, task="clip", **common)
+        clip_table += [(name, *row) for row in clip_rows(report)]
 
-    print("\nclean test accuracy of models trained on protected vs clean demo shards "
-          f"({a.epochs} epochs, seed {a.seed})")
-    print(f"{'training data':<12} {'arch':<10} {'defense':<10} {'clean-trained':>13} {'protected-trained':>17}")
-    for name, arch, defense, clean, prot in table:
-        print(f"{name:<12} {arch:<10} {defense:<10} {100 * clean:12.1f}% {100 * prot:16.1f}%")
-    if clip_table:
-        print("\nCLIP trained from scratch on protected vs clean pairs: Recall@10 on the clean test pairs")
-        print(f"{'training data':<12} {'defense':<10} {'clean i2t':>9} {'clean t2i':>9} {'prot i2t':>9} {'prot t2i':>9}")
-        for name, defense, ci, ct, pi, pt in clip_table:
-            print(f"{name:<12} {defense:<10} {ci:9.3f} {ct:9.3f} {pi:9.3f} {pt:9.3f}")
+    print_tables(f"EM: clean test accuracy of models trained on protected vs clean demo shards "
+                 f"({a.epochs} epochs, seed {a.seed})", table, clip_table)
     for k, v in timings.items():
         print(f"time {k}: {v:.0f} s")
     (work / "summary.json").write_text(json.dumps({"rows": table, "clip_rows": clip_table, "timings": timings}, indent=2))

@@ -110,6 +110,13 @@ def test_checkpoint_and_resume_give_the_same_generator():
         for k, v in full[group].items():
             assert torch.equal(v, resumed[group][k]), (group, k)
     assert resumed_cfg["loss_history"] == full_cfg["loss_history"]
+    # a checkpoint taken during the surrogate's warm-up resumes too
+    early = []
+    fit_t2ue(images, captions, cfg, checkpoint=early.append, checkpoint_every=4)
+    assert early[0]["step"] == 4 and early[0]["conditioner"] is None
+    _, from_warmup = fit_t2ue(images, captions, cfg, state=early[0])
+    for k, v in full["generator"].items():
+        assert torch.equal(v, from_warmup["generator"][k]), k
 
 
 def test_options():

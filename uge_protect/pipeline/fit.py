@@ -24,7 +24,8 @@ from uge_protect.transforms.registry import fit_needs, fitter_supports_checkpoin
 
 def _print_progress(event: dict[str, Any]) -> None:
     if "step" in event:
-        parts = [f"step {event['step']}/{event.get('steps')}", f"loss {event['loss']:.4f}"]
+        phase = f"{event['phase']} " if event.get("phase") else ""
+        parts = [f"{phase}step {event['step']}/{event.get('steps')}", f"loss {event['loss']:.4f}"]
         if "images_per_s" in event:
             parts.append(f"{event['images_per_s']:.0f} img/s")
         if "seconds" in event:

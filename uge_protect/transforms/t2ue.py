@@ -249,6 +249,7 @@ def fit_t2ue(images: torch.Tensor, captions: list[str], cfg: T2UEConfig, progres
     bs = min(cfg.batch_size, n)
     order, cursor = torch.randperm(n, generator=gen), 0
     seen = 0
+    tick = started
     window: list[float] = []
     if state is not None:
         order, cursor, window = state["order"].clone(), int(state["cursor"]), list(state["window"])
@@ -270,57 +271,60 @@ def fit_t2ue(images: torch.Tensor, captions: list[str], cfg: T2UEConfig, progres
             s_opt.step()
             with torch.no_grad():
                 surrogate.model.logit_scale.clamp_(0, _MAX_LOGIT_SCALE)
-            step += 1
-            if step == warmup:
+            if step + 1 == warmup:
                 conditioner = copy.deepcopy(surrogate)
                 conditioner.model.eval()
                 for p in conditioner.model.parameters():
                     p.requires_grad_(False)
-            continue
-        assert conditioner is not None
-        z = torch.randn((len(batch), cfg.z_dim), generator=gen)[rank::world].to(device)
-        with torch.no_grad():
-            emb, states = text_features(conditioner, t)
-        # generator step: lower the InfoNCE through δ, surrogate fixed
-        generator.train()
-        surrogate.model.eval()
-        for p in surrogate.model.parameters():
-            p.requires_grad_(False)
-        delta = _resize_noise(generator(emb, z, states), h, w)
-        loss = _infonce(surrogate, (x + delta).clamp(0.0, 1.0), t)
-        g_opt.zero_grad(set_to_none=True)
-        loss.backward()
-        _sync_grads(generator.parameters(), world)
-        g_opt.step()
-        g_sched.step()
-        if not pretrained:  # surrogate step on the perturbed pairs (min-min)
-            for p in surrogate.model.parameters():
-                p.requires_grad_(True)
-            surrogate.model.train()
-            s_loss = _infonce(surrogate, (x + delta.detach()).clamp(0.0, 1.0), t)
-            s_opt.zero_grad(set_to_none=True)
-            s_loss.backward()
-            _sync_grads(surrogate.model.parameters(), world)
-            s_opt.step()
+        else:
+            assert conditioner is not None
+            z = torch.randn((len(batch), cfg.z_dim), generator=gen)[rank::world].to(device)
             with torch.no_grad():
-                surrogate.model.logit_scale.clamp_(0, _MAX_LOGIT_SCALE)
+                emb, states = text_features(conditioner, t)
+            # generator step: lower the InfoNCE through δ, surrogate fixed
+            generator.train()
+            surrogate.model.eval()
+            for p in surrogate.model.parameters():
+                p.requires_grad_(False)
+            delta = _resize_noise(generator(emb, z, states), h, w)
+            loss = _infonce(surrogate, (x + delta).clamp(0.0, 1.0), t)
+            g_opt.zero_grad(set_to_none=True)
+            loss.backward()
+            _sync_grads(generator.parameters(), world)
+            g_opt.step()
+            g_sched.step()
+            if not pretrained:  # surrogate step on the perturbed pairs (min-min)
+                for p in surrogate.model.parameters():
+                    p.requires_grad_(True)
+                surrogate.model.train()
+                s_loss = _infonce(surrogate, (x + delta.detach()).clamp(0.0, 1.0), t)
+                s_opt.zero_grad(set_to_none=True)
+                s_loss.backward()
+                _sync_grads(surrogate.model.parameters(), world)
+                s_opt.step()
+                with torch.no_grad():
+                    surrogate.model.logit_scale.clamp_(0, _MAX_LOGIT_SCALE)
         step += 1
         seen += len(batch)
         window.append(float(loss.detach()))
-        if step % 20 == 0 or step == total:
-            seconds = time.perf_counter() - started
-            record = {"step": step - warmup, "loss": sum(window) / len(window)}
-            history.append(record)
-            window = []
+        in_warmup = step <= warmup
+        if step % 20 == 0 or step in (warmup, total):
+            now = time.perf_counter()
+            phase = "surrogate warm-up" if in_warmup else "generator"
+            record = {"phase": phase, "step": step if in_warmup else step - warmup,
+                      "loss": sum(window) / len(window)}
+            if not in_warmup:
+                history.append(dict(record))
             if progress is not None:
-                progress({**record, "steps": cfg.steps, "seconds": seconds,
-                          "images_per_s": seen / max(seconds, 1e-9)})
+                progress({**record, "steps": warmup if in_warmup else cfg.steps, "seconds": now - started,
+                          "images_per_s": seen / max(now - tick, 1e-9)})
+            window, seen, tick = [], 0, now
         if checkpoint_every and step % checkpoint_every == 0 and step < total:
             _sync_buffers(generator, world)  # every process holds the same state from here
         if checkpoint is not None and checkpoint_every and step % checkpoint_every == 0 and step < total:
             checkpoint(copy.deepcopy({  # a snapshot: the live tensors keep changing
                 "step": step, "generator": generator.state_dict(), "surrogate": clip_state(surrogate),
-                "conditioner": clip_state(conditioner), "g_opt": g_opt.state_dict(), "s_opt": s_opt.state_dict(),
+                "conditioner": clip_state(conditioner) if conditioner is not None else None, "g_opt": g_opt.state_dict(), "s_opt": s_opt.state_dict(),
                 "g_sched": g_sched.state_dict(), "rng": gen.get_state(), "history": history,
                 "order": order, "cursor": cursor, "window": window,
             }))
