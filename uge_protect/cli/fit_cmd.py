@@ -75,12 +75,13 @@ def t2ue(
     surrogate_pretrained: Optional[str] = typer.Option(None, "--surrogate-pretrained", help="open_clip pretrained tag or local checkpoint: the surrogate stays frozen. Without it the surrogate is trained from scratch (min-min)."),
     noise_size: Optional[int] = typer.Option(None, "--noise-size", help="Side of the generated noise (default 32; resized to each image)."),
     z_dim: Optional[int] = typer.Option(None, "--z-dim", help="Latent size (default 100)."),
-    width: Optional[int] = typer.Option(None, "--width", help="Generator channel width (default 32)."),
-    steps: Optional[int] = typer.Option(None, "--steps", help="Generator steps (default 600)."),
-    warmup_steps: Optional[int] = typer.Option(None, "--warmup-steps", help="Clean CLIP steps before the generator starts, from-scratch surrogate only (default 300)."),
+    width: Optional[int] = typer.Option(None, "--width", help="Generator channel width (default 16)."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Generator steps (default 400)."),
+    warmup_steps: Optional[int] = typer.Option(None, "--warmup-steps", help="Clean CLIP steps that train the caption encoder before the generator starts, from-scratch surrogate only (default 200)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Batch size over all processes (default 128)."),
-    lr: Optional[float] = typer.Option(None, "--lr", help="Generator learning rate, AdamW with a cosine schedule (default 1e-3)."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Generator learning rate, AdamW with a cosine schedule (default 2e-3)."),
     surrogate_lr: Optional[float] = typer.Option(None, "--surrogate-lr", help="Surrogate learning rate when trained (default 2e-3)."),
+    noise_weight: Optional[float] = typer.Option(None, "--noise-weight", help="Weight of an extra InfoNCE on (grey + noise, caption), not in the paper (0: the paper's objective only)."),
     image_size: Optional[int] = typer.Option(None, "--image-size", help="Centre-crop training images to this side first."),
     seed: int = typer.Option(0, "--seed", help="Seed of the fit."),
     device: str = typer.Option("auto", "--device", help="auto (CUDA when available), cpu, cuda, cuda:N."),
@@ -95,7 +96,8 @@ def t2ue(
         "backbone": backbone, "epsilon": epsilon, "surrogate": surrogate,
         "surrogate_pretrained": surrogate_pretrained, "noise_size": noise_size, "z_dim": z_dim, "width": width,
         "steps": steps, "warmup_steps": warmup_steps, "batch_size": batch_size, "lr": lr,
-        "surrogate_lr": surrogate_lr, "image_size": image_size, "seed": seed, "device": device,
+        "surrogate_lr": surrogate_lr, "noise_weight": noise_weight, "image_size": image_size, "seed": seed,
+        "device": device,
     }
     if checkpoint_every < 0:
         fail("--checkpoint-every must be >= 0")
