@@ -126,3 +126,18 @@ def test_options():
         T2UEConfig.from_options({"backbone": "gan"})
     with pytest.raises(UserError, match="batch size"):
         T2UEConfig.from_options({"batch_size": 1})
+
+
+def test_centered_captions_round_trip(tmp_path):
+    images, captions = _data(n=32)
+    config, weights = fit_t2ue(images, captions, _tiny(steps=4, warmup_steps=4, center_text=True, noise_weight=0.5))
+    assert weights["text_encoder"]["caption_mean"].shape == (config["text_dim"],)
+    save_artifact(tmp_path, config, weights)
+    method = TextToUnlearnable.from_artifact(str(tmp_path))
+    assert method.text_mean is not None
+    keys = [f"k{i}" for i in range(4)]
+    d = method.perturb(_batch(images[:4], captions[:4], keys))
+    assert d.abs().max() <= EPS + 1e-6
+    # the stored mean is used: without it the noise differs
+    method.text_mean = None
+    assert not torch.equal(method.perturb(_batch(images[:4], captions[:4], keys)), d)

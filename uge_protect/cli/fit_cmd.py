@@ -82,6 +82,7 @@ def t2ue(
     lr: Optional[float] = typer.Option(None, "--lr", help="Generator learning rate, AdamW with a cosine schedule (default 2e-3)."),
     surrogate_lr: Optional[float] = typer.Option(None, "--surrogate-lr", help="Surrogate learning rate when trained (default 2e-3)."),
     noise_weight: Optional[float] = typer.Option(None, "--noise-weight", help="Weight of an extra InfoNCE on (grey + noise, caption), not in the paper (0: the paper's objective only)."),
+    center_text: Optional[bool] = typer.Option(None, "--center-text/--no-center-text", help="Subtract the training captions' mean embedding before conditioning the generator (default off)."),
     image_size: Optional[int] = typer.Option(None, "--image-size", help="Centre-crop training images to this side first."),
     seed: int = typer.Option(0, "--seed", help="Seed of the fit."),
     device: str = typer.Option("auto", "--device", help="auto (CUDA when available), cpu, cuda, cuda:N."),
@@ -96,7 +97,7 @@ def t2ue(
         "backbone": backbone, "epsilon": epsilon, "surrogate": surrogate,
         "surrogate_pretrained": surrogate_pretrained, "noise_size": noise_size, "z_dim": z_dim, "width": width,
         "steps": steps, "warmup_steps": warmup_steps, "batch_size": batch_size, "lr": lr,
-        "surrogate_lr": surrogate_lr, "noise_weight": noise_weight, "image_size": image_size, "seed": seed,
+        "surrogate_lr": surrogate_lr, "noise_weight": noise_weight, "center_text": center_text, "image_size": image_size, "seed": seed,
         "device": device,
     }
     if checkpoint_every < 0:

@@ -90,6 +90,9 @@ class T2UEConfig:
     #: From-scratch surrogate only: after the warm-up (whose text tower becomes the caption
     #: encoder) the min-min starts from a freshly initialised surrogate.
     restart_surrogate: bool = True
+    #: Subtract the mean caption embedding of the training set before conditioning (and
+    #: renormalise), so captions that differ in one word get visibly different inputs.
+    center_text: bool = False
     seed: int = 0
     image_size: int | None = None
     device: str = "auto"
@@ -146,6 +149,24 @@ def text_features(bundle: ClipBundle, tokens: torch.Tensor) -> tuple[torch.Tenso
     mask = (tokens != 0).to(x.dtype)
     mask[:, 0] = 1.0  # never an all-masked row
     return F.normalize(pooled.float(), dim=-1), (x.float(), mask)
+
+
+@torch.no_grad()
+def caption_mean(bundle: ClipBundle, tokens: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+    """Mean pooled embedding (D,) of ``tokens`` under ``bundle``'s text tower."""
+    device = next(bundle.model.parameters()).device
+    total = None
+    for s in range(0, len(tokens), batch_size):
+        e, _ = text_features(bundle, tokens[s:s + batch_size].to(device))
+        part = e.sum(0)
+        total = part if total is None else total + part
+    assert total is not None
+    return (total / len(tokens)).cpu()
+
+
+def centered(emb: torch.Tensor, mean: torch.Tensor | None) -> torch.Tensor:
+    """``emb`` minus the caption mean, renormalised (unchanged when ``mean`` is None)."""
+    return emb if mean is None else F.normalize(emb - mean.to(emb.device), dim=-1)
 
 
 def _text_dims(bundle: ClipBundle, context: int) -> tuple[int, int]:
@@ -260,6 +281,7 @@ def fit_t2ue(images: torch.Tensor, captions: list[str], cfg: T2UEConfig, progres
         conditioner.model.eval()
         for p in conditioner.model.parameters():
             p.requires_grad_(False)
+    text_mean = caption_mean(conditioner, tokens) if conditioner is not None and cfg.center_text else None
     bs = min(cfg.batch_size, n)
     order, cursor = torch.randperm(n, generator=gen), 0
     seen = 0
@@ -290,6 +312,8 @@ def fit_t2ue(images: torch.Tensor, captions: list[str], cfg: T2UEConfig, progres
                 conditioner.model.eval()
                 for p in conditioner.model.parameters():
                     p.requires_grad_(False)
+                if cfg.center_text:
+                    text_mean = caption_mean(conditioner, tokens)
                 if cfg.restart_surrogate:
                     # min-min from a fresh surrogate: it learns the data *with* the noise from the
                     # start, so the noise can become its easiest feature (as in EM's min-min)
@@ -301,6 +325,7 @@ def fit_t2ue(images: torch.Tensor, captions: list[str], cfg: T2UEConfig, progres
             z = torch.randn((len(batch), cfg.z_dim), generator=gen)[rank::world].to(device)
             with torch.no_grad():
                 emb, states = text_features(conditioner, t)
+                emb = centered(emb, text_mean)
             # generator step: lower the InfoNCE through δ, surrogate fixed
             generator.train()
             surrogate.model.eval()
@@ -371,7 +396,8 @@ def fit_t2ue(images: torch.Tensor, captions: list[str], cfg: T2UEConfig, progres
     }
     weights = {
         "generator": {k: v.detach().cpu().clone() for k, v in generator.state_dict().items()},
-        "text_encoder": _text_only_state(conditioner),
+        "text_encoder": {**_text_only_state(conditioner),
+                         **({"caption_mean": text_mean} if text_mean is not None else {})},
     }
     return config, weights
 
@@ -412,7 +438,11 @@ class TextToUnlearnable(ProtectionMethod):
         if "generator" not in weights or "text_encoder" not in weights:
             raise UserError("T2UE artifact lacks its generator or text encoder weights")
         self.encoder = build_clip_model(config["surrogate"], seed=0)
-        missing, unexpected = self.encoder.model.load_state_dict(weights["text_encoder"], strict=False)
+        text_state = dict(weights["text_encoder"])
+        self.text_mean = text_state.pop("caption_mean", None)
+        if bool(config.get("center_text")) != (self.text_mean is not None):
+            raise UserError("T2UE artifact's caption mean does not match its center_text setting")
+        missing, unexpected = self.encoder.model.load_state_dict(text_state, strict=False)
         if unexpected or any(not k.startswith("visual.") for k in missing):
             raise UserError("T2UE artifact's text encoder does not fit its model config")
         self.encoder.model.eval()
@@ -495,6 +525,7 @@ class TextToUnlearnable(ProtectionMethod):
             zz[:k] = z[start:start + k]
             t, zz = t.to(self.device), zz.to(self.device)
             emb, states = text_features(self.encoder, t)
+            emb = centered(emb, self.text_mean)
             out.append(self.generator(emb, zz, states)[:k].float())
         return torch.cat(out)
 
