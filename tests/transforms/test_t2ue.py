@@ -119,6 +119,12 @@ def test_checkpoint_and_resume_give_the_same_generator():
         assert torch.equal(v, from_warmup["generator"][k]), k
 
 
+def test_no_warmup_uses_the_initial_text_tower():
+    images, captions = _data(n=16)
+    config, weights = fit_t2ue(images, captions, _tiny(steps=3, warmup_steps=0))
+    assert config["surrogate_trained"] and len(weights["generator"]) > 0
+
+
 def test_options():
     with pytest.raises(UserError, match="unknown T2UE option"):
         T2UEConfig.from_options({"bogus": 1})

@@ -264,7 +264,9 @@ def fit_t2ue(images: torch.Tensor, captions: list[str], cfg: T2UEConfig, progres
     g_sched = torch.optim.lr_scheduler.CosineAnnealingLR(g_opt, T_max=cfg.steps)
     gen = torch.Generator().manual_seed(cfg.seed)
     step = 0
-    conditioner: ClipBundle | None = surrogate if pretrained else None
+    # the caption encoder: the pretrained surrogate, else a frozen copy taken after the warm-up
+    # (with no warm-up: the surrogate's initial, random text tower)
+    conditioner: ClipBundle | None = surrogate if pretrained else copy.deepcopy(surrogate) if warmup == 0 else None
     history: list[dict[str, float]] = []
     if state is not None:
         step = int(state["step"])
