@@ -56,6 +56,15 @@ def clip_rows(report: dict) -> Iterator[tuple[str, float, float, float, float]]:
         yield (run["defense"], *(run[w][d]["R@10"] for w in ("clean", "protected") for d in ("i2t", "t2i")))
 
 
+def finish(work: Path, title: str, table: list[tuple], clip_table: list[tuple], timings: dict[str, float]) -> None:
+    """Print the tables and timings of a benchmark and write them to ``work/summary.json``."""
+    print_tables(title, table, clip_table)
+    for k, v in timings.items():
+        print(f"time {k}: {v:.0f} s")
+    (work / "summary.json").write_text(json.dumps({"rows": table, "clip_rows": clip_table, "timings": timings},
+                                                  indent=2))
+
+
 def print_tables(title: str, table: list[tuple], clip_table: list[tuple]) -> None:
     """Print the classification and CLIP tables of a benchmark."""
     print(f"\n{title}")

@@ -15,11 +15,10 @@ an interrupted benchmark resumes where it stopped.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
-from efficacy_common import classify_rows, clip_rows, evaluate, print_tables, sh
+from efficacy_common import classify_rows, clip_rows, evaluate, finish, sh
 
 
 def main() -> None:
@@ -89,12 +88,8 @@ def main() -> None:
                           defenses=clip_defenses, task="clip", **common)
         clip_table += [(name, *row) for row in clip_rows(report)]
 
-    print_tables(f"T2UE: clean test accuracy of models trained on protected vs clean demo shards "
-                 f"({a.epochs} epochs, seed {a.seed})", table, clip_table)
-    for k, v in timings.items():
-        print(f"time {k}: {v:.0f} s")
-    (work / "summary.json").write_text(json.dumps({"rows": table, "clip_rows": clip_table, "timings": timings},
-                                                  indent=2))
+    finish(work, f"T2UE: clean test accuracy of models trained on protected vs clean demo shards "
+           f"({a.epochs} epochs, seed {a.seed})", table, clip_table, timings)
 
 
 if __name__ == "__main__":

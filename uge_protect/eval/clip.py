@@ -28,6 +28,7 @@ from uge_protect.transforms.clip_models import (
     DEFAULT_STD,
     ClipBundle,
     build_clip_model,
+    clamp_logit_scale,
     resolve_model_config,
 )
 
@@ -59,8 +60,6 @@ DEFAULT_MODEL_CONFIG: dict[str, Any] = {
     "vision_cfg": {"image_size": 32, "layers": 2, "width": 128, "head_width": 32, "patch_size": 4},
     "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 128, "heads": 4, "layers": 2},
 }
-
-_MAX_LOGIT_SCALE = math.log(100.0)
 
 
 def _load_config(model_config: str | dict | None, image_size: int | None) -> str | dict:
@@ -300,8 +299,7 @@ def _train(train: InMemoryDataset, *, epochs: int, seed: int, model_config: str 
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            with torch.no_grad():
-                model.logit_scale.clamp_(0, _MAX_LOGIT_SCALE)
+            clamp_logit_scale(model)
             losses.append(float(loss.detach()))
             step_losses.append(float(loss.detach()))
             step += 1

@@ -14,6 +14,8 @@ from typing import Any, Callable, Sequence, TypeVar
 
 import torch
 
+from uge_protect.launch import is_launched, join_launch
+
 T = TypeVar("T")
 
 
@@ -56,16 +58,11 @@ def start_workers(device: str) -> Workers:
     the device Accelerate assigns it (its own GPU), or the CPU for "cpu"; a CPU process then
     uses its share of the cores unless ``OMP_NUM_THREADS`` says otherwise.
     """
-    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    if not launched:
+    if not is_launched():
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         return Workers(rank=0, world=1, device=device)
-    from accelerate import PartialState
-
-    cpu = (device == "cpu" or not torch.cuda.is_available()
-           or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"))
-    state = PartialState(cpu=cpu)  # without cpu=True a CPU-only launch would not join its group
+    state = join_launch(force_cpu=device == "cpu")
     chosen = "cpu" if device == "cpu" else str(state.device)
     if chosen == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         local = int(os.environ.get("LOCAL_WORLD_SIZE", state.num_processes))

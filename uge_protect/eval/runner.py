@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import glob
 import json
-import os
 import platform
 import sys
 import time

@@ -17,6 +17,7 @@ from typing import Any, Callable
 import torch
 
 from uge_protect.errors import UserError
+from uge_protect.launch import is_launched, join_launch
 from uge_protect.shards.dataset import load_shards
 from uge_protect.transforms.artifact import artifact_fingerprint, save_artifact
 from uge_protect.transforms.registry import fit_needs, fitter_supports_checkpoints, get_fitter
@@ -69,12 +70,9 @@ def _save_checkpoint(path: Path, state: dict[str, Any], key: str) -> None:
 
 def _process_group() -> tuple[int, int]:
     """(rank, world) of a multi-process launch (joining its process group), else (0, 1)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    if not is_launched():
         return 0, 1
-    from accelerate import PartialState
-
-    cpu = not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
-    state = PartialState(cpu=cpu)  # without cpu=True a CPU-only launch would not join its group
+    state = join_launch()
     return state.process_index, state.num_processes
 
 

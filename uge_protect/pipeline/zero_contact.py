@@ -19,16 +19,17 @@ from PIL import Image, PngImagePlugin
 
 from uge_protect.errors import UserError
 from uge_protect.shards.decode import DecodeError, decode_image
+from uge_protect.transforms.artifact import read_artifact_config
 from uge_protect.transforms.base import ProtectBatch, sample_seed
-from uge_protect.transforms.budget import budget_levels
+from uge_protect.transforms.budget import apply_perturbation, budget_levels, delta_levels
 from uge_protect.transforms.registry import create_method
 
 OFFSET = 128
 META_KEY = "uge-protect-noise"
 
 
-def noise_levels(artifact: str, text: str, size: tuple[int, int], *, key: str | None = None, seed: int = 0,
-                 method: str = "t2ue") -> tuple[np.ndarray, dict[str, Any]]:
+def noise_levels(artifact: str, text: str, size: tuple[int, int], *, key: str | None = None, seed: int = 0
+                 ) -> tuple[np.ndarray, dict[str, Any]]:
     """δ in uint8 levels, (H, W, 3) int16, for ``text`` at ``size`` (H, W), and its settings.
 
     The sample's seed comes from ``key`` (default: the text itself) and ``seed`` exactly as in
@@ -39,15 +40,16 @@ def noise_levels(artifact: str, text: str, size: tuple[int, int], *, key: str | 
         raise UserError(f"noise size must be positive, got {h}x{w}")
     if not text:
         raise UserError("give the caption with --text")
+    method = read_artifact_config(artifact)["method"]
     protector = create_method(method, artifact)
-    if not getattr(protector, "requires_caption", False) or getattr(protector, "requires_label", False):
+    if not protector.text_only or not protector.requires_caption:
         raise UserError(f"method {method!r} does not make noise from text alone")
     key = text if key is None else key
     batch = ProtectBatch(torch.zeros((1, 3, h, w), dtype=torch.uint8), [key], [sample_seed(seed, key)], [text], [None])
     with torch.no_grad():
         delta = protector.perturb(batch)
     q = budget_levels(protector.epsilon)
-    levels = torch.round(delta.to(torch.float32) * 255.0).clamp_(-q, q).to(torch.int16)[0]
+    levels = delta_levels(delta, protector.epsilon)[0]
     meta = {"method": method, "epsilon": protector.epsilon, "budget_levels": q, "key": key, "seed": seed,
             "text": text, "size": [h, w], "artifact_fingerprint": protector.fingerprint()}
     return levels.permute(1, 2, 0).numpy(), meta
@@ -101,7 +103,8 @@ def apply_noise(image: str | Path, noise: str | Path, output: str | Path) -> dic
         h, w = pixels.shape[:2]
         raise UserError(f"the noise is {levels.shape[0]}x{levels.shape[1]} but the image is {h}x{w}; "
                         f"make the noise with --size {h} {w}")
-    protected = np.clip(pixels.astype(np.int16) + levels, 0, 255).astype(np.uint8)
+    protected = apply_perturbation(torch.from_numpy(np.ascontiguousarray(pixels)), torch.from_numpy(levels),
+                                   float(meta["epsilon"])).numpy()
     try:
         Image.fromarray(protected, "RGB").save(output, format="PNG")
     except OSError as exc:

@@ -44,10 +44,8 @@ def save_artifact(
     return out
 
 
-def load_artifact(
-    directory: str | os.PathLike, expected_method: str | None = None
-) -> tuple[dict[str, Any], dict[str, dict[str, torch.Tensor]]]:
-    """Read an artifact; raises :class:`UserError` with a clear message when it is unusable."""
+def read_artifact_config(directory: str | os.PathLike, expected_method: str | None = None) -> dict[str, Any]:
+    """An artifact's ``config.json`` (which names its method); :class:`UserError` when unusable."""
     path = Path(directory)
     cfg_path = path / CONFIG_NAME
     if not path.is_dir():
@@ -64,6 +62,15 @@ def load_artifact(
         raise UserError(
             f"artifact {path} was made by method {config['method']!r}, not {expected_method!r}"
         )
+    return config
+
+
+def load_artifact(
+    directory: str | os.PathLike, expected_method: str | None = None
+) -> tuple[dict[str, Any], dict[str, dict[str, torch.Tensor]]]:
+    """Read an artifact; raises :class:`UserError` with a clear message when it is unusable."""
+    path = Path(directory)
+    config = read_artifact_config(path, expected_method)
     weights: dict[str, dict[str, torch.Tensor]] = {}
     for group in config.get("weights", []):
         file = path / f"{group}.safetensors"

@@ -7,19 +7,54 @@ inside a method: it hands over a :class:`ProtectBatch` and enforces the budget o
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import torch
+
+#: Methods that run a network at apply do so on chunks of exactly this many samples
+#: (zero-padded): the kernels, and so every float of a sample's δ, never depend on how many
+#: samples the pipeline happened to put in a batch.
+APPLY_CHUNK = 64
 
 
 def sample_seed(seed: int, key: str) -> int:
     """A 63-bit seed derived from the run seed and a sample key (stable across runs/processes)."""
     digest = hashlib.sha256(f"{seed}\x00{key}".encode("utf-8")).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def given_options(config_cls: type, options: dict[str, Any], unknown_message: str) -> dict[str, Any]:
+    """The options that are set (None means "default"), checked against the fields of the
+    dataclass ``config_cls``; unknown ones raise ``UserError(unknown_message: names)``."""
+    from uge_protect.errors import UserError
+
+    given = {k: v for k, v in options.items() if v is not None}
+    unknown = sorted(set(given) - {f.name for f in dataclasses.fields(config_cls)})
+    if unknown:
+        raise UserError(f"{unknown_message}: {', '.join(unknown)}")
+    return given
+
+
+def in_fixed_chunks(fn: Callable[..., torch.Tensor], *tensors: torch.Tensor, chunk: int = APPLY_CHUNK
+                    ) -> torch.Tensor:
+    """``fn`` on zero-padded chunks of exactly ``chunk`` rows of ``tensors`` (all of the same
+    length); the outputs without their padding rows, concatenated."""
+    n = len(tensors[0])
+    outs = []
+    for start in range(0, n, chunk):
+        k = min(chunk, n - start)
+        padded = []
+        for t in tensors:
+            p = torch.zeros((chunk, *t.shape[1:]), dtype=t.dtype, device=t.device)
+            p[:k] = t[start:start + k]
+            padded.append(p)
+        outs.append(fn(*padded)[:k])
+    return torch.cat(outs)
 
 
 @dataclass
@@ -59,6 +94,9 @@ class ProtectionMethod(ABC):
     requires_label: ClassVar[bool] = False
     #: Hidden methods are usable from Python (benchmarks) but never offered by the CLI.
     hidden: ClassVar[bool] = False
+    #: δ depends on the caption, key, seed and image size only, never on the pixels: the
+    #: noise can be made without the image (``uge-protect noise``).
+    text_only: ClassVar[bool] = False
 
     def __init__(self, epsilon: float = 8 / 255):
         if not 0.0 <= epsilon <= 1.0:

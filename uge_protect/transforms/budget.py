@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -21,12 +22,46 @@ def apply_perturbation(original: torch.Tensor, delta: torch.Tensor, epsilon: flo
     ``|protected - original| <= round(epsilon*255)`` holds for every pixel, and the result
     is clipped to [0, 255].
     """
+    levels = delta_levels(delta, epsilon)
+    return (original.to(torch.int16) + levels).clamp_(0, 255).to(torch.uint8)
+
+
+def delta_levels(delta: torch.Tensor, epsilon: float) -> torch.Tensor:
+    """δ as int16 uint8-levels within ±round(ε·255): float δ (image units) is rounded first."""
     q = budget_levels(epsilon)
     if delta.is_floating_point():
-        levels = torch.round(delta.to(torch.float32) * 255.0).clamp_(-q, q).to(torch.int16)
-    else:
-        levels = delta.to(torch.int16).clamp_(-q, q)
-    return (original.to(torch.int16) + levels).clamp_(0, 255).to(torch.uint8)
+        return torch.round(delta.to(torch.float32) * 255.0).clamp_(-q, q).to(torch.int16)
+    return delta.to(torch.int16).clamp_(-q, q)
+
+
+def project_linf(x: torch.Tensor, delta: torch.Tensor, epsilon: float) -> torch.Tensor:
+    """Clamp δ to the ε-ball and x + δ to the [0, 1] image box; returns the new δ."""
+    delta = delta.clamp(-epsilon, epsilon)
+    return (x + delta).clamp_(0.0, 1.0) - x
+
+
+def pgd_minimize(loss_of: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, delta: torch.Tensor,
+                 epsilon: float, step_size: float, steps: int) -> torch.Tensor:
+    """``steps`` signed-gradient steps on δ that *decrease* ``loss_of(x + δ)``, projected after each.
+
+    ``loss_of`` takes the perturbed [0, 1] images and returns a scalar that sums per-sample
+    losses, so each sample's gradient (and step) depends on that sample only.
+    """
+    delta = project_linf(x, delta, epsilon)
+    for _ in range(steps):
+        d = delta.detach().requires_grad_(True)
+        with torch.enable_grad():
+            (grad,) = torch.autograd.grad(loss_of((x + d).clamp(0.0, 1.0)), d)
+        delta = project_linf(x, delta - step_size * grad.sign(), epsilon)
+    return delta.detach()
+
+
+def seeded_uniform(seeds: Sequence[int], shape: tuple[int, ...], epsilon: float) -> torch.Tensor:
+    """Per-sample δ uniform in [-ε, ε], each from its own seed on the CPU (the same on every device)."""
+    out = torch.empty((len(seeds), *shape), dtype=torch.float32)
+    for i, seed in enumerate(seeds):
+        out[i] = (torch.rand(shape, generator=torch.Generator().manual_seed(int(seed))) * 2 - 1) * epsilon
+    return out
 
 
 def difference_stats(original: np.ndarray, protected: np.ndarray) -> tuple[int, float]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from pathlib import Path
 from typing import Any, Callable
 
@@ -22,6 +23,18 @@ from uge_protect.errors import UserError
 #: CLIP's image normalisation, used when a config does not name its own.
 DEFAULT_MEAN = (0.48145466, 0.4578275, 0.40821073)
 DEFAULT_STD = (0.26862954, 0.26130258, 0.27577711)
+
+#: A small CLIP that trains on a CPU: 2-layer ViT of width 64 on 4×4 patches, 2-layer text
+#: transformer of width 64. The default surrogate of EM's clip mode and of T2UE; its image
+#: size is set to the training images' by :func:`resolve_model_config`.
+TINY_CLIP_CONFIG: dict[str, Any] = {
+    "embed_dim": 64,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 32, "patch_size": 4},
+    "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+}
+
+#: CLIP's usual cap on the learned temperature: logit scale ≤ 100.
+MAX_LOGIT_SCALE = math.log(100.0)
 
 #: Keys of an open_clip JSON config that ``CLIP.__init__`` accepts.
 _CLIP_KWARGS = {"embed_dim", "vision_cfg", "text_cfg", "quick_gelu", "init_logit_scale", "init_logit_bias",
@@ -174,3 +187,18 @@ def load_clip_state(bundle: ClipBundle, state: dict[str, torch.Tensor]) -> None:
         bundle.model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         raise UserError(f"stored CLIP weights do not fit the model: {str(exc).splitlines()[0]}") from exc
+
+
+def clip_infonce(bundle: ClipBundle, x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Symmetric InfoNCE of [0, 1] images ``x`` and their caption ``tokens`` over the batch."""
+    img = bundle.encode_images(x)
+    txt = bundle.encode_tokens(tokens)
+    logits = bundle.model.logit_scale.exp().clamp(max=100.0) * img @ txt.T
+    target = torch.arange(len(x), device=x.device)
+    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+
+
+@torch.no_grad()
+def clamp_logit_scale(model: torch.nn.Module) -> None:
+    """Keep a trained CLIP's temperature in [0, log 100] after an optimizer step."""
+    model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)

@@ -28,16 +28,12 @@ from torch import nn
 
 from uge_protect.errors import UserError
 from uge_protect.transforms.artifact import artifact_fingerprint, load_artifact
-from uge_protect.transforms.base import ProtectBatch, ProtectionMethod
-from uge_protect.transforms.networks import ARCHITECTURES, Normalized, build_classifier, small_cnn
+from uge_protect.transforms.base import APPLY_CHUNK, ProtectBatch, ProtectionMethod, given_options, in_fixed_chunks
+from uge_protect.transforms.budget import pgd_minimize, seeded_uniform
+from uge_protect.transforms.networks import ARCHITECTURES, Normalized, build_classifier, set_frozen, small_cnn
 
 MODES = ("sample", "class")
 DEFAULT_EPSILON = 8 / 255
-
-#: Apply runs PGD on chunks of exactly this many images (the last chunk is zero-padded), so
-#: the kernels — and hence every float of a sample's δ — never depend on how many images the
-#: pipeline happened to put in a batch.
-APPLY_CHUNK = 64
 
 Progress = Callable[[dict[str, Any]], None]
 
@@ -112,11 +108,7 @@ class EMConfig:
 
         ``surrogate_width`` 0 (or, for a surrogate other than small_cnn, absent) means the
         architecture's own width."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        given = {k: v for k, v in options.items() if v is not None}
-        unknown = sorted(set(given) - names)
-        if unknown:
-            raise UserError(f"EM option(s) not used by the {given.get('mode', 'sample')} mode: {', '.join(unknown)}")
+        given = given_options(cls, options, f"EM option(s) not used by the {options.get('mode') or 'sample'} mode")
         if given.get("surrogate", "small_cnn") != "small_cnn" and "surrogate_width" not in given:
             given["surrogate_width"] = None  # the default width is small_cnn's
         if given.get("surrogate_width") == 0:
@@ -139,36 +131,13 @@ def build_surrogate(name: str, num_classes: int, width: int | None = None, seed:
         torch.random.set_rng_state(state)
 
 
-def _freeze(model: nn.Module, frozen: bool) -> None:
-    for p in model.parameters():
-        p.requires_grad_(not frozen)
-
-
-def _project(x: torch.Tensor, delta: torch.Tensor, epsilon: float) -> torch.Tensor:
-    """Clamp δ to the ε-ball and x + δ to [0, 1]; returns the new δ."""
-    delta = delta.clamp(-epsilon, epsilon)
-    return (x + delta).clamp_(0.0, 1.0) - x
-
-
-def _input_grad(model: nn.Module, x: torch.Tensor, delta: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Gradient of the summed cross-entropy w.r.t. δ (the sum keeps it per-sample)."""
-    delta = delta.detach().requires_grad_(True)
-    with torch.enable_grad():
-        loss = F.cross_entropy(model((x + delta).clamp(0.0, 1.0)), y, reduction="sum")
-        (grad,) = torch.autograd.grad(loss, delta)
-    return grad
-
-
 def pgd_min(
     model: nn.Module, x: torch.Tensor, y: torch.Tensor, delta: torch.Tensor,
     epsilon: float, step_size: float, steps: int,
 ) -> torch.Tensor:
-    """``steps`` signed-gradient steps that *decrease* the loss, projected after each step."""
-    delta = _project(x, delta, epsilon)
-    for _ in range(steps):
-        grad = _input_grad(model, x, delta, y)
-        delta = _project(x, delta - step_size * grad.sign(), epsilon)
-    return delta.detach()
+    """``steps`` signed-gradient steps that *decrease* the cross-entropy, projected after each step."""
+    return pgd_minimize(lambda xp: F.cross_entropy(model(xp), y, reduction="sum"), x, delta,
+                        epsilon, step_size, steps)
 
 
 @torch.no_grad()
@@ -229,7 +198,7 @@ def fit_em(
     for rnd in range(1, cfg.max_rounds + 1):
         # 1. a few surrogate SGD batches on the perturbed data
         model.train()
-        _freeze(model, False)
+        set_frozen(model, False)
         for _ in range(cfg.train_batches):
             if cursor + cfg.batch_size > n and cursor > 0:
                 order, cursor = torch.randperm(n, generator=gen), 0
@@ -242,7 +211,7 @@ def fit_em(
             opt.step()
         # 2. a PGD sweep over the whole (un-shuffled) training set, minimising the loss
         model.eval()
-        _freeze(model, True)
+        set_frozen(model, True)
         for start in range(0, n, cfg.batch_size):
             idx = torch.arange(start, min(start + cfg.batch_size, n), device=device)
             xb = images[idx].float().div_(255.0)
@@ -263,7 +232,7 @@ def fit_em(
                       "seconds": time.perf_counter() - started})
         if train_error < cfg.stop_error:
             break
-    _freeze(model, False)
+    set_frozen(model, False)
 
     config = {
         "method": "em",
@@ -327,7 +296,7 @@ class ErrorMinimizing(ProtectionMethod):
         except (KeyError, RuntimeError, ValueError) as exc:
             raise UserError(f"EM artifact's surrogate does not load: {exc}") from exc
         self.model.eval()
-        _freeze(self.model, True)
+        set_frozen(self.model, True)
         self.class_delta: torch.Tensor | None = None
         if self.mode == "class":
             delta = weights.get("class_noise", {}).get("delta")
@@ -397,23 +366,7 @@ class ErrorMinimizing(ProtectionMethod):
         return self._sample_pgd(batch, labels)
 
     def _sample_pgd(self, batch: ProtectBatch, labels: torch.Tensor) -> torch.Tensor:
-        b, c, h, w = batch.pixels.shape
-        eps = self.epsilon
-        init = torch.empty((b, c, h, w), dtype=torch.float32)
-        for i, seed in enumerate(batch.seeds):
-            # CPU generator: a sample's starting point is the same on every device and layout.
-            g = torch.Generator().manual_seed(int(seed))
-            init[i] = (torch.rand((c, h, w), generator=g) * 2 - 1) * eps
-        x = batch.images
-        out = torch.empty((b, c, h, w), dtype=torch.float32, device=self.device)
-        for start in range(0, b, APPLY_CHUNK):
-            stop = min(start + APPLY_CHUNK, b)
-            k = stop - start
-            xs = torch.zeros((APPLY_CHUNK, c, h, w), dtype=torch.float32, device=self.device)
-            ds = torch.zeros_like(xs)
-            ys = torch.zeros(APPLY_CHUNK, dtype=torch.int64, device=self.device)
-            xs[:k] = x[start:stop].float()
-            ds[:k] = init[start:stop].to(self.device)
-            ys[:k] = labels[start:stop]
-            out[start:stop] = pgd_min(self.model, xs, ys, ds, eps, self.step_size, self.pgd_steps)[:k].float()
-        return out
+        start = seeded_uniform(batch.seeds, tuple(batch.pixels.shape[1:]), self.epsilon).to(self.device)
+        return in_fixed_chunks(
+            lambda xs, ds, ys: pgd_min(self.model, xs, ys, ds, self.epsilon, self.step_size, self.pgd_steps),
+            batch.images.float(), start, labels).float()

@@ -23,7 +23,6 @@ the noise an easier match for the caption than the image content.
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -32,29 +31,21 @@ import torch
 import torch.nn.functional as F
 
 from uge_protect.errors import UserError
-from uge_protect.transforms.base import ProtectBatch, ProtectionMethod
+from uge_protect.transforms.base import APPLY_CHUNK, ProtectBatch, ProtectionMethod, given_options, in_fixed_chunks
+from uge_protect.transforms.budget import pgd_minimize, seeded_uniform
 from uge_protect.transforms.clip_models import (
+    TINY_CLIP_CONFIG,
     ClipBundle,
     build_clip_model,
+    clamp_logit_scale,
+    clip_infonce,
     clip_state,
     load_clip_state,
     resolve_model_config,
 )
+from uge_protect.transforms.networks import set_frozen
 
 Progress = Callable[[dict[str, Any]], None]
-
-#: Apply runs PGD on chunks of exactly this many images (zero-padded), as in :mod:`em`.
-APPLY_CHUNK = 64
-
-_MAX_LOGIT_SCALE = math.log(100.0)
-
-#: The default surrogate: a small CLIP that trains on a CPU (2-layer ViT of width 64 on 4×4
-#: patches, 2-layer text transformer of width 64). Its image size follows the training images.
-DEFAULT_SURROGATE: dict[str, Any] = {
-    "embed_dim": 64,
-    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 32, "patch_size": 4},
-    "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
-}
 
 
 @dataclass
@@ -73,7 +64,7 @@ class EMClipConfig:
     epsilon: float = 8 / 255
     step_size: float = 0.8 / 255
     pgd_steps: int = 10
-    #: open_clip model name, JSON config path or dict; None: :data:`DEFAULT_SURROGATE`.
+    #: open_clip model name, JSON config path or dict; None: :data:`clip_models.TINY_CLIP_CONFIG`.
     clip_model: str | dict | None = None
     #: Pretrained weights (open_clip tag or local checkpoint); None: trained from scratch.
     clip_pretrained: str | None = None
@@ -108,19 +99,9 @@ class EMClipConfig:
     @classmethod
     def from_options(cls, options: dict[str, Any]) -> "EMClipConfig":
         """Build from a dict; None means "default". Unknown keys are a :class:`UserError`."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        given = {k: v for k, v in options.items() if v is not None}
-        unknown = sorted(set(given) - names)
-        if unknown:
-            raise UserError(f"option(s) not used by EM's CLIP mode: {', '.join(unknown)}")
-        cfg = cls(**given)
+        cfg = cls(**given_options(cls, options, "option(s) not used by EM's CLIP mode"))
         cfg.validate()
         return cfg
-
-
-def _freeze(model: torch.nn.Module, frozen: bool) -> None:
-    for p in model.parameters():
-        p.requires_grad_(not frozen)
 
 
 def _same_caption(tokens: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
@@ -142,31 +123,12 @@ def sample_loss(bundle: ClipBundle, x: torch.Tensor, text_emb: torch.Tensor, ban
     return F.cross_entropy(logits, torch.zeros(len(x), dtype=torch.long, device=x.device), reduction="none")
 
 
-def _project(x: torch.Tensor, delta: torch.Tensor, epsilon: float) -> torch.Tensor:
-    delta = delta.clamp(-epsilon, epsilon)
-    return (x + delta).clamp_(0.0, 1.0) - x
-
-
 def pgd_min_clip(bundle: ClipBundle, x: torch.Tensor, text_emb: torch.Tensor, bank_emb: torch.Tensor,
                  same: torch.Tensor, delta: torch.Tensor, epsilon: float, step_size: float, steps: int
                  ) -> torch.Tensor:
     """``steps`` signed-gradient steps lowering :func:`sample_loss`, projected after each step."""
-    delta = _project(x, delta, epsilon)
-    for _ in range(steps):
-        d = delta.detach().requires_grad_(True)
-        with torch.enable_grad():
-            loss = sample_loss(bundle, (x + d).clamp(0.0, 1.0), text_emb, bank_emb, same).sum()
-            (grad,) = torch.autograd.grad(loss, d)
-        delta = _project(x, delta - step_size * grad.sign(), epsilon)
-    return delta.detach()
-
-
-def _infonce(bundle: ClipBundle, x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    img = bundle.encode_images(x)
-    txt = bundle.encode_tokens(tokens)
-    logits = bundle.model.logit_scale.exp() * img @ txt.T
-    target = torch.arange(len(x), device=x.device)
-    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+    return pgd_minimize(lambda xp: sample_loss(bundle, xp, text_emb, bank_emb, same).sum(), x, delta,
+                        epsilon, step_size, steps)
 
 
 @torch.no_grad()
@@ -201,7 +163,7 @@ def fit_em_clip(images: torch.Tensor, captions: list[str], cfg: EMClipConfig, pr
     n, _, h, w = images.shape
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available()
                           else "cpu" if cfg.device == "auto" else cfg.device)
-    model_cfg = resolve_model_config(cfg.clip_model, DEFAULT_SURROGATE, image_size=h if h == w else None)
+    model_cfg = resolve_model_config(cfg.clip_model, TINY_CLIP_CONFIG, image_size=h if h == w else None)
     bundle = build_clip_model(model_cfg, seed=cfg.seed, pretrained=cfg.clip_pretrained)
     bundle.model.to(device)
     trainable = cfg.clip_pretrained is None
@@ -219,21 +181,20 @@ def fit_em_clip(images: torch.Tensor, captions: list[str], cfg: EMClipConfig, pr
     for rnd in range(1, cfg.max_rounds + 1):
         if trainable:
             bundle.model.train()
-            _freeze(bundle.model, False)
+            set_frozen(bundle.model, False)
             for _ in range(cfg.train_batches):
                 if cursor + bs > n:
                     order, cursor = torch.randperm(n, generator=gen), 0
                 idx = order[cursor:cursor + bs].to(device)
                 cursor += bs
                 x = (images[idx].float().div_(255.0) + delta[idx]).clamp_(0.0, 1.0)
-                loss = _infonce(bundle, x, tokens[idx])
+                loss = clip_infonce(bundle, x, tokens[idx])
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-                with torch.no_grad():
-                    bundle.model.logit_scale.clamp_(0, _MAX_LOGIT_SCALE)
+                clamp_logit_scale(bundle.model)
         bundle.model.eval()
-        _freeze(bundle.model, True)
+        set_frozen(bundle.model, True)
         with torch.no_grad():
             bank_emb = bundle.encode_tokens(bank)
         for s in range(0, n, cfg.batch_size):
@@ -251,7 +212,7 @@ def fit_em_clip(images: torch.Tensor, captions: list[str], cfg: EMClipConfig, pr
                       "seconds": time.perf_counter() - started})
         if error < cfg.stop_error:
             break
-    _freeze(bundle.model, False)
+    set_frozen(bundle.model, False)
     config = {
         "method": "em",
         **dataclasses.asdict(cfg),
@@ -290,7 +251,7 @@ class ErrorMinimizingClip(ProtectionMethod):
         self.bundle = build_clip_model(config["clip_model"], seed=0)
         load_clip_state(self.bundle, weights["surrogate"])
         self.bundle.model.eval()
-        _freeze(self.bundle.model, True)
+        set_frozen(self.bundle.model, True)
         self.bank = weights["bank"]["tokens"].long()
         with torch.no_grad():
             self.bank_emb = self.bundle.encode_tokens(self.bank)
@@ -317,26 +278,13 @@ class ErrorMinimizingClip(ProtectionMethod):
     def perturb(self, batch: ProtectBatch) -> torch.Tensor:
         if any(not c for c in batch.captions):
             raise UserError("EM's CLIP mode needs a caption for every sample")
-        b, c, h, w = batch.pixels.shape
-        eps = self.epsilon
-        init = torch.empty((b, c, h, w), dtype=torch.float32)
-        for i, seed in enumerate(batch.seeds):
-            g = torch.Generator().manual_seed(int(seed))
-            init[i] = (torch.rand((c, h, w), generator=g) * 2 - 1) * eps
+        start = seeded_uniform(batch.seeds, tuple(batch.pixels.shape[1:]), self.epsilon).to(self.device)
         tokens = self.bundle.tokenize([str(t) for t in batch.captions]).to(self.device)
-        x = batch.images
-        out = torch.empty((b, c, h, w), dtype=torch.float32, device=self.device)
-        for start in range(0, b, APPLY_CHUNK):
-            stop = min(start + APPLY_CHUNK, b)
-            k = stop - start
-            xs = torch.zeros((APPLY_CHUNK, c, h, w), dtype=torch.float32, device=self.device)
-            ds = torch.zeros_like(xs)
-            ts = torch.zeros((APPLY_CHUNK, tokens.shape[1]), dtype=tokens.dtype, device=self.device)
-            xs[:k] = x[start:stop].float()
-            ds[:k] = init[start:stop].to(self.device)
-            ts[:k] = tokens[start:stop]
+
+        def chunk(xs: torch.Tensor, ds: torch.Tensor, ts: torch.Tensor) -> torch.Tensor:
             with torch.no_grad():
                 text_emb = self.bundle.encode_tokens(ts)
-            out[start:stop] = pgd_min_clip(self.bundle, xs, text_emb, self.bank_emb, _same_caption(ts, self.bank),
-                                           ds, eps, self.step_size, self.pgd_steps)[:k]
-        return out
+            return pgd_min_clip(self.bundle, xs, text_emb, self.bank_emb, _same_caption(ts, self.bank),
+                                ds, self.epsilon, self.step_size, self.pgd_steps)
+
+        return in_fixed_chunks(chunk, batch.images.float(), start, tokens)

@@ -109,3 +109,9 @@ def build_classifier(name: str, num_classes: int, seed: int | None = None) -> nn
         return Normalized(ARCHITECTURES[name](num_classes))
     finally:
         torch.random.set_rng_state(state)
+
+
+def set_frozen(model: nn.Module, frozen: bool) -> None:
+    """Switch gradients of every parameter of ``model`` off (``frozen``) or on."""
+    for p in model.parameters():
+        p.requires_grad_(not frozen)

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import math
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -33,32 +32,31 @@ import torch.nn.functional as F
 
 from uge_protect.errors import UserError
 from uge_protect.transforms.artifact import artifact_fingerprint, load_artifact
-from uge_protect.transforms.base import ProtectBatch, ProtectionMethod, sample_seed
+from uge_protect.transforms.base import (
+    APPLY_CHUNK,
+    ProtectBatch,
+    ProtectionMethod,
+    given_options,
+    in_fixed_chunks,
+    sample_seed,
+)
 from uge_protect.transforms.clip_models import (
+    TINY_CLIP_CONFIG,
     ClipBundle,
+    clamp_logit_scale,
+    clip_infonce,
     build_clip_model,
     clip_state,
     load_clip_state,
     resolve_model_config,
 )
+from uge_protect.transforms.networks import set_frozen
 from uge_protect.transforms.t2ue_generators import BACKBONES, build_generator
 
 Progress = Callable[[dict[str, Any]], None]
 
-#: Apply generates noise in chunks of exactly this many captions (zero-padded), so a sample's
-#: floats never depend on how many samples share its batch.
-APPLY_CHUNK = 64
 MODES = ("sample", "class")
 DEFAULT_TEMPLATE = "a photo of a {}"
-_MAX_LOGIT_SCALE = math.log(100.0)
-
-#: Surrogate trained from scratch when no pretrained weights are given: a small CLIP that
-#: trains on a CPU (its image size follows the training images).
-DEFAULT_SURROGATE: dict[str, Any] = {
-    "embed_dim": 64,
-    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 32, "patch_size": 4},
-    "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
-}
 
 
 @dataclass
@@ -119,12 +117,7 @@ class T2UEConfig:
     @classmethod
     def from_options(cls, options: dict[str, Any]) -> "T2UEConfig":
         """Build from a dict; None means "default"; unknown keys are a :class:`UserError`."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        given = {k: v for k, v in options.items() if v is not None}
-        unknown = sorted(set(given) - names)
-        if unknown:
-            raise UserError(f"unknown T2UE option(s): {', '.join(unknown)}")
-        cfg = cls(**given)
+        cfg = cls(**given_options(cls, options, "unknown T2UE option(s)"))
         cfg.validate()
         return cfg
 
@@ -187,14 +180,6 @@ def latent(seed: int, z_dim: int) -> torch.Tensor:
 # --------------------------------------------------------------------------- fit
 
 
-def _infonce(surrogate: ClipBundle, x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    img = surrogate.encode_images(x)
-    txt = surrogate.encode_tokens(tokens)
-    logits = surrogate.model.logit_scale.exp().clamp(max=100.0) * img @ txt.T
-    target = torch.arange(len(x), device=x.device)
-    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
-
-
 def _resize_noise(delta: torch.Tensor, h: int, w: int) -> torch.Tensor:
     if tuple(delta.shape[-2:]) == (h, w):
         return delta
@@ -249,7 +234,7 @@ def fit_t2ue(images: torch.Tensor, captions: list[str], cfg: T2UEConfig, progres
     n, _, h, w = images.shape
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available()
                           else "cpu" if cfg.device == "auto" else cfg.device)
-    model_cfg = resolve_model_config(cfg.surrogate, DEFAULT_SURROGATE, image_size=h if h == w else None)
+    model_cfg = resolve_model_config(cfg.surrogate, TINY_CLIP_CONFIG, image_size=h if h == w else None)
     surrogate = build_clip_model(model_cfg, seed=cfg.seed, pretrained=cfg.surrogate_pretrained)
     surrogate.model.to(device)
     pretrained = cfg.surrogate_pretrained is not None
@@ -281,9 +266,15 @@ def fit_t2ue(images: torch.Tensor, captions: list[str], cfg: T2UEConfig, progres
             load_clip_state(conditioner, state["conditioner"])
     if conditioner is not None:
         conditioner.model.eval()
-        for p in conditioner.model.parameters():
-            p.requires_grad_(False)
+        set_frozen(conditioner.model, True)
     text_mean = caption_mean(conditioner, tokens) if conditioner is not None and cfg.center_text else None
+    def surrogate_step(loss: torch.Tensor) -> None:
+        s_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        _sync_grads(surrogate.model.parameters(), world)
+        s_opt.step()
+        clamp_logit_scale(surrogate.model)
+
     bs = min(cfg.batch_size, n)
     order, cursor = torch.randperm(n, generator=gen), 0
     seen = 0
@@ -302,18 +293,12 @@ def fit_t2ue(images: torch.Tensor, captions: list[str], cfg: T2UEConfig, progres
         t = tokens[idx].to(device)
         if step < warmup:  # clean CLIP steps: the surrogate learns the data before noise is made
             surrogate.model.train()
-            loss = _infonce(surrogate, x, t)
-            s_opt.zero_grad(set_to_none=True)
-            loss.backward()
-            _sync_grads(surrogate.model.parameters(), world)
-            s_opt.step()
-            with torch.no_grad():
-                surrogate.model.logit_scale.clamp_(0, _MAX_LOGIT_SCALE)
+            loss = clip_infonce(surrogate, x, t)
+            surrogate_step(loss)
             if step + 1 == warmup:
                 conditioner = copy.deepcopy(surrogate)
                 conditioner.model.eval()
-                for p in conditioner.model.parameters():
-                    p.requires_grad_(False)
+                set_frozen(conditioner.model, True)
                 if cfg.center_text:
                     text_mean = caption_mean(conditioner, tokens)
                 if cfg.restart_surrogate:
@@ -331,30 +316,23 @@ def fit_t2ue(images: torch.Tensor, captions: list[str], cfg: T2UEConfig, progres
             # generator step: lower the InfoNCE through δ, surrogate fixed
             generator.train()
             surrogate.model.eval()
-            for p in surrogate.model.parameters():
-                p.requires_grad_(False)
+            set_frozen(surrogate.model, True)
             delta = _resize_noise(generator(emb, z, states), h, w)
-            loss = _infonce(surrogate, (x + delta).clamp(0.0, 1.0), t)
+            loss = clip_infonce(surrogate, (x + delta).clamp(0.0, 1.0), t)
             if cfg.noise_weight > 0:
-                loss = loss + cfg.noise_weight * _infonce(surrogate, (0.5 + delta).clamp(0.0, 1.0), t)
+                loss = loss + cfg.noise_weight * clip_infonce(surrogate, (0.5 + delta).clamp(0.0, 1.0), t)
             g_opt.zero_grad(set_to_none=True)
             loss.backward()
             _sync_grads(generator.parameters(), world)
             g_opt.step()
             g_sched.step()
             if not pretrained:  # surrogate step on the perturbed pairs (min-min)
-                for p in surrogate.model.parameters():
-                    p.requires_grad_(True)
+                set_frozen(surrogate.model, False)
                 surrogate.model.train()
-                s_loss = _infonce(surrogate, (x + delta.detach()).clamp(0.0, 1.0), t)
+                s_loss = clip_infonce(surrogate, (x + delta.detach()).clamp(0.0, 1.0), t)
                 if cfg.noise_weight > 0:  # both players minimise the same objective
-                    s_loss = s_loss + cfg.noise_weight * _infonce(surrogate, (0.5 + delta.detach()).clamp(0.0, 1.0), t)
-                s_opt.zero_grad(set_to_none=True)
-                s_loss.backward()
-                _sync_grads(surrogate.model.parameters(), world)
-                s_opt.step()
-                with torch.no_grad():
-                    surrogate.model.logit_scale.clamp_(0, _MAX_LOGIT_SCALE)
+                    s_loss = s_loss + cfg.noise_weight * clip_infonce(surrogate, (0.5 + delta.detach()).clamp(0.0, 1.0), t)
+                surrogate_step(s_loss)
         step += 1
         seen += len(batch)
         window.append(float(loss.detach()))
@@ -418,6 +396,7 @@ class TextToUnlearnable(ProtectionMethod):
     """Apply a fitted T2UE generator: noise from each sample's caption (or class prompt) and z."""
 
     name = "t2ue"
+    text_only = True
 
     def __init__(self, config: dict[str, Any], weights: dict[str, dict[str, torch.Tensor]], *,
                  mode: str = "sample", class_names: list[str] | None = None, template: str = DEFAULT_TEMPLATE,
@@ -457,9 +436,8 @@ class TextToUnlearnable(ProtectionMethod):
         except RuntimeError as exc:
             raise UserError(f"T2UE artifact's generator does not load: {str(exc).splitlines()[0]}") from exc
         self.generator.eval()
-        for module in (self.encoder.model, self.generator):
-            for p in module.parameters():
-                p.requires_grad_(False)
+        set_frozen(self.encoder.model, True)
+        set_frozen(self.generator, True)
 
     @property
     def requires_caption(self) -> bool:  # type: ignore[override]
@@ -516,20 +494,12 @@ class TextToUnlearnable(ProtectionMethod):
 
     @torch.no_grad()
     def noise(self, texts: list[str], z: torch.Tensor) -> torch.Tensor:
-        """Noise (B, 3, noise_size, noise_size) for captions and latents, chunk by chunk."""
-        tokens = self.encoder.tokenize(texts)
-        out = []
-        for start in range(0, len(texts), APPLY_CHUNK):
-            k = min(APPLY_CHUNK, len(texts) - start)
-            t = torch.zeros((APPLY_CHUNK, tokens.shape[1]), dtype=tokens.dtype)
-            zz = torch.zeros((APPLY_CHUNK, self.z_dim))
-            t[:k] = tokens[start:start + k]
-            zz[:k] = z[start:start + k]
-            t, zz = t.to(self.device), zz.to(self.device)
+        """Noise (B, 3, noise_size, noise_size) for captions and latents, in fixed chunks."""
+        def chunk(t: torch.Tensor, zz: torch.Tensor) -> torch.Tensor:
             emb, states = text_features(self.encoder, t)
-            emb = centered(emb, self.text_mean)
-            out.append(self.generator(emb, zz, states)[:k].float())
-        return torch.cat(out)
+            return self.generator(centered(emb, self.text_mean), zz, states).float()
+
+        return in_fixed_chunks(chunk, self.encoder.tokenize(texts).to(self.device), z.float().to(self.device))
 
     def perturb(self, batch: ProtectBatch) -> torch.Tensor:
         texts, z = self.prompts_and_latents(batch)
