@@ -169,3 +169,24 @@ def test_fit_on_two_processes(data, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     config = json.loads((tmp_path / "art" / "config.json").read_text())
     assert config["processes"] == 2 and config["loss_history"]
+
+
+def test_fit_with_class_prompts_then_class_mode(data, tmp_path):
+    root, shard, cfg = data
+    art = tmp_path / "art-cls"
+    result = runner.invoke(app, ["fit", "t2ue", str(shard), "-o", str(art), *_tiny_args(cfg), "--class-names",
+                                 ",".join(COLOURS), "--template", "a {} thing", "--augment", "--lock-text",
+                                 "--text-pool", "mean"])
+    assert result.exit_code == 0, result.output
+    config = json.loads((art / "config.json").read_text())
+    assert config["class_names"] == COLOURS and config["template"] == "a {} thing"
+    assert config["augment"] and config["lock_text"] and config["text_pool"] == "mean"
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["shard", str(shard), "-o", str(out), "-m", "t2ue", "--artifact", str(art),
+                                 "--mode", "class", "--class-names", ",".join(COLOURS), "--template", "a {} thing",
+                                 "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert len(_protected_pixels(out)) == 33
+    bad = runner.invoke(app, ["fit", "t2ue", str(shard), "-o", str(tmp_path / "bad"), *_tiny_args(cfg),
+                              "--class-names", "red,green"])
+    assert bad.exit_code == 2 and _errors(bad) == ["error: label 3 has no class name (2 given)"]

@@ -147,3 +147,71 @@ def test_centered_captions_round_trip(tmp_path):
     # the stored mean is used: without it the noise differs
     method.text_mean = None
     assert not torch.equal(method.perturb(_batch(images[:4], captions[:4], keys)), d)
+
+
+def test_locked_text_tower_stays_at_its_initialisation(tmp_path):
+    from uge_protect.transforms.clip_models import build_clip_model, clip_state
+
+    images, captions = _data(n=32)
+    config, weights = fit_t2ue(images, captions, _tiny(steps=6, warmup_steps=4, lock_text=True, augment=True))
+    initial = clip_state(build_clip_model(TINY_CLIP, seed=0))
+    for k, v in weights["text_encoder"].items():
+        assert torch.equal(v, initial[k]), k
+    assert config["lock_text"] and config["augment"]
+    save_artifact(tmp_path, config, weights)
+    d = TextToUnlearnable.from_artifact(str(tmp_path)).perturb(_batch(images[:4], captions[:4], ["a", "b", "c", "d"]))
+    assert d.abs().max() <= EPS + 1e-6
+
+
+def test_shift_flip_keeps_content_and_gradient():
+    from uge_protect.transforms.t2ue import _shift_flip
+
+    x = torch.rand(6, 3, 8, 8, requires_grad=True)
+    out = _shift_flip(x, torch.Generator().manual_seed(0))
+    assert out.shape == x.shape
+    again = _shift_flip(x, torch.Generator().manual_seed(0))
+    assert torch.equal(out, again)
+    out.sum().backward()
+    assert x.grad is not None and x.grad.sum() > 0
+    # each output is a shifted / flipped view of its own input: its values come from that input
+    for i in range(6):
+        assert set(out[i].detach().flatten().tolist()) <= set(x[i].detach().flatten().tolist())
+
+
+def test_mean_pooled_caption_embedding_round_trips(tmp_path):
+    from uge_protect.transforms.t2ue import text_features
+
+    images, captions = _data(n=32)
+    config, weights = fit_t2ue(images, captions, _tiny(steps=4, warmup_steps=0, text_pool="mean"))
+    assert config["text_pool"] == "mean"
+    save_artifact(tmp_path, config, weights)
+    method = TextToUnlearnable.from_artifact(str(tmp_path))
+    tokens = method.encoder.tokenize(captions[:3])
+    pooled, (states, mask) = text_features(method.encoder, tokens, "mean")
+    manual = (states * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+    assert torch.allclose(pooled, torch.nn.functional.normalize(manual, dim=-1), atol=1e-6)
+    # the generator reads the token width (32), not the projected embedding (16)
+    assert config["text_dim"] == TINY_CLIP["text_cfg"]["width"] != TINY_CLIP["embed_dim"]
+    d = method.perturb(_batch(images[:3], captions[:3], ["a", "b", "c"]))
+    assert d.shape == (3, 3, 16, 16) and d.abs().max() <= EPS + 1e-6
+
+
+def test_class_prompt_term(tmp_path):
+    images, captions = _data(n=32)
+    labels = torch.arange(32) % 4
+    with pytest.raises(UserError, match="labelled"):
+        fit_t2ue(images, captions, _tiny(steps=2, class_names=COLOURS))
+    with pytest.raises(UserError, match="no class name"):
+        fit_t2ue(images, captions, _tiny(steps=2, class_names=COLOURS[:2]), labels=labels)
+    with pytest.raises(UserError, match="template"):
+        T2UEConfig.from_options({"template": "no slot"})
+    losses = {}
+    for weight in (0.0, 1.0):
+        config, _ = fit_t2ue(images, captions, _tiny(steps=20, warmup_steps=0, class_names=COLOURS,
+                                                     class_weight=weight), labels=labels)
+        losses[weight] = config["loss_history"][0]["loss"]
+    # the class term (a 4-way cross-entropy, ≈ log 4 at the start) is part of the objective
+    assert losses[1.0] > losses[0.0] + 0.5
+    # unlabelled samples (-1) are left out of the class term, not an error
+    fit_t2ue(images, captions, _tiny(steps=2, warmup_steps=0, class_names=COLOURS),
+             labels=torch.where(labels == 0, -1, labels))

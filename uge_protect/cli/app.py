@@ -8,7 +8,7 @@ from typing import List, Optional
 
 import typer
 
-from uge_protect.cli.common import fail
+from uge_protect.cli.common import class_names_option, fail
 from uge_protect.errors import UserError
 
 app = typer.Typer(
@@ -61,7 +61,7 @@ def shard(
     try:
         method_options = {k: v for k, v in (("mode", mode), ("template", template)) if v is not None}
         if class_names is not None:
-            method_options["class_names"] = _class_names(class_names)
+            method_options["class_names"] = class_names_option(class_names)
         method_obj = create_method(method, str(artifact) if artifact else None, epsilon=epsilon, **method_options)
         cfg = ShardJobConfig(
             inputs=list(inputs), output=str(output), seed=seed, batch_size=batch_size,
@@ -92,21 +92,6 @@ def shard(
             f"{t['images_per_second']} img/s this run; output: {output}",
             err=True,
         )
-
-
-def _class_names(value: str) -> list[str]:
-    """Class names from a JSON list file, a file with one name per line, or a comma-separated list."""
-    path = Path(value)
-    if path.is_file():
-        text = path.read_text(encoding="utf-8")
-        try:
-            names = json.loads(text)
-        except ValueError:
-            names = [line.strip() for line in text.splitlines() if line.strip()]
-        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-            raise UserError(f"--class-names file {value} must hold a JSON list of strings or one name per line")
-        return names
-    return [n.strip() for n in value.split(",") if n.strip()]
 
 
 @app.command()

@@ -7,7 +7,7 @@ from typing import List, Optional
 
 import typer
 
-from uge_protect.cli.common import fail
+from uge_protect.cli.common import class_names_option, fail
 from uge_protect.errors import UserError
 
 fit_app = typer.Typer(
@@ -83,6 +83,12 @@ def t2ue(
     surrogate_lr: Optional[float] = typer.Option(None, "--surrogate-lr", help="Surrogate learning rate when trained (default 2e-3)."),
     noise_weight: Optional[float] = typer.Option(None, "--noise-weight", help="Weight of an extra InfoNCE on (grey + noise, caption), not in the paper (0: the paper's objective only)."),
     center_text: Optional[bool] = typer.Option(None, "--center-text/--no-center-text", help="Subtract the training captions' mean embedding before conditioning the generator (default off)."),
+    text_pool: Optional[str] = typer.Option(None, "--text-pool", help="Caption embedding the ssa generator reads: eot (CLIP's own) or mean (of the token states)."),
+    lock_text: Optional[bool] = typer.Option(None, "--lock-text/--train-text", help="From-scratch surrogate: keep its text tower frozen at initialisation and train the image tower only."),
+    augment: Optional[bool] = typer.Option(None, "--augment/--no-augment", help="Random shifts and flips of what the surrogate sees, so the noise survives downstream crops and flips."),
+    class_names: Optional[str] = typer.Option(None, "--class-names", help="Class names in label order (comma-separated, or a JSON list / one-per-line file): labelled samples also train the noise of their class prompt, for `shard --mode class`."),
+    template: Optional[str] = typer.Option(None, "--template", help="Class prompt template with {} for the name (default \"a photo of a {}\"); use the same with `shard --mode class`."),
+    class_weight: Optional[float] = typer.Option(None, "--class-weight", help="Weight of the class-prompt term (default 1)."),
     image_size: Optional[int] = typer.Option(None, "--image-size", help="Centre-crop training images to this side first."),
     seed: int = typer.Option(0, "--seed", help="Seed of the fit."),
     device: str = typer.Option("auto", "--device", help="auto (CUDA when available), cpu, cuda, cuda:N."),
@@ -97,12 +103,16 @@ def t2ue(
         "backbone": backbone, "epsilon": epsilon, "surrogate": surrogate,
         "surrogate_pretrained": surrogate_pretrained, "noise_size": noise_size, "z_dim": z_dim, "width": width,
         "steps": steps, "warmup_steps": warmup_steps, "batch_size": batch_size, "lr": lr,
-        "surrogate_lr": surrogate_lr, "noise_weight": noise_weight, "center_text": center_text, "image_size": image_size, "seed": seed,
+        "surrogate_lr": surrogate_lr, "noise_weight": noise_weight, "center_text": center_text,
+        "text_pool": text_pool, "lock_text": lock_text, "augment": augment, "template": template,
+        "class_weight": class_weight, "image_size": image_size, "seed": seed,
         "device": device,
     }
     if checkpoint_every < 0:
         fail("--checkpoint-every must be >= 0")
     try:
+        if class_names is not None:
+            options["class_names"] = class_names_option(class_names)
         fit_from_shards("t2ue", list(train), str(output), options, quiet=quiet, resume=resume,
                         checkpoint_every=checkpoint_every)
     except (UserError, ValueError) as exc:

@@ -181,10 +181,11 @@ def clip_state(bundle: ClipBundle) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().clone().contiguous() for k, v in bundle.model.state_dict().items()}
 
 
-def load_clip_state(bundle: ClipBundle, state: dict[str, torch.Tensor]) -> None:
-    """Load :func:`clip_state` output back; :class:`UserError` when it does not fit."""
+def load_clip_state(bundle: ClipBundle, state: dict[str, torch.Tensor], strict: bool = True) -> None:
+    """Load :func:`clip_state` output back (all of it, or a part when not ``strict``);
+    :class:`UserError` when it does not fit."""
     try:
-        bundle.model.load_state_dict(state, strict=True)
+        bundle.model.load_state_dict(state, strict=strict)
     except RuntimeError as exc:
         raise UserError(f"stored CLIP weights do not fit the model: {str(exc).splitlines()[0]}") from exc
 

@@ -7,7 +7,7 @@ adapted (no early downsampling beyond what the resolution affords) so they stay 
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 from torch import nn
@@ -111,7 +111,7 @@ def build_classifier(name: str, num_classes: int, seed: int | None = None) -> nn
         torch.random.set_rng_state(state)
 
 
-def set_frozen(model: nn.Module, frozen: bool) -> None:
-    """Switch gradients of every parameter of ``model`` off (``frozen``) or on."""
-    for p in model.parameters():
+def set_frozen(model: nn.Module | Iterable[nn.Parameter], frozen: bool) -> None:
+    """Switch gradients of every parameter of ``model`` (a module or parameters) off (``frozen``) or on."""
+    for p in model.parameters() if isinstance(model, nn.Module) else model:
         p.requires_grad_(not frozen)

@@ -91,6 +91,19 @@ class T2UEConfig:
     #: Subtract the mean caption embedding of the training set before conditioning (and
     #: renormalise), so captions that differ in one word get visibly different inputs.
     center_text: bool = False
+    #: The caption embedding the ``ssa`` generator is conditioned on: ``eot`` (CLIP's) or ``mean``.
+    text_pool: str = "eot"
+    #: From-scratch surrogate only: keep its (initial) text tower frozen, the conditioning
+    #: encoder's twin, and train only its image tower (and temperature).
+    lock_text: bool = False
+    #: Random shifts (up to 4 px, edge padding) and flips of what the surrogate sees, so the
+    #: noise stays readable under the crops and flips of downstream training.
+    augment: bool = False
+    #: Class names: labelled samples also train the noise of their class prompt
+    #: (``template`` filled with the name), scored as a zero-shot classifier over all prompts.
+    class_names: list[str] | None = None
+    template: str = "a photo of a {}"
+    class_weight: float = 1.0
     seed: int = 0
     image_size: int | None = None
     device: str = "auto"
@@ -98,6 +111,8 @@ class T2UEConfig:
     def validate(self) -> None:
         if self.backbone not in BACKBONES:
             raise UserError(f"unknown T2UE backbone {self.backbone!r}; choose ssa or unet")
+        if self.text_pool not in TEXT_POOLS:
+            raise UserError(f"unknown text pooling {self.text_pool!r}; choose eot or mean")
         if not 0.0 < self.epsilon <= 1.0:
             raise UserError(f"epsilon must be in (0, 1], got {self.epsilon}")
         if self.noise_size < 8:
@@ -111,8 +126,10 @@ class T2UEConfig:
             raise UserError("batch size must be >= 2 for a contrastive loss")
         if self.lr <= 0 or self.surrogate_lr <= 0:
             raise UserError("learning rates must be > 0")
-        if self.noise_weight < 0:
-            raise UserError("noise weight must be >= 0")
+        if self.noise_weight < 0 or self.class_weight < 0:
+            raise UserError("loss weights must be >= 0")
+        if "{}" not in self.template:
+            raise UserError(f"the class template must contain '{{}}' for the class name, got {self.template!r}")
 
     @classmethod
     def from_options(cls, options: dict[str, Any]) -> "T2UEConfig":
@@ -125,8 +142,17 @@ class T2UEConfig:
 # --------------------------------------------------------------------------- caption features
 
 
-def text_features(bundle: ClipBundle, tokens: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-    """Pooled normalised embeddings (B, D) and token states with their mask ((B, L, W), (B, L))."""
+TEXT_POOLS = ("eot", "mean")
+
+
+def text_features(bundle: ClipBundle, tokens: torch.Tensor, pool: str = "eot"
+                  ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """Pooled normalised embeddings (B, D) and token states with their mask ((B, L, W), (B, L)).
+
+    ``pool="eot"`` is CLIP's own caption embedding (end-of-text token, projected); ``"mean"``
+    averages the token states (width W), which keeps every word of the caption visible even
+    in an untrained tower.
+    """
     model = bundle.model
     if not hasattr(model, "token_embedding"):
         raise UserError("T2UE needs an open_clip CLIP with its own text transformer (not an HF text tower)")
@@ -141,16 +167,18 @@ def text_features(bundle: ClipBundle, tokens: torch.Tensor) -> tuple[torch.Tenso
         pooled = proj(pooled) if isinstance(proj, torch.nn.Linear) else pooled @ proj
     mask = (tokens != 0).to(x.dtype)
     mask[:, 0] = 1.0  # never an all-masked row
+    if pool == "mean":
+        pooled = (x * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
     return F.normalize(pooled.float(), dim=-1), (x.float(), mask)
 
 
 @torch.no_grad()
-def caption_mean(bundle: ClipBundle, tokens: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+def caption_mean(bundle: ClipBundle, tokens: torch.Tensor, pool: str = "eot", batch_size: int = 512) -> torch.Tensor:
     """Mean pooled embedding (D,) of ``tokens`` under ``bundle``'s text tower."""
     device = next(bundle.model.parameters()).device
     total = None
     for s in range(0, len(tokens), batch_size):
-        e, _ = text_features(bundle, tokens[s:s + batch_size].to(device))
+        e, _ = text_features(bundle, tokens[s:s + batch_size].to(device), pool)
         part = e.sum(0)
         total = part if total is None else total + part
     assert total is not None
@@ -162,14 +190,23 @@ def centered(emb: torch.Tensor, mean: torch.Tensor | None) -> torch.Tensor:
     return emb if mean is None else F.normalize(emb - mean.to(emb.device), dim=-1)
 
 
-def _text_dims(bundle: ClipBundle, context: int) -> tuple[int, int]:
+def _text_dims(bundle: ClipBundle, context: int, pool: str) -> tuple[int, int]:
     with torch.no_grad():
-        pooled, (states, _) = text_features(bundle, torch.zeros((1, context), dtype=torch.long))
+        pooled, (states, _) = text_features(bundle, torch.zeros((1, context), dtype=torch.long), pool)
     return pooled.shape[-1], states.shape[-1]
 
 
 def _text_only_state(bundle: ClipBundle) -> dict[str, torch.Tensor]:
     return {k: v for k, v in clip_state(bundle).items() if not k.startswith("visual.")}
+
+
+def _is_image_side(name: str) -> bool:
+    return name.startswith("visual.") or name == "logit_scale"
+
+
+def _surrogate_trainable(bundle: ClipBundle, lock_text: bool) -> list[torch.nn.Parameter]:
+    """The surrogate's parameters a from-scratch fit trains: all, or the image side only."""
+    return [p for name, p in bundle.model.named_parameters() if not lock_text or _is_image_side(name)]
 
 
 def latent(seed: int, z_dim: int) -> torch.Tensor:
@@ -184,6 +221,22 @@ def _resize_noise(delta: torch.Tensor, h: int, w: int) -> torch.Tensor:
     if tuple(delta.shape[-2:]) == (h, w):
         return delta
     return F.interpolate(delta, size=(h, w), mode="bilinear", align_corners=False)
+
+
+def _shift_flip(x: torch.Tensor, gen: torch.Generator, pad: int = 4) -> torch.Tensor:
+    """Per-sample random translation (edge-padded crop) and horizontal flip, differentiable."""
+    n, _, h, w = x.shape
+    padded = F.pad(x, (pad, pad, pad, pad), mode="replicate")
+    offsets = torch.randint(0, 2 * pad + 1, (n, 2), generator=gen).tolist()
+    flips = (torch.rand(n, generator=gen) < 0.5).tolist()
+    out = [padded[i, :, dy:dy + h, dx:dx + w] for i, (dy, dx) in enumerate(offsets)]
+    return torch.stack([o.flip(-1) if f else o for o, f in zip(out, flips)])
+
+
+def class_loss(bundle: ClipBundle, x: torch.Tensor, prompts: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of ``bundle`` as a zero-shot classifier: images ``x`` against all class ``prompts``."""
+    logits = bundle.model.logit_scale.exp().clamp(max=100.0) * bundle.encode_images(x) @ bundle.encode_tokens(prompts).T
+    return F.cross_entropy(logits, y)
 
 
 def _sync_grads(params: Any, world: int) -> None:
@@ -211,7 +264,7 @@ def _sync_buffers(module: torch.nn.Module, world: int) -> None:
 
 
 def fit_t2ue(images: torch.Tensor, captions: list[str], cfg: T2UEConfig, progress: Progress | None = None,
-             *, state: dict[str, Any] | None = None, checkpoint: Callable[[dict[str, Any]], None] | None = None,
+             *, labels: torch.Tensor | None = None, state: dict[str, Any] | None = None, checkpoint: Callable[[dict[str, Any]], None] | None = None,
              checkpoint_every: int = 0, rank: int = 0, world: int = 1
              ) -> tuple[dict[str, Any], dict[str, dict[str, torch.Tensor]]]:
     """Train a T2UE generator on uint8 ``images`` (N, 3, H, W) and their ``captions``.
@@ -239,11 +292,21 @@ def fit_t2ue(images: torch.Tensor, captions: list[str], cfg: T2UEConfig, progres
     surrogate.model.to(device)
     pretrained = cfg.surrogate_pretrained is not None
     tokens = surrogate.tokenize(list(captions))
-    text_dim, token_dim = _text_dims(surrogate, tokens.shape[1])
+    text_dim, token_dim = _text_dims(surrogate, tokens.shape[1], cfg.text_pool)
+    prompt_tokens = None
+    if cfg.class_names:
+        if labels is None or not bool((labels >= 0).any()):
+            raise UserError("T2UE class names need labelled training samples (cls or a label field)")
+        if int(labels.max()) >= len(cfg.class_names):
+            raise UserError(f"label {int(labels.max())} has no class name ({len(cfg.class_names)} given)")
+        prompt_tokens = surrogate.tokenize([cfg.template.format(c) for c in cfg.class_names]).to(device)
     generator = build_generator(cfg.backbone, text_dim=text_dim, token_dim=token_dim, z_dim=cfg.z_dim,
                                 size=cfg.noise_size, width=cfg.width, epsilon=cfg.epsilon, seed=cfg.seed).to(device)
     g_opt = torch.optim.AdamW(generator.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    s_opt = torch.optim.AdamW(surrogate.model.parameters(), lr=cfg.surrogate_lr, weight_decay=0.1)
+    lock_text = cfg.lock_text and not pretrained
+    trainable = _surrogate_trainable(surrogate, lock_text)
+    set_frozen(surrogate.model, True)
+    s_opt = torch.optim.AdamW(trainable, lr=cfg.surrogate_lr, weight_decay=0.1)
     warmup = 0 if pretrained else cfg.warmup_steps
     total = warmup + cfg.steps
     g_sched = torch.optim.lr_scheduler.CosineAnnealingLR(g_opt, T_max=cfg.steps)
@@ -251,7 +314,9 @@ def fit_t2ue(images: torch.Tensor, captions: list[str], cfg: T2UEConfig, progres
     step = 0
     # the caption encoder: the pretrained surrogate, else a frozen copy taken after the warm-up
     # (with no warm-up: the surrogate's initial, random text tower)
-    conditioner: ClipBundle | None = surrogate if pretrained else copy.deepcopy(surrogate) if warmup == 0 else None
+    # (with no warm-up or a locked text tower: the surrogate's initial, random text tower)
+    conditioner: ClipBundle | None = (surrogate if pretrained else copy.deepcopy(surrogate)
+                                      if warmup == 0 or lock_text else None)
     history: list[dict[str, float]] = []
     if state is not None:
         step = int(state["step"])
@@ -267,11 +332,11 @@ def fit_t2ue(images: torch.Tensor, captions: list[str], cfg: T2UEConfig, progres
     if conditioner is not None:
         conditioner.model.eval()
         set_frozen(conditioner.model, True)
-    text_mean = caption_mean(conditioner, tokens) if conditioner is not None and cfg.center_text else None
+    text_mean = caption_mean(conditioner, tokens, cfg.text_pool) if conditioner is not None and cfg.center_text else None
     def surrogate_step(loss: torch.Tensor) -> None:
         s_opt.zero_grad(set_to_none=True)
         loss.backward()
-        _sync_grads(surrogate.model.parameters(), world)
+        _sync_grads(trainable, world)
         s_opt.step()
         clamp_logit_scale(surrogate.model)
 
@@ -293,46 +358,66 @@ def fit_t2ue(images: torch.Tensor, captions: list[str], cfg: T2UEConfig, progres
         t = tokens[idx].to(device)
         if step < warmup:  # clean CLIP steps: the surrogate learns the data before noise is made
             surrogate.model.train()
+            set_frozen(trainable, False)
             loss = clip_infonce(surrogate, x, t)
             surrogate_step(loss)
             if step + 1 == warmup:
-                conditioner = copy.deepcopy(surrogate)
-                conditioner.model.eval()
-                set_frozen(conditioner.model, True)
-                if cfg.center_text:
-                    text_mean = caption_mean(conditioner, tokens)
+                if not lock_text:
+                    conditioner = copy.deepcopy(surrogate)
+                    conditioner.model.eval()
+                    set_frozen(conditioner.model, True)
+                    if cfg.center_text:
+                        text_mean = caption_mean(conditioner, tokens, cfg.text_pool)
                 if cfg.restart_surrogate:
                     # min-min from a fresh surrogate: it learns the data *with* the noise from the
                     # start, so the noise can become its easiest feature (as in EM's min-min)
-                    fresh = build_clip_model(model_cfg, seed=cfg.seed + 1)
-                    load_clip_state(surrogate, clip_state(fresh))
-                    s_opt = torch.optim.AdamW(surrogate.model.parameters(), lr=cfg.surrogate_lr, weight_decay=0.1)
+                    fresh = clip_state(build_clip_model(model_cfg, seed=cfg.seed + 1))
+                    if lock_text:  # a fresh image tower; the locked text tower stays
+                        fresh = {k: v for k, v in fresh.items() if _is_image_side(k)}
+                    load_clip_state(surrogate, fresh, strict=not lock_text)
+                    s_opt = torch.optim.AdamW(trainable, lr=cfg.surrogate_lr, weight_decay=0.1)
         else:
             assert conditioner is not None
             z = torch.randn((len(batch), cfg.z_dim), generator=gen)[rank::world].to(device)
+            view = (lambda v: _shift_flip(v, gen)) if cfg.augment else (lambda v: v)
+            y = labels[idx].to(device) if prompt_tokens is not None else None
             with torch.no_grad():
-                emb, states = text_features(conditioner, t)
+                emb, states = text_features(conditioner, t, cfg.text_pool)
                 emb = centered(emb, text_mean)
-            # generator step: lower the InfoNCE through δ, surrogate fixed
+                if y is not None:
+                    y = y[y >= 0] if (y >= 0).any() else None
+                if y is not None:
+                    p_emb, p_states = text_features(conditioner, prompt_tokens[y], cfg.text_pool)
+                    p_emb = centered(p_emb, text_mean)
+                    p_z = torch.randn((len(batch), cfg.z_dim), generator=gen)[rank::world][:len(y)].to(device)
+                    x_lab = x[labels[idx].to(device) >= 0]
+
+            def objective(delta: torch.Tensor, p_delta: torch.Tensor | None) -> torch.Tensor:
+                """What both players minimise: Eq. 4, plus the optional noise-only and class terms."""
+                out = clip_infonce(surrogate, view((x + delta).clamp(0.0, 1.0)), t)
+                if cfg.noise_weight > 0:
+                    out = out + cfg.noise_weight * clip_infonce(surrogate, view((0.5 + delta).clamp(0.0, 1.0)), t)
+                if p_delta is not None:
+                    out = out + cfg.class_weight * class_loss(surrogate, view((x_lab + p_delta).clamp(0.0, 1.0)),
+                                                              prompt_tokens, y)
+                return out
+
+            # generator step: lower the objective through δ, surrogate fixed
             generator.train()
             surrogate.model.eval()
             set_frozen(surrogate.model, True)
             delta = _resize_noise(generator(emb, z, states), h, w)
-            loss = clip_infonce(surrogate, (x + delta).clamp(0.0, 1.0), t)
-            if cfg.noise_weight > 0:
-                loss = loss + cfg.noise_weight * clip_infonce(surrogate, (0.5 + delta).clamp(0.0, 1.0), t)
+            p_delta = _resize_noise(generator(p_emb, p_z, p_states), h, w) if y is not None else None
+            loss = objective(delta, p_delta)
             g_opt.zero_grad(set_to_none=True)
             loss.backward()
             _sync_grads(generator.parameters(), world)
             g_opt.step()
             g_sched.step()
             if not pretrained:  # surrogate step on the perturbed pairs (min-min)
-                set_frozen(surrogate.model, False)
+                set_frozen(trainable, False)
                 surrogate.model.train()
-                s_loss = clip_infonce(surrogate, (x + delta.detach()).clamp(0.0, 1.0), t)
-                if cfg.noise_weight > 0:  # both players minimise the same objective
-                    s_loss = s_loss + cfg.noise_weight * clip_infonce(surrogate, (0.5 + delta.detach()).clamp(0.0, 1.0), t)
-                surrogate_step(s_loss)
+                surrogate_step(objective(delta.detach(), p_delta.detach() if p_delta is not None else None))
         step += 1
         seen += len(batch)
         window.append(float(loss.detach()))
@@ -386,7 +471,8 @@ def fit_t2ue_from_options(images: torch.Tensor, labels: torch.Tensor, captions: 
                           options: dict[str, Any], progress: Progress | None = None, **kwargs: Any
                           ) -> tuple[dict[str, Any], dict[str, dict[str, torch.Tensor]]]:
     """The fitter registered under ``"t2ue"`` (needs captions; checkpoints, resumes, multi-process)."""
-    return fit_t2ue(images, [str(c) for c in captions], T2UEConfig.from_options(options), progress, **kwargs)
+    return fit_t2ue(images, [str(c) for c in captions], T2UEConfig.from_options(options), progress,
+                    labels=labels, **kwargs)
 
 
 # --------------------------------------------------------------------------- apply
@@ -416,6 +502,9 @@ class TextToUnlearnable(ProtectionMethod):
         self._config = dict(config)
         self._fingerprint = fingerprint
         self.z_dim = int(config["z_dim"])
+        self.text_pool = str(config.get("text_pool", "eot"))
+        if self.text_pool not in TEXT_POOLS:
+            raise UserError(f"T2UE artifact has an unknown text pooling {self.text_pool!r}")
         if "generator" not in weights or "text_encoder" not in weights:
             raise UserError("T2UE artifact lacks its generator or text encoder weights")
         self.encoder = build_clip_model(config["surrogate"], seed=0)
@@ -496,7 +585,7 @@ class TextToUnlearnable(ProtectionMethod):
     def noise(self, texts: list[str], z: torch.Tensor) -> torch.Tensor:
         """Noise (B, 3, noise_size, noise_size) for captions and latents, in fixed chunks."""
         def chunk(t: torch.Tensor, zz: torch.Tensor) -> torch.Tensor:
-            emb, states = text_features(self.encoder, t)
+            emb, states = text_features(self.encoder, t, self.text_pool)
             return self.generator(centered(emb, self.text_mean), zz, states).float()
 
         return in_fixed_chunks(chunk, self.encoder.tokenize(texts).to(self.device), z.float().to(self.device))
