@@ -200,6 +200,11 @@ def _text_only_state(bundle: ClipBundle) -> dict[str, torch.Tensor]:
     return {k: v for k, v in clip_state(bundle).items() if not k.startswith("visual.")}
 
 
+def class_latent(seed: int, label: int, z_dim: int) -> torch.Tensor:
+    """The fixed z of class ``label`` in class mode, for an apply ``seed``."""
+    return latent(sample_seed(seed, f"class:{int(label)}"), z_dim)
+
+
 def _is_image_side(name: str) -> bool:
     return name.startswith("visual.") or name == "logit_scale"
 
@@ -300,6 +305,8 @@ def fit_t2ue(images: torch.Tensor, captions: list[str], cfg: T2UEConfig, progres
         if int(labels.max()) >= len(cfg.class_names):
             raise UserError(f"label {int(labels.max())} has no class name ({len(cfg.class_names)} given)")
         prompt_tokens = surrogate.tokenize([cfg.template.format(c) for c in cfg.class_names]).to(device)
+        # the fixed z of each class that `shard --mode class` uses (with its default --seed 0)
+        class_z = torch.stack([class_latent(0, c, cfg.z_dim) for c in range(len(cfg.class_names))]).to(device)
     generator = build_generator(cfg.backbone, text_dim=text_dim, token_dim=token_dim, z_dim=cfg.z_dim,
                                 size=cfg.noise_size, width=cfg.width, epsilon=cfg.epsilon, seed=cfg.seed).to(device)
     g_opt = torch.optim.AdamW(generator.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -389,7 +396,7 @@ def fit_t2ue(images: torch.Tensor, captions: list[str], cfg: T2UEConfig, progres
                 if y is not None:
                     p_emb, p_states = text_features(conditioner, prompt_tokens[y], cfg.text_pool)
                     p_emb = centered(p_emb, text_mean)
-                    p_z = torch.randn((len(batch), cfg.z_dim), generator=gen)[rank::world][:len(y)].to(device)
+                    p_z = class_z[y]
                     x_lab = x[labels[idx].to(device) >= 0]
 
             def objective(delta: torch.Tensor, p_delta: torch.Tensor | None) -> torch.Tensor:
@@ -575,7 +582,7 @@ class TextToUnlearnable(ProtectionMethod):
                 if lab is None or not 0 <= int(lab) < len(self.class_names):
                     raise UserError(f"label {lab!r} has no class name (give --class-names for every class)")
                 texts.append(self.template.format(self.class_names[int(lab)]))
-                zs.append(latent(sample_seed(self.seed, f"class:{int(lab)}"), self.z_dim))
+                zs.append(class_latent(self.seed, int(lab), self.z_dim))
             return texts, torch.stack(zs)
         if any(not c for c in batch.captions):
             raise UserError("T2UE sample mode needs a caption for every sample")
