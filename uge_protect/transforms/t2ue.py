@@ -387,17 +387,17 @@ def fit_t2ue(images: torch.Tensor, captions: list[str], cfg: T2UEConfig, progres
             assert conditioner is not None
             z = torch.randn((len(batch), cfg.z_dim), generator=gen)[rank::world].to(device)
             view = (lambda v: _shift_flip(v, gen)) if cfg.augment else (lambda v: v)
-            y = labels[idx].to(device) if prompt_tokens is not None else None
+            y = None  # the class term's labels: this share's labelled samples, when class names are set
+            if prompt_tokens is not None and bool((labels[idx] >= 0).any()):
+                labelled = (labels[idx] >= 0).to(device)
+                y, x_lab = labels[idx].to(device)[labelled], x[labelled]
             with torch.no_grad():
                 emb, states = text_features(conditioner, t, cfg.text_pool)
                 emb = centered(emb, text_mean)
                 if y is not None:
-                    y = y[y >= 0] if (y >= 0).any() else None
-                if y is not None:
                     p_emb, p_states = text_features(conditioner, prompt_tokens[y], cfg.text_pool)
                     p_emb = centered(p_emb, text_mean)
                     p_z = class_z[y]
-                    x_lab = x[labels[idx].to(device) >= 0]
 
             def objective(delta: torch.Tensor, p_delta: torch.Tensor | None) -> torch.Tensor:
                 """What both players minimise: Eq. 4, plus the optional noise-only and class terms."""
