@@ -194,9 +194,20 @@ def clip_infonce(bundle: ClipBundle, x: torch.Tensor, tokens: torch.Tensor) -> t
     """Symmetric InfoNCE of [0, 1] images ``x`` and their caption ``tokens`` over the batch."""
     img = bundle.encode_images(x)
     txt = bundle.encode_tokens(tokens)
-    logits = bundle.model.logit_scale.exp().clamp(max=100.0) * img @ txt.T
+    logits = logit_scale(bundle) * img @ txt.T
     target = torch.arange(len(x), device=x.device)
     return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+
+
+def zero_shot_loss(bundle: ClipBundle, x: torch.Tensor, prompts: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of ``bundle`` as a zero-shot classifier: [0, 1] images ``x`` against all class
+    ``prompts`` (token ids), labels ``y``."""
+    return F.cross_entropy(logit_scale(bundle) * bundle.encode_images(x) @ bundle.encode_tokens(prompts).T, y)
+
+
+def logit_scale(bundle: ClipBundle) -> torch.Tensor:
+    """The CLIP's temperature as a multiplier, capped at 100."""
+    return bundle.model.logit_scale.exp().clamp(max=100.0)
 
 
 @torch.no_grad()

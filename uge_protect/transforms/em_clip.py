@@ -41,6 +41,7 @@ from uge_protect.transforms.clip_models import (
     clip_infonce,
     clip_state,
     load_clip_state,
+    logit_scale,
     resolve_model_config,
 )
 from uge_protect.transforms.networks import set_frozen
@@ -109,8 +110,6 @@ def _same_caption(tokens: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
     return (tokens[:, None, :] == bank[None, :, :]).all(dim=-1)
 
 
-def _logit_scale(bundle: ClipBundle) -> torch.Tensor:
-    return bundle.model.logit_scale.detach().exp().clamp(max=100.0)
 
 
 def sample_loss(bundle: ClipBundle, x: torch.Tensor, text_emb: torch.Tensor, bank_emb: torch.Tensor,
@@ -119,7 +118,7 @@ def sample_loss(bundle: ClipBundle, x: torch.Tensor, text_emb: torch.Tensor, ban
     img = bundle.encode_images(x)
     pos = (img * text_emb).sum(dim=-1, keepdim=True)
     neg = (img @ bank_emb.T).masked_fill(same, float("-inf"))
-    logits = _logit_scale(bundle) * torch.cat([pos, neg], dim=1)
+    logits = logit_scale(bundle).detach() * torch.cat([pos, neg], dim=1)
     return F.cross_entropy(logits, torch.zeros(len(x), dtype=torch.long, device=x.device), reduction="none")
 
 

@@ -49,6 +49,7 @@ from uge_protect.transforms.clip_models import (
     clip_state,
     load_clip_state,
     resolve_model_config,
+    zero_shot_loss,
 )
 from uge_protect.transforms.networks import set_frozen
 from uge_protect.transforms.t2ue_generators import BACKBONES, build_generator
@@ -238,12 +239,6 @@ def _shift_flip(x: torch.Tensor, gen: torch.Generator, pad: int = 4) -> torch.Te
     return torch.stack([o.flip(-1) if f else o for o, f in zip(out, flips)])
 
 
-def class_loss(bundle: ClipBundle, x: torch.Tensor, prompts: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy of ``bundle`` as a zero-shot classifier: images ``x`` against all class ``prompts``."""
-    logits = bundle.model.logit_scale.exp().clamp(max=100.0) * bundle.encode_images(x) @ bundle.encode_tokens(prompts).T
-    return F.cross_entropy(logits, y)
-
-
 def _sync_grads(params: Any, world: int) -> None:
     """Average gradients over the processes of a launch (each computed its share of the batch)."""
     if world <= 1:
@@ -269,12 +264,12 @@ def _sync_buffers(module: torch.nn.Module, world: int) -> None:
 
 
 def fit_t2ue(images: torch.Tensor, captions: list[str], cfg: T2UEConfig, progress: Progress | None = None,
-             *, labels: torch.Tensor | None = None, state: dict[str, Any] | None = None, checkpoint: Callable[[dict[str, Any]], None] | None = None,
-             checkpoint_every: int = 0, rank: int = 0, world: int = 1
-             ) -> tuple[dict[str, Any], dict[str, dict[str, torch.Tensor]]]:
+             *, labels: torch.Tensor | None = None, state: dict[str, Any] | None = None,
+             checkpoint: Callable[[dict[str, Any]], None] | None = None, checkpoint_every: int = 0,
+             rank: int = 0, world: int = 1) -> tuple[dict[str, Any], dict[str, dict[str, torch.Tensor]]]:
     """Train a T2UE generator on uint8 ``images`` (N, 3, H, W) and their ``captions``.
 
-    ``state`` (from an earlier ``checkpoint`` call) resumes a fit; ``checkpoint`` is called
+    ``labels`` (int64, -1 where absent) are needed only with ``cfg.class_names``. ``state`` (from an earlier ``checkpoint`` call) resumes a fit; ``checkpoint`` is called
     with the full training state every ``checkpoint_every`` steps. Under a launch of
     ``world`` processes (process group already joined) each takes every ``world``-th sample
     of each batch, its InfoNCE uses the negatives it holds, and gradients are averaged.
@@ -284,6 +279,8 @@ def fit_t2ue(images: torch.Tensor, captions: list[str], cfg: T2UEConfig, progres
     cfg.validate()
     if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
         raise ValueError(f"images must be uint8 (N, 3, H, W), got {images.dtype} {tuple(images.shape)}")
+    if labels is not None and len(labels) != len(images):
+        raise ValueError(f"{len(labels)} labels for {len(images)} images")
     if len(captions) != len(images) or len(images) < 2:
         raise UserError("T2UE needs at least two captioned training images")
     if min(cfg.batch_size, len(images)) < 2 * world:
@@ -320,7 +317,6 @@ def fit_t2ue(images: torch.Tensor, captions: list[str], cfg: T2UEConfig, progres
     gen = torch.Generator().manual_seed(cfg.seed)
     step = 0
     # the caption encoder: the pretrained surrogate, else a frozen copy taken after the warm-up
-    # (with no warm-up: the surrogate's initial, random text tower)
     # (with no warm-up or a locked text tower: the surrogate's initial, random text tower)
     conditioner: ClipBundle | None = (surrogate if pretrained else copy.deepcopy(surrogate)
                                       if warmup == 0 or lock_text else None)
@@ -405,8 +401,8 @@ def fit_t2ue(images: torch.Tensor, captions: list[str], cfg: T2UEConfig, progres
                 if cfg.noise_weight > 0:
                     out = out + cfg.noise_weight * clip_infonce(surrogate, view((0.5 + delta).clamp(0.0, 1.0)), t)
                 if p_delta is not None:
-                    out = out + cfg.class_weight * class_loss(surrogate, view((x_lab + p_delta).clamp(0.0, 1.0)),
-                                                              prompt_tokens, y)
+                    out = out + cfg.class_weight * zero_shot_loss(
+                        surrogate, view((x_lab + p_delta).clamp(0.0, 1.0)), prompt_tokens, y)
                 return out
 
             # generator step: lower the objective through δ, surrogate fixed
