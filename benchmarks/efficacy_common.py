@@ -20,8 +20,9 @@ def sh(*args: str) -> None:
 
 def evaluate(protected: Path, data: Path, out: Path, *, archs: list[str], defenses: list[str], epochs: int,
              seed: int, cache: Path, processes: int = 1, clean_fraction: float = 0.0,
-             task: str = "classify") -> dict:
-    """``uge-protect eval`` unless ``out/report.json`` exists; returns the report."""
+             task: str = "classify", extra: list[str] | tuple[str, ...] = ()) -> dict:
+    """``uge-protect eval`` unless ``out/report.json`` exists; returns the report. ``extra``:
+    more ``eval`` arguments (``--authorized DIR``, ...)."""
     if not (out / "report.json").is_file():
         cmd = ["eval", "--task", task, "--protected", str(protected),
                "--clean-train", str(data / "train" / "*.tar"), "--test", str(data / "test" / "*.tar"),
@@ -32,6 +33,7 @@ def evaluate(protected: Path, data: Path, out: Path, *, archs: list[str], defens
             cmd += ["--arch", arch]
         for d in defenses:
             cmd += ["--defense", d]
+        cmd += list(extra)
         if processes > 1:
             launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
                       str(processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
@@ -68,9 +70,10 @@ def finish(work: Path, title: str, table: list[tuple], clip_table: list[tuple], 
 def print_tables(title: str, table: list[tuple], clip_table: list[tuple]) -> None:
     """Print the classification and CLIP tables of a benchmark."""
     print(f"\n{title}")
-    print(f"{'training data':<16} {'arch':<10} {'defense':<12} {'clean-trained':>13} {'protected-trained':>17}")
+    width = max([10, *(len(str(row[1])) for row in table)])
+    print(f"{'training data':<16} {'arch':<{width}} {'defense':<12} {'clean-trained':>13} {'protected-trained':>17}")
     for name, arch, defense, clean, prot in table:
-        print(f"{name:<16} {arch:<10} {defense:<12} {100 * clean:12.1f}% {100 * prot:16.1f}%")
+        print(f"{name:<16} {arch:<{width}} {defense:<12} {100 * clean:12.1f}% {100 * prot:16.1f}%")
     if clip_table:
         print("\nCLIP trained from scratch on protected vs clean pairs: Recall@10 on the clean test pairs")
         print(f"{'training data':<16} {'defense':<10} {'clean i2t':>9} {'clean t2i':>9} {'prot i2t':>9} {'prot t2i':>9}")

@@ -164,12 +164,12 @@ def test_locked_text_tower_stays_at_its_initialisation(tmp_path):
 
 
 def test_shift_flip_keeps_content_and_gradient():
-    from uge_protect.transforms.t2ue import _shift_flip
+    from uge_protect.transforms.training import shift_flip
 
     x = torch.rand(6, 3, 8, 8, requires_grad=True)
-    out = _shift_flip(x, torch.Generator().manual_seed(0))
+    out = shift_flip(x, torch.Generator().manual_seed(0))
     assert out.shape == x.shape
-    again = _shift_flip(x, torch.Generator().manual_seed(0))
+    again = shift_flip(x, torch.Generator().manual_seed(0))
     assert torch.equal(out, again)
     out.sum().backward()
     assert x.grad is not None and x.grad.sum() > 0

@@ -18,7 +18,7 @@ def eval_command(
     test: List[str] = typer.Option(..., "--test", help="Clean test shards (pattern; repeatable)."),
     output: Path = typer.Option(..., "--output", "-o", help="Report directory (report.json, report.md, PNG figures)."),
     task: str = typer.Option("classify", "--task", help="classify | clip | both."),
-    arch: Optional[List[str]] = typer.Option(None, "--arch", help="Architecture (repeatable): small_cnn, vgg11, resnet18, resnet18_cifar, mobilenet_v2. Default: small_cnn, vgg11, resnet18."),
+    arch: Optional[List[str]] = typer.Option(None, "--arch", help="Architecture (repeatable): small_cnn, vgg11, resnet18, resnet18_cifar, mobilenet_v2. Default: small_cnn, vgg11, resnet18 (none with --authorized)."),
     defense: Optional[List[str]] = typer.Option(None, "--defense", help="Defense (repeatable): none, grayscale, jpeg:Q, cutout, mixup, strong-aug, adv-train. Default: none."),
     epochs: int = typer.Option(8, "--epochs", help="Training epochs per classifier."),
     batch_size: int = typer.Option(64, "--batch-size", help="Training batch size."),
@@ -34,6 +34,9 @@ def eval_command(
     clip_epochs: Optional[int] = typer.Option(None, "--clip-epochs", help="CLIP training epochs (default: the CLIP evaluation's own)."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda[:N] (under a multi-process launch, each process takes its own device)."),
     cache: Optional[Path] = typer.Option(None, "--cache", help="Directory of finished training runs to reuse (keyed by data bytes, settings, seed)."),
+    authorized: Optional[Path] = typer.Option(None, "--authorized", help="A UGE artifact: also train its authorized network (architecture and key from the artifact), row ARCH+key."),
+    other_key: Optional[List[int]] = typer.Option(None, "--other-key", help="With --authorized: also train the authorized architecture with this other key (repeatable), row ARCH+key:N."),
+    distill: Optional[List[str]] = typer.Option(None, "--distill", help="With --authorized: also distill this architecture from the authorized network, on the same training set (repeatable)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress lines."),
 ) -> None:
     """Train models on the protected and on the clean shards; compare them on clean test shards."""
@@ -41,11 +44,12 @@ def eval_command(
 
     cfg = EvalConfig(
         protected=str(protected), clean_train=list(clean_train), test=list(test), output=str(output), task=task,
-        archs=list(arch) if arch else list(DEFAULT_ARCHS), defenses=list(defense) if defense else list(DEFAULT_DEFENSES),
+        archs=list(arch) if arch else ([] if authorized else list(DEFAULT_ARCHS)), defenses=list(defense) if defense else list(DEFAULT_DEFENSES),
         epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, flip=not no_flip, seed=seed,
         repeats=repeats, clean_fraction=clean_fraction, adv_epsilon=adv_epsilon, adv_steps=adv_steps,
         image_size=image_size, clip_epochs=clip_epochs, device=device, quiet=quiet,
-        cache_dir=str(cache) if cache else None,
+        cache_dir=str(cache) if cache else None, authorized=str(authorized) if authorized else None,
+        other_keys=list(other_key or []), distill=list(distill or []),
     )
     try:
         report = run_evaluation(cfg)

@@ -117,3 +117,56 @@ def t2ue(
                         checkpoint_every=checkpoint_every)
     except (UserError, ValueError) as exc:
         fail(str(exc))
+
+
+@fit_app.command("uge")
+def uge(
+    train: List[str] = typer.Argument(..., help="Labelled training shards: paths, globs, {000..099} patterns."),
+    output: Path = typer.Option(..., "--output", "-o", help="Artifact directory to create (or, with --resume, to finish). It holds the key: keep it private."),
+    authorized: str = typer.Option(..., "--authorized", help="The authorized architecture: small_cnn, resnet18, resnet18_cifar, mobilenet_v2, vgg11."),
+    key_seed: Optional[int] = typer.Option(None, "--key-seed", help="Secret key: seeds the authorized network and its colour projection (default: a fresh random key, kept in the artifact)."),
+    key_projection: Optional[bool] = typer.Option(None, "--key-projection/--no-key-projection", help="Authorize through the key's colour projection (default on); off: the bare architecture, as in the paper."),
+    epsilon: float = typer.Option(8 / 255, "--epsilon", help="L∞ budget in [0,1] image units (default 8/255)."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Generator steps (default 400)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Batch size over all processes (default 128)."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Generator learning rate, AdamW with a cosine schedule (default 1e-4)."),
+    width: Optional[int] = typer.Option(None, "--width", help="Generator channel width (default 32)."),
+    depth: Optional[int] = typer.Option(None, "--depth", help="Generator residual blocks (default 4)."),
+    authorized_epochs: Optional[int] = typer.Option(None, "--authorized-epochs", help="Epochs of the authorized network on the clean images before the generator starts (default 3)."),
+    snapshots: Optional[int] = typer.Option(None, "--snapshots", help="Points of the authorized network's trajectory L_gm matches at (default 4)."),
+    student: Optional[str] = typer.Option(None, "--student", help="Architecture of the L_ud student (default small_cnn)."),
+    feature_model: Optional[str] = typer.Option(None, "--feature-model", help="L_fd's shared feature space: an open_clip model name or JSON config (default: a tiny ViT)."),
+    feature_pretrained: Optional[str] = typer.Option(None, "--feature-pretrained", help="open_clip pretrained tag or local checkpoint for the feature space (default: trained on the labels)."),
+    feature_epochs: Optional[int] = typer.Option(None, "--feature-epochs", help="Epochs training the feature space on the labels when not pretrained (default 2)."),
+    misalign: Optional[bool] = typer.Option(None, "--misalign/--no-misalign", help="L_fd also pulls x+δ toward another class's prototype (default on)."),
+    gm_weight: Optional[float] = typer.Option(None, "--gm-weight", help="Weight of L_gm, gradient matching (default 1; 0: off)."),
+    fd_weight: Optional[float] = typer.Option(None, "--fd-weight", help="Weight of L_fd, feature distance (default 1; 0: off)."),
+    ud_weight: Optional[float] = typer.Option(None, "--ud-weight", help="Weight of L_ud, undistillation (default 1; 0: off)."),
+    augment: Optional[bool] = typer.Option(None, "--augment/--no-augment", help="Random shifts and flips of what the student and feature space see (default off)."),
+    label_conditioned: Optional[bool] = typer.Option(None, "--label-conditioned/--image-only", help="The generator also reads each sample's label and holds a pattern per class (default); `shard` then needs a label per sample. --image-only: from the image alone."),
+    image_size: Optional[int] = typer.Option(None, "--image-size", help="Centre-crop training images to this side first."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the fit (not the key)."),
+    device: str = typer.Option("auto", "--device", help="auto (CUDA when available), cpu, cuda, cuda:N."),
+    checkpoint_every: int = typer.Option(100, "--checkpoint-every", help="Write OUTPUT/checkpoint.pt every N generator steps (0: never)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from OUTPUT/checkpoint.pt (same data and options)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
+) -> None:
+    """Fit UGE (ungeneralizable examples): noise learnable only by the authorized network."""
+    from uge_protect.pipeline.fit import fit_from_shards
+
+    options = {
+        "authorized": authorized, "key_seed": key_seed, "key_projection": key_projection, "epsilon": epsilon,
+        "steps": steps, "batch_size": batch_size, "lr": lr, "width": width, "depth": depth,
+        "authorized_epochs": authorized_epochs, "snapshots": snapshots, "student": student,
+        "feature_model": feature_model, "feature_pretrained": feature_pretrained, "feature_epochs": feature_epochs,
+        "misalign": misalign, "gm_weight": gm_weight, "fd_weight": fd_weight, "ud_weight": ud_weight,
+        "augment": augment, "label_conditioned": label_conditioned, "image_size": image_size, "seed": seed,
+        "device": device,
+    }
+    if checkpoint_every < 0:
+        fail("--checkpoint-every must be >= 0")
+    try:
+        fit_from_shards("uge", list(train), str(output), options, quiet=quiet, resume=resume,
+                        checkpoint_every=checkpoint_every)
+    except (UserError, ValueError) as exc:
+        fail(str(exc))

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from uge_protect.eval.defenses import Defense, cutout, mixup, parse_defense, pgd_attack, trivial_augment
 from uge_protect.eval.metrics import accuracy_from_confusion, confusion_matrix, per_class_accuracy
 from uge_protect.transforms.networks import build_classifier
+from uge_protect.transforms.uge_losses import distillation
 
 
 @dataclass
@@ -78,7 +79,12 @@ def evaluate(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
     return confusion_matrix(torch.cat(preds), labels, num_classes)
 
 
-def train_classifier(
+def train_classifier(*args: Any, **kwargs: Any) -> dict[str, Any]:
+    """Train a classifier and return its results (see :func:`fit_classifier`, which also returns the model)."""
+    return fit_classifier(*args, **kwargs)[1]
+
+
+def fit_classifier(
     train_images: torch.Tensor,
     train_labels: torch.Tensor,
     test_images: torch.Tensor,
@@ -88,12 +94,18 @@ def train_classifier(
     defense: Defense | str = "none",
     *,
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
-) -> dict[str, Any]:
+    build_model: Callable[[], torch.nn.Module] | None = None,
+    teacher: torch.nn.Module | None = None,
+    temperature: float = 4.0,
+) -> tuple[torch.nn.Module, dict[str, Any]]:
     """Train ``settings.arch`` on uint8 (N, 3, H, W) images; test accuracy after every epoch.
 
     ``defense`` is applied here only when it acts at training time (cutout, mixup,
     strong-aug, adv-train); data-level defenses are applied by the caller beforehand.
-    Returns ``per_epoch`` (``epoch``, ``train_loss``, ``train_acc``, ``test_acc``,
+    ``build_model`` replaces ``build_classifier(settings.arch)`` (e.g. a UGE authorized
+    network); with a ``teacher`` the model is distilled from it (temperature-softened KL on
+    the same augmented batches, no labels) instead of trained on the labels.
+    Returns the trained model and a dict of ``per_epoch`` (``epoch``, ``train_loss``, ``train_acc``, ``test_acc``,
     ``seconds``), ``final_test_acc``, ``best_test_acc``, ``best_epoch``, the final
     ``confusion`` matrix and ``per_class_acc``.
     """
@@ -104,7 +116,9 @@ def train_classifier(
         raise ValueError("epochs and batch size must be at least 1")
     device = s.device
     g = torch.Generator().manual_seed(s.seed)
-    model = build_classifier(s.arch, num_classes, seed=s.seed).to(device)
+    model = (build_model() if build_model is not None else build_classifier(s.arch, num_classes, seed=s.seed)).to(device)
+    if teacher is not None:
+        teacher = teacher.to(device).eval()
     params = [p for p in model.parameters() if p.requires_grad]
     if s.optimizer == "sgd":
         opt: torch.optim.Optimizer = torch.optim.SGD(params, lr=s.lr, momentum=0.9, nesterov=True,
@@ -154,7 +168,12 @@ def train_classifier(
             elif defense.name == "adv-train":
                 x = pgd_attack(model, x, y, epsilon=s.adv_epsilon, step=s.adv_step, steps=s.adv_steps, generator=g)
             logits = model(x)
-            loss = F.cross_entropy(logits, soft if soft is not None else y)
+            if teacher is not None:
+                with torch.no_grad():
+                    target = teacher(x)
+                loss = distillation(logits, target, temperature)
+            else:
+                loss = F.cross_entropy(logits, soft if soft is not None else y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -176,7 +195,7 @@ def train_classifier(
     assert cm is not None
     accs = [r["test_acc"] for r in per_epoch]
     best = max(range(len(accs)), key=lambda i: accs[i])
-    return {
+    return model, {
         "settings": {**asdict(s), "defense": defense.spec},
         "per_epoch": per_epoch,
         "final_test_acc": accs[-1],

@@ -23,8 +23,9 @@ from typing import Any, Callable
 import torch
 
 from uge_protect.errors import UserError
+from uge_protect.eval.authorized import ModelEntry, authorized_entries, authorized_summary
 from uge_protect.eval.cache import RunCache, dataset_digest, run_key
-from uge_protect.eval.classify import TrainSettings, train_classifier
+from uge_protect.eval.classify import TrainSettings, fit_classifier
 from uge_protect.eval.defenses import Defense, apply_data_defense, parse_defense, partial_protection
 from uge_protect.eval.metrics import summarize
 from uge_protect.eval.parallel import run_spread, start_workers
@@ -69,13 +70,19 @@ class EvalConfig:
     device: str = "auto"
     #: Directory of finished runs to reuse (see :mod:`uge_protect.eval.cache`); None: off.
     cache_dir: str | None = None
+    #: A UGE artifact: adds its authorized network (``ARCH+key``) to the classifiers.
+    authorized: str | None = None
+    #: Other keys for the authorized architecture (rows ``ARCH+key:N``); need ``authorized``.
+    other_keys: list[int] = field(default_factory=list)
+    #: Student architectures distilled from the authorized network; need ``authorized``.
+    distill: list[str] = field(default_factory=list)
     quiet: bool = False
     figures: bool = True
 
     def validate(self) -> list[Defense]:
         if self.task not in TASKS:
             raise UserError(f"unknown task {self.task!r}; choose classify, clip or both")
-        if not self.archs:
+        if not self.archs and not self.authorized:
             raise UserError("give at least one --arch")
         for a in self.archs:
             if a not in ARCHITECTURES:
@@ -101,6 +108,11 @@ class EvalConfig:
         if len(set(specs)) != len(specs):
             raise UserError(f"a defense is given twice: {' '.join(specs)}")
         return defenses
+
+    def models(self) -> list[ModelEntry]:
+        """Every classifier row: the plain architectures, then the ``--authorized`` ones."""
+        return [ModelEntry(a, a) for a in self.archs] + authorized_entries(self.authorized, self.other_keys,
+                                                                         self.distill)
 
 
 
@@ -167,6 +179,7 @@ def _versions() -> dict[str, str]:
 def run_evaluation(cfg: EvalConfig, *, log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Run the evaluation described by ``cfg``, write report.json / report.md / figures, return the report."""
     defenses = cfg.validate()
+    models = {m.label: m for m in cfg.models()}
     workers = start_workers(cfg.device)
     prefix = f"[rank {workers.rank}] " if workers.world > 1 else ""
     say = log or (lambda m: _echo(prefix + m, cfg.quiet))
@@ -225,6 +238,7 @@ def run_evaluation(cfg: EvalConfig, *, log: Callable[[str], None] | None = None)
             "directory": str(cfg.protected),
             "method": (protection or {}).get("method"),
             "budget": (protection or {}).get("budget"),
+            "authorized": authorized_summary(cfg.authorized),
         },
         "data": {
             "protected_train": {"n": len(prot), "skipped": prot.skipped, "shards": protected_pattern},
@@ -259,14 +273,14 @@ def run_evaluation(cfg: EvalConfig, *, log: Callable[[str], None] | None = None)
     digests = {name: dataset_digest(ds) for name, ds in (*sets.items(), ("test", test))}
     jobs: list[_Job] = []
     if cfg.task in ("classify", "both"):
-        jobs += _classify_jobs(cfg, defenses)
+        jobs += _classify_jobs(cfg, defenses, list(models))
     if clip_mod is not None:
         for name, ds in (("protected training", prot), ("clean training", clean), ("test", test)):
             if not any(c for c in ds.captions):
                 raise UserError(f"--task clip needs captions (txt field); the {name} shards have none")
         jobs += _clip_jobs(cfg, defenses)
     class_names = _class_names(cfg.test, num_classes) if clip_mod is not None else None
-    keys = [_job_key(job, cfg, device, digests, num_classes) for job in jobs]
+    keys = [_job_key(job, cfg, device, digests, num_classes, models) for job in jobs]
     cached = {i: hit for i, k in enumerate(keys) if (hit := cache.get(k)) is not None}
     workers.barrier()  # every process has read the cache before any process writes to it
     pending = [i for i in range(len(jobs)) if i not in cached]
@@ -274,7 +288,8 @@ def run_evaluation(cfg: EvalConfig, *, log: Callable[[str], None] | None = None)
         say(f"reusing {len(cached)} of {len(jobs)} training runs from the cache {cfg.cache_dir}")
     if workers.world > 1 and workers.is_main:
         say(f"{len(pending)} training runs spread over {workers.world} processes")
-    runner = _JobRunner(cfg, sets, test, num_classes, class_names, device, say, clip_mod, total=len(pending))
+    runner = _JobRunner(cfg, sets, test, num_classes, class_names, device, say, clip_mod, total=len(pending),
+                        models=models)
 
     def work(i: int) -> dict[str, Any]:
         result = runner.run(jobs[i])
@@ -288,7 +303,7 @@ def run_evaluation(cfg: EvalConfig, *, log: Callable[[str], None] | None = None)
         r.pop("key", None)
     if cfg.task in ("classify", "both"):
         runs = [r for job, r in zip(jobs, results) if job.task == "classify"]
-        report["tasks"]["classify"] = {"runs": runs, "summary": _classify_summary(cfg, defenses, runs)}
+        report["tasks"]["classify"] = {"runs": runs, "summary": _classify_summary(list(models), defenses, runs)}
     if clip_mod is not None:
         pairs = [(job, r) for job, r in zip(jobs, results) if job.task == "clip"]
         report["tasks"]["clip"] = _clip_report(cfg, clip_mod, defenses, pairs, prot_train, clean, test,
@@ -325,9 +340,9 @@ class _Job:
     which: str     # protected | clean
 
 
-def _classify_jobs(cfg: EvalConfig, defenses: list[Defense]) -> list[_Job]:
-    return [_Job("classify", d, arch, rep, cfg.seed + rep, which)
-            for d in defenses for arch in cfg.archs for rep in range(cfg.repeats)
+def _classify_jobs(cfg: EvalConfig, defenses: list[Defense], labels: list[str]) -> list[_Job]:
+    return [_Job("classify", d, label, rep, cfg.seed + rep, which)
+            for d in defenses for label in labels for rep in range(cfg.repeats)
             for which in ("protected", "clean")]
 
 
@@ -353,12 +368,16 @@ def _clip_kwargs(cfg: EvalConfig, seed: int) -> dict[str, Any]:
     return kw
 
 
-def _job_key(job: _Job, cfg: EvalConfig, device: str, digests: dict[str, str], num_classes: int) -> str:
+def _job_key(job: _Job, cfg: EvalConfig, device: str, digests: dict[str, str], num_classes: int,
+             models: dict[str, ModelEntry]) -> str:
     from uge_protect import __version__
 
     if job.task == "classify":
-        settings: dict[str, Any] = asdict(_train_settings(cfg, job.arch or "", job.seed, device))
+        entry = models[job.arch or ""]
+        settings: dict[str, Any] = asdict(_train_settings(cfg, entry.arch, job.seed, device))
         settings.pop("device")
+        if entry.key is not None or entry.teacher is not None:  # plain architectures keep their old keys
+            settings["model"] = entry.label + "|" + entry.cache_tag()
     else:
         settings = _clip_kwargs(cfg, job.seed)
     return run_key(task=job.task, defense=job.defense.spec, settings=settings, train=digests[job.which],
@@ -371,8 +390,9 @@ class _JobRunner:
 
     def __init__(self, cfg: EvalConfig, sets: dict[str, InMemoryDataset], test: InMemoryDataset,
                  num_classes: int, class_names: list[str] | None, device: str, say: Callable[[str], None],
-                 clip_mod: Any, total: int):
+                 clip_mod: Any, total: int, models: dict[str, ModelEntry]):
         self.cfg, self.sets, self.test, self.num_classes = cfg, sets, test, num_classes
+        self.models = models
         self.class_names, self.device, self.say, self.clip_mod = class_names, device, say, clip_mod
         self.total, self.done = total, 0
         self._defense: str | None = None
@@ -408,17 +428,25 @@ class _JobRunner:
             self.say(f"{tag} epoch {r['epoch']}/{epochs}: loss {r['train_loss']:.3f} "
                      f"train {_pct(r['train_acc'])} test {_pct(r['test_acc'])} ({r['seconds']:.1f} s)")
 
-        result = train_classifier(train.images, train.labels, test.images, test.labels, self.num_classes,
-                                  _train_settings(self.cfg, job.arch, job.seed, self.device), job.defense,
-                                  on_epoch=on_epoch)
+        entry = self.models[job.arch]
+        teacher = None
+        if entry.teacher is not None:
+            self.say(f"{tag}: training the teacher {entry.teacher.label}")
+            teacher, _ = fit_classifier(
+                train.images, train.labels, test.images, test.labels, self.num_classes,
+                _train_settings(self.cfg, entry.teacher.arch, job.seed, self.device), job.defense,
+                build_model=entry.teacher.factory(self.num_classes))
+        _, result = fit_classifier(train.images, train.labels, test.images, test.labels, self.num_classes,
+                                   _train_settings(self.cfg, entry.arch, job.seed, self.device), job.defense,
+                                   on_epoch=on_epoch, build_model=entry.factory(self.num_classes), teacher=teacher)
         return {"defense": job.defense.spec, "arch": job.arch, "repeat": job.repeat, "seed": job.seed,
                 "train_data": job.which, **result}
 
 
-def _classify_summary(cfg: EvalConfig, defenses: list[Defense], runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _classify_summary(labels: list[str], defenses: list[Defense], runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     summary = []
     for defense in defenses:
-        for arch in cfg.archs:
+        for arch in labels:
             row: dict[str, Any] = {"defense": defense.spec, "arch": arch}
             for which in ("protected", "clean"):
                 sel = [r for r in runs if r["defense"] == defense.spec and r["arch"] == arch and r["train_data"] == which]

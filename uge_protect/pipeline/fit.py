@@ -26,7 +26,10 @@ from uge_protect.transforms.registry import fit_needs, fitter_supports_checkpoin
 def _print_progress(event: dict[str, Any]) -> None:
     if "step" in event:
         phase = f"{event['phase']} " if event.get("phase") else ""
-        parts = [f"{phase}step {event['step']}/{event.get('steps')}", f"loss {event['loss']:.4f}"]
+        parts = [f"{phase}step {event['step']}/{event.get('steps')}"]
+        names = {"loss": "loss", "ud": "L_ud", "fd": "L_fd", "gm": "L_gm", "student": "student loss",
+                 "teacher_train_acc": "authorized train acc"}
+        parts += [f"{label} {event[k]:.4f}" for k, label in names.items() if isinstance(event.get(k), float)]
         if "images_per_s" in event:
             parts.append(f"{event['images_per_s']:.0f} img/s")
         if "seconds" in event:

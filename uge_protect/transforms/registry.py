@@ -12,6 +12,7 @@ from uge_protect.transforms.base import ProtectionMethod
 from uge_protect.transforms.em import ErrorMinimizing, em_fit_needs, fit_em_from_options
 from uge_protect.transforms.random_noise import PassThrough, RandomNoise
 from uge_protect.transforms.t2ue import TextToUnlearnable, fit_t2ue_from_options
+from uge_protect.transforms.uge import Ungeneralizable, fit_uge_from_options
 
 _METHODS: dict[str, type[ProtectionMethod]] = {}
 
@@ -22,7 +23,7 @@ def register_method(cls: type[ProtectionMethod]) -> type[ProtectionMethod]:
     return cls
 
 
-for _cls in (RandomNoise, PassThrough, ErrorMinimizing, TextToUnlearnable):
+for _cls in (RandomNoise, PassThrough, ErrorMinimizing, TextToUnlearnable, Ungeneralizable):
     register_method(_cls)
 
 #: A fitter takes uint8 images (N, 3, H, W), int64 labels (N,), captions (N,), an options
@@ -47,6 +48,7 @@ def register_fitter(name: str, fitter: Fitter, needs: Needs = lambda options: "l
 
 register_fitter("em", fit_em_from_options, em_fit_needs)
 register_fitter("t2ue", fit_t2ue_from_options, lambda options: "captions", checkpoints=True)
+register_fitter("uge", fit_uge_from_options, checkpoints=True)
 
 
 def get_fitter(name: str) -> Fitter:

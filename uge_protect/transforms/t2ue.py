@@ -52,6 +52,7 @@ from uge_protect.transforms.clip_models import (
     zero_shot_loss,
 )
 from uge_protect.transforms.networks import set_frozen
+from uge_protect.transforms.training import pick_device, shift_flip, sync_buffers, sync_grads
 from uge_protect.transforms.t2ue_generators import BACKBONES, build_generator
 
 Progress = Callable[[dict[str, Any]], None]
@@ -229,40 +230,6 @@ def _resize_noise(delta: torch.Tensor, h: int, w: int) -> torch.Tensor:
     return F.interpolate(delta, size=(h, w), mode="bilinear", align_corners=False)
 
 
-def _shift_flip(x: torch.Tensor, gen: torch.Generator, pad: int = 4) -> torch.Tensor:
-    """Per-sample random translation (edge-padded crop) and horizontal flip, differentiable."""
-    n, _, h, w = x.shape
-    padded = F.pad(x, (pad, pad, pad, pad), mode="replicate")
-    offsets = torch.randint(0, 2 * pad + 1, (n, 2), generator=gen).tolist()
-    flips = (torch.rand(n, generator=gen) < 0.5).tolist()
-    out = [padded[i, :, dy:dy + h, dx:dx + w] for i, (dy, dx) in enumerate(offsets)]
-    return torch.stack([o.flip(-1) if f else o for o, f in zip(out, flips)])
-
-
-def _sync_grads(params: Any, world: int) -> None:
-    """Average gradients over the processes of a launch (each computed its share of the batch)."""
-    if world <= 1:
-        return
-    import torch.distributed as dist
-
-    for p in params:
-        if p.grad is not None:
-            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
-            p.grad.div_(world)
-
-
-def _sync_buffers(module: torch.nn.Module, world: int) -> None:
-    """Average floating buffers (batch-norm running statistics) over the processes."""
-    if world <= 1:
-        return
-    import torch.distributed as dist
-
-    for b in module.buffers():
-        if b.is_floating_point():
-            dist.all_reduce(b, op=dist.ReduceOp.SUM)
-            b.div_(world)
-
-
 def fit_t2ue(images: torch.Tensor, captions: list[str], cfg: T2UEConfig, progress: Progress | None = None,
              *, labels: torch.Tensor | None = None, state: dict[str, Any] | None = None,
              checkpoint: Callable[[dict[str, Any]], None] | None = None, checkpoint_every: int = 0,
@@ -287,8 +254,7 @@ def fit_t2ue(images: torch.Tensor, captions: list[str], cfg: T2UEConfig, progres
         raise UserError(f"batch size {cfg.batch_size} is too small for {world} processes (at least 2 each)")
     started = time.perf_counter()
     n, _, h, w = images.shape
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available()
-                          else "cpu" if cfg.device == "auto" else cfg.device)
+    device = pick_device(cfg.device)
     model_cfg = resolve_model_config(cfg.surrogate, TINY_CLIP_CONFIG, image_size=h if h == w else None)
     surrogate = build_clip_model(model_cfg, seed=cfg.seed, pretrained=cfg.surrogate_pretrained)
     surrogate.model.to(device)
@@ -339,7 +305,7 @@ def fit_t2ue(images: torch.Tensor, captions: list[str], cfg: T2UEConfig, progres
     def surrogate_step(loss: torch.Tensor) -> None:
         s_opt.zero_grad(set_to_none=True)
         loss.backward()
-        _sync_grads(trainable, world)
+        sync_grads(trainable, world)
         s_opt.step()
         clamp_logit_scale(surrogate.model)
 
@@ -382,7 +348,7 @@ def fit_t2ue(images: torch.Tensor, captions: list[str], cfg: T2UEConfig, progres
         else:
             assert conditioner is not None
             z = torch.randn((len(batch), cfg.z_dim), generator=gen)[rank::world].to(device)
-            view = (lambda v: _shift_flip(v, gen)) if cfg.augment else (lambda v: v)
+            view = (lambda v: shift_flip(v, gen)) if cfg.augment else (lambda v: v)
             y = None  # the class term's labels: this share's labelled samples, when class names are set
             if prompt_tokens is not None and bool((labels[idx] >= 0).any()):
                 labelled = (labels[idx] >= 0).to(device)
@@ -414,7 +380,7 @@ def fit_t2ue(images: torch.Tensor, captions: list[str], cfg: T2UEConfig, progres
             loss = objective(delta, p_delta)
             g_opt.zero_grad(set_to_none=True)
             loss.backward()
-            _sync_grads(generator.parameters(), world)
+            sync_grads(generator.parameters(), world)
             g_opt.step()
             g_sched.step()
             if not pretrained:  # surrogate step on the perturbed pairs (min-min)
@@ -437,7 +403,7 @@ def fit_t2ue(images: torch.Tensor, captions: list[str], cfg: T2UEConfig, progres
                           "images_per_s": seen / max(now - tick, 1e-9)})
             window, seen, tick = [], 0, now
         if checkpoint_every and step % checkpoint_every == 0 and step < total:
-            _sync_buffers(generator, world)  # every process holds the same state from here
+            sync_buffers(generator, world)  # every process holds the same state from here
         if checkpoint is not None and checkpoint_every and step % checkpoint_every == 0 and step < total:
             checkpoint(copy.deepcopy({  # a snapshot: the live tensors keep changing
                 "step": step, "generator": generator.state_dict(), "surrogate": clip_state(surrogate),
@@ -446,7 +412,7 @@ def fit_t2ue(images: torch.Tensor, captions: list[str], cfg: T2UEConfig, progres
                 "order": order, "cursor": cursor, "window": window,
             }))
     assert conditioner is not None
-    _sync_buffers(generator, world)
+    sync_buffers(generator, world)
     config = {
         "method": "t2ue",
         **dataclasses.asdict(cfg),

@@ -1,0 +1,216 @@
+"""UGE: the key projection, the three losses, a tiny fitted generator, its artifact and resume."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from uge_protect.errors import UserError
+from uge_protect.eval.classify import TrainSettings, fit_classifier
+from uge_protect.transforms.artifact import save_artifact
+from uge_protect.transforms.base import ProtectBatch, sample_seed
+from uge_protect.transforms.budget import apply_perturbation
+from uge_protect.transforms.networks import build_classifier
+from uge_protect.transforms.uge import UGEConfig, Ungeneralizable, class_permutation, fit_uge
+from uge_protect.transforms.uge_key import (
+    DIRECTIONS,
+    KeyProjection,
+    along_key,
+    build_authorized,
+    key_direction,
+    key_fingerprint,
+    key_signs,
+    levels_along_key,
+)
+from uge_protect.transforms.uge_losses import distillation, feature_distance, gradient_matching
+
+EPS = 8 / 255
+KEY = 987654321
+TINY_FEATURES = {
+    "embed_dim": 16,
+    "vision_cfg": {"image_size": 16, "layers": 1, "width": 32, "head_width": 16, "patch_size": 4},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+
+
+def stripes(n: int, seed: int = 0, size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two learnable classes: horizontal (0) or vertical (1) stripes of random colours, plus noise."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % 2
+    ramp = ((torch.arange(size) // 2) % 2).float()
+    images = []
+    for y in labels.tolist():
+        pattern = ramp.view(-1, 1).expand(size, size) if y == 0 else ramp.view(1, -1).expand(size, size)
+        colour = torch.rand(3, 1, 1, generator=g) * 0.6 + 0.2
+        img = 0.15 + colour * pattern + 0.1 * torch.rand(3, size, size, generator=g)
+        images.append((img.clamp(0, 1) * 255).round().to(torch.uint8))
+    return torch.stack(images), labels
+
+
+def _tiny(**kw) -> UGEConfig:
+    base = dict(authorized="small_cnn", student="vgg11", student_width=None, key_seed=KEY, width=8, depth=2,
+                steps=6, batch_size=16, authorized_epochs=1, feature_epochs=1, feature_model=TINY_FEATURES,
+                device="cpu")
+    base.update(kw)
+    return UGEConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory):
+    images, labels = stripes(48)
+    config, weights = fit_uge(images, labels, _tiny())
+    path = tmp_path_factory.mktemp("uge")
+    save_artifact(path, config, weights)
+    return images, labels, path, config, weights
+
+
+def _batch(images: torch.Tensor, keys: list[str], labels: torch.Tensor | None = None) -> ProtectBatch:
+    labs = labels.tolist() if labels is not None else [None] * len(keys)
+    return ProtectBatch(images, keys, [sample_seed(0, k) for k in keys], [None] * len(keys), labs)
+
+
+def test_gradient_matching_is_zero_without_noise_and_positive_with_it():
+    images, labels = stripes(16)
+    x = images.float() / 255
+    net = build_classifier("small_cnn", 2, seed=0).eval()
+    assert float(gradient_matching(net, x, x.clone(), labels).detach()) == pytest.approx(0.0, abs=1e-5)
+    delta = (torch.rand_like(x) * 2 - 1) * EPS
+    x_u = (x + delta).clamp(0, 1).requires_grad_(True)
+    loss = gradient_matching(net, x, x_u, labels)
+    assert float(loss.detach()) > 1e-4
+    loss.backward()  # differentiable with respect to the protected images
+    assert x_u.grad is not None and float(x_u.grad.abs().sum()) > 0
+
+
+def test_noise_along_the_key_is_invisible_to_the_authorized_network_only():
+    images, labels = stripes(8)
+    x = images.float() / 255
+    v = key_direction(KEY)
+    assert torch.allclose(v, key_direction(KEY)) and float(v.norm()) == pytest.approx(1.0, abs=1e-6)
+    assert len(DIRECTIONS) == 13 and len({tuple(key_signs(k).tolist()) for k in range(200)}) == 13
+    other_key = next(k for k in range(1000) if not torch.equal(key_signs(k), key_signs(KEY)))
+    assert not torch.allclose(v, key_direction(other_key))
+    t = torch.rand(8, 1, 16, 16) * 2 - 1
+    t[0] = 1.0  # saturated: the box clamp must act where pixels are near 0 or 1
+    delta = along_key(x, t, v, EPS)
+    assert float(delta.abs().max()) <= EPS + 1e-7
+    assert float((x + delta).min()) >= 0.0 and float((x + delta).max()) <= 1.0
+    # δ lies along v at every pixel
+    cross = torch.linalg.cross(delta.permute(0, 2, 3, 1), v.expand(8, 16, 16, 3), dim=-1)
+    assert float(cross.abs().max()) < 1e-6
+    project = KeyProjection(v)
+    assert torch.allclose(project(x + delta), project(x), atol=1e-6)
+    other = KeyProjection(key_direction(other_key))
+    assert float((other(x + delta) - other(x)).abs().max()) > 1e-3
+    owner = build_authorized("small_cnn", 2, KEY).eval()
+    with torch.no_grad():
+        assert torch.allclose(owner(x + delta), owner(x), atol=1e-5)
+    # the uint8 form: whole levels along the key signs, inside [0, 255], invisible after quantization
+    levels = levels_along_key(images, t, key_signs(KEY), EPS)
+    assert levels.dtype == torch.int16 and int(levels.abs().max()) == round(EPS * 255)
+    out = images.int() + levels.int()
+    assert int(out.min()) >= 0 and int(out.max()) <= 255
+    assert torch.allclose(project(out.float() / 255), project(images.float() / 255), atol=1e-5)
+
+
+def test_feature_distance_and_distillation_forms():
+    x = torch.rand(4, 3, 8, 8)
+    encode = lambda t: torch.nn.functional.normalize(t.flatten(1), dim=1)  # noqa: E731
+    assert float(feature_distance(encode, x, x)) == pytest.approx(1.0, abs=1e-5)
+    targets = encode(torch.rand(4, 3, 8, 8))
+    assert float(feature_distance(encode, x, x, targets)) < 1.0
+    logits = torch.randn(4, 5)
+    assert float(distillation(logits, logits)) == pytest.approx(0.0, abs=1e-5)
+    assert float(distillation(logits, torch.randn(4, 5))) > 0
+    perm = class_permutation(KEY, 10)
+    assert sorted(perm.tolist()) == list(range(10)) and bool((perm != torch.arange(10)).all())
+
+
+def test_fit_records_fingerprints_and_losses(fitted):
+    _, _, _, config, weights = fitted
+    assert config["label_conditioned"] and float(weights["generator"]["patterns"].abs().max()) > 0
+    assert config["method"] == "uge" and config["key_seed"] == KEY
+    assert config["key_fingerprint"] == key_fingerprint(KEY) and str(KEY) not in config["key_fingerprint"]
+    assert config["gm_active"] is False  # invisible by construction under the key projection
+    assert {"ud", "fd", "student"} <= set(config["loss_history"][-1])
+    assert list(weights) == ["generator"]
+
+
+def test_artifact_round_trip_budget_and_determinism(fitted):
+    images, labels, path, config, weights = fitted
+    method = Ungeneralizable.from_artifact(str(path))
+    direct = Ungeneralizable(config, weights)
+    assert method.requires_label
+    keys = [f"k{i}" for i in range(len(images))]
+    delta = method.perturb(_batch(images, keys, labels))
+    assert torch.equal(delta, direct.perturb(_batch(images, keys, labels)))
+    assert delta.dtype == torch.int16 and 0 < int(delta.abs().max()) <= round(EPS * 255)
+    out = apply_perturbation(images, delta, EPS)
+    assert torch.equal(out.int() - images.int(), delta.int())  # inside the box: nothing clipped
+    # the written uint8 images hide nothing from the authorized network's projection
+    project = KeyProjection(key_direction(KEY))
+    assert torch.allclose(project(out.float() / 255), project(images.float() / 255), atol=1e-5)
+    # batch-size independent: the same sample gets the same δ in any batch
+    half = method.perturb(_batch(images[5:9], keys[5:9], labels[5:9]))
+    assert torch.equal(half, delta[5:9])
+    public = method.config()
+    assert "key_seed" not in public and public["key_fingerprint"] == key_fingerprint(KEY)
+    assert str(KEY) not in repr(public)
+    with pytest.raises(UserError, match="epsilon"):
+        Ungeneralizable.from_artifact(str(path), epsilon=4 / 255)
+    with pytest.raises(UserError, match="label None"):
+        method.perturb(_batch(images[:2], keys[:2]))
+
+
+def test_authorized_network_learns_the_protected_data(fitted):
+    images, labels, path, _, _ = fitted
+    method = Ungeneralizable.from_artifact(str(path))
+    keys = [f"k{i}" for i in range(len(images))]
+    protected = apply_perturbation(images, method.perturb(_batch(images, keys, labels)), EPS)
+    test_images, test_labels = stripes(32, seed=1)
+    settings = TrainSettings(arch="small_cnn", epochs=4, batch_size=16, seed=0)
+    owner = lambda: build_authorized("small_cnn", 2, KEY)  # noqa: E731
+    model, result = fit_classifier(protected, labels, test_images, test_labels, 2, settings, build_model=owner)
+    assert result["final_test_acc"] >= 0.9
+    # it sees (up to uint8 rounding) the clean images
+    with torch.no_grad():
+        a = model(protected.float() / 255)
+        b = model(images.float() / 255)
+    assert torch.equal(a.argmax(1), b.argmax(1))
+
+
+def test_resume_from_a_checkpoint_matches_an_uninterrupted_fit():
+    images, labels = stripes(32)
+    cfg = _tiny(steps=4)
+    saved = []
+    full, w_full = fit_uge(images, labels, cfg, checkpoint=saved.append, checkpoint_every=2)
+    assert [s["step"] for s in saved] == [0, 2]  # after phase 1, then every 2 steps
+    resumed, w_res = fit_uge(images, labels, cfg, state=saved[1])
+    for name, tensor in w_full["generator"].items():
+        assert torch.allclose(tensor, w_res["generator"][name], atol=1e-6), name
+    assert resumed["key_fingerprint"] == full["key_fingerprint"]
+
+
+def test_without_key_projection_gradient_matching_is_active():
+    images, labels = stripes(32)
+    config, weights = fit_uge(images, labels, _tiny(key_projection=False, steps=3, snapshots=2, fd_weight=0.0, lr=0.05,
+                                                    label_conditioned=False))
+    assert config["gm_active"] and config["loss_history"][-1]["gm"] > 0
+    method = Ungeneralizable(config, weights)
+    assert not method.requires_label  # image-only: δ from the image alone
+    delta = method.perturb(_batch(images, [str(i) for i in range(len(images))]))
+    assert delta.shape == images.shape and 0 < int(delta.abs().max()) <= round(EPS * 255)
+    out = apply_perturbation(images, delta, EPS)
+    assert torch.equal(out.int() - images.int(), delta.int())
+
+
+def test_bad_options_are_user_errors():
+    images, labels = stripes(8)
+    with pytest.raises(UserError, match="another architecture"):
+        fit_uge(images, labels, _tiny(student="small_cnn", student_width=8))
+    with pytest.raises(UserError, match="unknown authorized"):
+        UGEConfig.from_options({"authorized": "alexnet"})
+    with pytest.raises(UserError, match="at least one"):
+        UGEConfig.from_options({"gm_weight": 0, "fd_weight": 0, "ud_weight": 0})
+    with pytest.raises(UserError, match="class label"):
+        fit_uge(images, torch.full((8,), -1), _tiny())

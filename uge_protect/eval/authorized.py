@@ -1,0 +1,83 @@
+"""Models beyond the plain architectures: UGE's authorized network, other keys, distilled students.
+
+``eval --authorized DIR`` reads a UGE artifact's authorized architecture and key and adds:
+
+* ``ARCH+key``: the authorized network the owner trains (key-initialised, behind the key's
+  colour projection when the artifact uses it);
+* ``ARCH+key:N`` for every ``--other-key N``: the same architecture with another key (a
+  hacker who knows the architecture but not the key);
+* ``STUDENT<-ARCH+key`` for every ``--distill STUDENT``: a student distilled (no labels) from
+  the authorized network trained on the same training set.
+
+Labels name keys only by their role; the report records the key's fingerprint, never the key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from uge_protect.errors import UserError
+from uge_protect.transforms.artifact import read_artifact_config
+from uge_protect.transforms.networks import ARCHITECTURES
+from uge_protect.transforms.uge_key import build_authorized, key_fingerprint
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """One model row of an evaluation: what to build, and whether it is distilled from a teacher."""
+
+    label: str
+    arch: str
+    key: int | None = None
+    projection: bool = False
+    teacher: "ModelEntry | None" = None
+
+    def factory(self, num_classes: int) -> Callable[[], torch.nn.Module] | None:
+        """What builds the model (None: the plain architecture, seeded by the run)."""
+        if self.key is None:
+            return None
+        key, arch, projection = self.key, self.arch, self.projection
+        return lambda: build_authorized(arch, num_classes, key, projection)
+
+    def cache_tag(self) -> str:
+        """What identifies the model beyond its label, for the run cache (no secret)."""
+        tag = key_fingerprint(self.key) + (":projection" if self.projection else "") if self.key is not None else ""
+        return tag + (f"<-{self.teacher.cache_tag()}" if self.teacher is not None else "")
+
+
+def authorized_entries(artifact: str | None, other_keys: list[int], distill: list[str]) -> list[ModelEntry]:
+    """The extra model rows of ``--authorized``, ``--other-key`` and ``--distill``."""
+    if artifact is None:
+        if other_keys or distill:
+            raise UserError("--other-key and --distill need --authorized DIR (a UGE artifact)")
+        return []
+    config = read_artifact_config(artifact, expected_method="uge")
+    try:
+        arch, key, projection = str(config["authorized"]), int(config["key_seed"]), bool(config["key_projection"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise UserError(f"UGE artifact {artifact} does not name its authorized network ({exc})") from None
+    if arch not in ARCHITECTURES:
+        raise UserError(f"UGE artifact {artifact} names an unknown architecture {arch!r}")
+    owner = ModelEntry(f"{arch}+key", arch, key, projection)
+    entries = [owner]
+    for other in other_keys:
+        if other == key:
+            raise UserError("--other-key must differ from the artifact's key")
+        entries.append(ModelEntry(f"{arch}+key:{other}", arch, other, projection))
+    for student in distill:
+        if student not in ARCHITECTURES:
+            raise UserError(f"unknown --distill architecture {student!r}; choose {', '.join(ARCHITECTURES)}")
+        entries.append(ModelEntry(f"{student}<-{arch}+key", student, teacher=owner))
+    return entries
+
+
+def authorized_summary(artifact: str | None) -> dict[str, str] | None:
+    """What the report says of the authorized network: architecture and key fingerprint."""
+    if artifact is None:
+        return None
+    config = read_artifact_config(artifact, expected_method="uge")
+    return {"arch": str(config["authorized"]), "key_fingerprint": key_fingerprint(int(config["key_seed"])),
+            "key_projection": bool(config["key_projection"])}
