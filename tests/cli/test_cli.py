@@ -42,7 +42,7 @@ def test_passthrough_is_not_a_cli_method(make_shards, tmp_path):
     shards = make_shards(n_shards=1, per_shard=1)
     result = runner.invoke(app, ["shard", str(shards[0]), "-o", str(tmp_path / "o"), "-m", "passthrough"])
     assert result.exit_code != 0
-    assert _error_lines(result) == ["error: unknown method 'passthrough'; choose one of: em, random, t2ue"]
+    assert _error_lines(result) == ["error: unknown method 'passthrough'; choose one of: em, random, t2ue, uge"]
     assert not (tmp_path / "o").exists()
 
 

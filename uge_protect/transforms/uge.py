@@ -86,7 +86,7 @@ class UGEConfig:
     snapshots: int = 4
     #: The L_ud students: architectures other than the authorized one, comma-separated; L_ud
     #: is their mean loss (several make the noise transfer to more architectures).
-    student: str = "small_cnn"
+    student: str = "small_cnn,vgg11"
     student_width: int | None = 8
     #: SGD with momentum 0.9, as EM's surrogate: the min-min needs a student that learns fast.
     student_lr: float = 0.1
