@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -42,14 +45,18 @@ def data(tmp_path_factory):
     return root, train, test, features
 
 
+def _tiny_args(features):
+    return ["--authorized", "small_cnn", "--student", "vgg11", "--feature-model", str(features), "--width", "8",
+            "--depth", "2", "--steps", "4", "--batch-size", "16", "--authorized-epochs", "1", "--feature-epochs", "1",
+            "--device", "cpu", "--quiet"]
+
+
 @pytest.fixture(scope="module")
 def artifact(data):
     root, train, _, features = data
     art = root / "art"
-    result = runner.invoke(app, ["fit", "uge", str(train), "-o", str(art), "--authorized", "small_cnn",
-                                 "--key-seed", str(KEY), "--student", "vgg11", "--feature-model", str(features),
-                                 "--width", "8", "--depth", "2", "--steps", "4", "--batch-size", "16",
-                                 "--authorized-epochs", "1", "--feature-epochs", "1", "--device", "cpu", "--quiet"])
+    result = runner.invoke(app, ["fit", "uge", str(train), "-o", str(art), "--key-seed", str(KEY),
+                                 *_tiny_args(features)])
     assert result.exit_code == 0, result.output
     return art
 
@@ -116,3 +123,30 @@ def test_fit_uge_errors(data, tmp_path):
     result = runner.invoke(app, ["eval", "--protected", str(tmp_path), "--clean-train", str(train), "--test",
                                  str(train), "-o", str(tmp_path / "r"), "--other-key", "3"])
     assert result.exit_code == 2 and "need --authorized" in _errors(result)[0]
+
+
+def test_image_only_needs_no_label_and_a_fresh_key_is_drawn(data, tmp_path):
+    _, train, _, features = data
+    art = tmp_path / "art"
+    result = runner.invoke(app, ["fit", "uge", str(train), "-o", str(art), "--image-only", "--lr", "0.05",
+                                 *_tiny_args(features)])
+    assert result.exit_code == 0, result.output
+    config = json.loads((art / "config.json").read_text())
+    assert not config["label_conditioned"] and isinstance(config["key_seed"], int)
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["shard", str(train), "-o", str(out), "-m", "uge", "--artifact", str(art),
+                                 "--workers", "0", "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert inspect_output(out)["counts"]["written"] == 41  # the unlabelled sample too
+
+
+def test_fit_on_two_processes(data, tmp_path):
+    _, train, _, features = data
+    env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "-m", "uge_protect", "fit", "uge", str(train), "-o", str(tmp_path / "art"), *_tiny_args(features)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    config = json.loads((tmp_path / "art" / "config.json").read_text())
+    assert config["processes"] == 2 and config["loss_history"]
