@@ -44,7 +44,7 @@ class ModelEntry:
 
     def cache_tag(self) -> str:
         """What identifies the model beyond its label, for the run cache (no secret)."""
-        tag = key_fingerprint(self.key) + (":projection" if self.projection else "") if self.key is not None else ""
+        tag = key_fingerprint(self.key) + (":lattice-projection" if self.projection else "") if self.key is not None else ""
         return tag + (f"<-{self.teacher.cache_tag()}" if self.teacher is not None else "")
 
 

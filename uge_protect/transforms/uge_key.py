@@ -56,15 +56,24 @@ def state_fingerprint(state: dict[str, torch.Tensor]) -> str:
 
 
 class KeyProjection(nn.Module):
-    """Removes each pixel's colour component along the key direction (around mid-grey)."""
+    """Removes each pixel's colour component along the key signs s, exactly on uint8 images.
 
-    def __init__(self, direction: torch.Tensor):
+    On levels n = 255·x it maps n to n − ⌊(n·s)/‖s‖²⌋·s: adding k·s (any integer k, the form
+    of UGE's noise) changes ⌊(n·s)/‖s‖²⌋ by exactly k, so the output is bit-identical with
+    and without the noise, and an owner's training run on protected images is the same run
+    as on the clean ones. What remains along s is (n·s) mod ‖s‖² (at most 2 levels); the
+    rest of the image is untouched. (On non-integer inputs it is the same map, no longer
+    exactly invariant; it has no gradient along s.)"""
+
+    def __init__(self, signs: torch.Tensor):
         super().__init__()
-        self.register_buffer("direction", direction.float().view(1, 3, 1, 1).clone())
+        self.register_buffer("signs", signs.to(torch.float32).view(1, 3, 1, 1).clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        v = self.direction.to(x.dtype)
-        return x - ((x - 0.5) * v).sum(1, keepdim=True) * v
+        s = self.signs.to(x.dtype)
+        levels = x * 255.0
+        coeff = torch.floor((levels * s).sum(1, keepdim=True) / (s * s).sum())
+        return (levels - coeff * s) / 255.0
 
 
 class Authorized(nn.Module):
@@ -83,7 +92,7 @@ def build_authorized(arch: str, num_classes: int, key: int, projection: bool = T
     """The authorized network of ``key``: ``arch`` initialised from the key, behind the key
     projection (or, with ``projection=False``, the bare key-initialised architecture)."""
     net = build_classifier(arch, num_classes, seed=key % (1 << 63))
-    return Authorized(KeyProjection(key_direction(key)), net) if projection else net
+    return Authorized(KeyProjection(key_signs(key)), net) if projection else net
 
 
 def levels_along_key(pixels: torch.Tensor, t: torch.Tensor, signs: torch.Tensor, epsilon: float) -> torch.Tensor:
