@@ -93,3 +93,17 @@ def artifact_fingerprint(directory: str | os.PathLike) -> str:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 digest.update(chunk)
     return digest.hexdigest()
+
+
+def check_fitted_epsilon(path: str | os.PathLike, config: dict[str, Any], epsilon: float | None) -> None:
+    """Refuse a requested ``epsilon`` other than the artifact's fitted one (a :class:`UserError`).
+
+    ``None`` and the CLI's default 8/255 asked of an artifact fitted with a tighter budget are
+    accepted: the fitted budget is authoritative."""
+    fitted = float(config["epsilon"])
+    if epsilon is None or abs(float(epsilon) - fitted) <= 1e-9:
+        return
+    if abs(float(epsilon) - 8 / 255) <= 1e-9 and fitted < 8 / 255:
+        return
+    raise UserError(f"artifact {path} was fitted with epsilon {fitted:.6g}, not {float(epsilon):.6g}; "
+                    "pass the artifact's epsilon (or refit with the one you want)")

@@ -27,10 +27,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from uge_protect.errors import UserError
-from uge_protect.transforms.artifact import artifact_fingerprint, load_artifact
+from uge_protect.transforms.artifact import artifact_fingerprint, check_fitted_epsilon, load_artifact
 from uge_protect.transforms.base import APPLY_CHUNK, ProtectBatch, ProtectionMethod, given_options, in_fixed_chunks
 from uge_protect.transforms.budget import pgd_minimize, seeded_uniform
 from uge_protect.transforms.networks import ARCHITECTURES, Normalized, build_classifier, set_frozen, small_cnn
+from uge_protect.transforms.training import pick_device
 
 MODES = ("sample", "class")
 DEFAULT_EPSILON = 8 / 255
@@ -177,8 +178,7 @@ def fit_em(
 
     started = time.perf_counter()
     n, _, h, w = images.shape
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available()
-                          else "cpu" if cfg.device == "auto" else cfg.device)
+    device = pick_device(cfg.device)
     gen = torch.Generator().manual_seed(cfg.seed)  # on the CPU: the same draws on every device
     model = build_surrogate(cfg.surrogate, num_classes, cfg.surrogate_width, seed=cfg.seed).to(device)
     images, labels = images.to(device), labels.to(device)
@@ -317,14 +317,7 @@ class ErrorMinimizing(ProtectionMethod):
         for key in required:
             if key not in config:
                 raise UserError(f"EM artifact config lacks {key!r}: {path}")
-        fitted = float(config["epsilon"])
-        if epsilon is not None and abs(float(epsilon) - DEFAULT_EPSILON) <= 1e-9 and fitted < DEFAULT_EPSILON:
-            epsilon = None  # the CLI's default budget: a tighter fitted budget is kept
-        if epsilon is not None and abs(float(epsilon) - fitted) > 1e-9:
-            raise UserError(
-                f"artifact {path} was fitted with epsilon {config['epsilon']:.6g}, not {epsilon:.6g}; "
-                "pass the artifact's epsilon (or refit with the one you want)"
-            )
+        check_fitted_epsilon(path, config, epsilon)
         if clip_mode:
             from uge_protect.transforms.em_clip import ErrorMinimizingClip
 

@@ -45,6 +45,7 @@ from uge_protect.transforms.clip_models import (
     resolve_model_config,
 )
 from uge_protect.transforms.networks import set_frozen
+from uge_protect.transforms.training import pick_device
 
 Progress = Callable[[dict[str, Any]], None]
 
@@ -160,8 +161,7 @@ def fit_em_clip(images: torch.Tensor, captions: list[str], cfg: EMClipConfig, pr
         raise UserError("EM's CLIP mode needs at least two captioned images")
     started = time.perf_counter()
     n, _, h, w = images.shape
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available()
-                          else "cpu" if cfg.device == "auto" else cfg.device)
+    device = pick_device(cfg.device)
     model_cfg = resolve_model_config(cfg.clip_model, TINY_CLIP_CONFIG, image_size=h if h == w else None)
     bundle = build_clip_model(model_cfg, seed=cfg.seed, pretrained=cfg.clip_pretrained)
     bundle.model.to(device)

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from uge_protect.errors import UserError
-from uge_protect.transforms.artifact import artifact_fingerprint, load_artifact
+from uge_protect.transforms.artifact import artifact_fingerprint, check_fitted_epsilon, load_artifact
 from uge_protect.transforms.base import (
     APPLY_CHUNK,
     ProtectBatch,
@@ -513,10 +513,7 @@ class TextToUnlearnable(ProtectionMethod):
         for key in ("epsilon", "backbone", "z_dim", "noise_size", "width", "text_dim", "token_dim", "surrogate"):
             if key not in config:
                 raise UserError(f"T2UE artifact config lacks {key!r}: {path}")
-        fitted = float(config["epsilon"])
-        if epsilon is not None and abs(float(epsilon) - fitted) > 1e-9 and not (
-                abs(float(epsilon) - 8 / 255) <= 1e-9 and fitted < 8 / 255):
-            raise UserError(f"artifact {path} was fitted with epsilon {fitted:.6g}, not {float(epsilon):.6g}")
+        check_fitted_epsilon(path, config, epsilon)
         return cls(config, weights, fingerprint=artifact_fingerprint(path), **options)
 
     def to(self, device: torch.device | str) -> "TextToUnlearnable":

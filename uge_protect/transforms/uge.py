@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from uge_protect.errors import UserError
-from uge_protect.transforms.artifact import artifact_fingerprint, load_artifact
+from uge_protect.transforms.artifact import artifact_fingerprint, check_fitted_epsilon, load_artifact
 from uge_protect.transforms.base import APPLY_CHUNK, ProtectBatch, ProtectionMethod, given_options, in_fixed_chunks
 from uge_protect.transforms.clip_models import TINY_CLIP_CONFIG, build_clip_model, resolve_model_config
 from uge_protect.transforms.em import build_surrogate
@@ -543,10 +543,7 @@ class Ungeneralizable(ProtectionMethod):
         for key in ("epsilon", "key_seed", "key_projection", "width", "depth", "authorized"):
             if key not in config:
                 raise UserError(f"UGE artifact config lacks {key!r}: {path}")
-        fitted = float(config["epsilon"])
-        if epsilon is not None and abs(float(epsilon) - fitted) > 1e-9 and not (
-                abs(float(epsilon) - 8 / 255) <= 1e-9 and fitted < 8 / 255):
-            raise UserError(f"artifact {path} was fitted with epsilon {fitted:.6g}, not {float(epsilon):.6g}")
+        check_fitted_epsilon(path, config, epsilon)
         return cls(config, weights, fingerprint=artifact_fingerprint(path))
 
     @property
