@@ -176,6 +176,10 @@ from uge_protect.cli.zero_contact_cmd import apply_noise_command, noise_command 
 app.command("noise")(noise_command)
 app.command("apply-noise")(apply_noise_command)
 
+from uge_protect.cli.push_cmd import push_command  # noqa: E402
+
+app.command("push")(push_command)
+
 from uge_protect.cli.fit_cmd import fit_app  # noqa: E402
 
 app.add_typer(fit_app, name="fit", help="Fit a method on training shards and save an artifact for `shard --artifact`.")
