@@ -150,9 +150,16 @@ class Sha256Cache:
         if hit and hit[0] == st.st_size and hit[1] == st.st_mtime_ns:
             return hit[2]
         digest = file_sha256(f.source)
-        self.entries[key] = [st.st_size, st.st_mtime_ns, digest]
-        self._dirty = True
+        self.record(f, digest)
         return digest
+
+    def record(self, f: StagedFile, digest: str) -> None:
+        """Remember the sha256 of a file on disk (computed elsewhere, e.g. by the Hub client)."""
+        if f.source is None:
+            return
+        st = f.source.stat()
+        self.entries[str(f.source.resolve())] = [st.st_size, st.st_mtime_ns, digest]
+        self._dirty = True
 
     def save(self) -> None:
         if not self._dirty:
@@ -246,10 +253,12 @@ def upload_plan(
     todo: list[StagedFile] = []
     try:
         for f in plan.files:
-            (result.skipped if _is_uploaded(f, remote.get(f.path_in_repo), cache) else todo).append(f)
+            if _is_uploaded(f, remote.get(f.path_in_repo), cache):
+                result.skipped.append(f.path_in_repo)
+            else:
+                todo.append(f)
     finally:
         cache.save()
-    result.skipped = [f.path_in_repo for f in result.skipped]  # type: ignore[misc]
     planned = set(plan.paths())
     stale = sorted(p for p in remote if p.startswith(("shards/", "manifests/")) and p not in planned)
     if stale:
@@ -260,20 +269,25 @@ def upload_plan(
     if result.skipped:
         say(f"{len(result.skipped)} of {len(plan.files)} files are already in {repo_id}; skipping them")
     batches = _batches(todo, files_per_commit, bytes_per_commit)
-    for i, batch in enumerate(batches, 1):
-        ops = [CommitOperationAdd(path_in_repo=f.path_in_repo,
-                                  path_or_fileobj=f.data if f.data is not None else str(f.source)) for f in batch]
-        n_bytes = sum(f.size for f in batch)
-        what = "the dataset card" if batch[0].path_in_repo == CARD_NAME else f"{len(batch)} files"
-        say(f"commit {i}/{len(batches)}: {what}, {n_bytes / 1e6:.1f} MB")
-        try:
-            api.create_commit(repo_id, ops, commit_message=f"uge-protect push: {what} ({i}/{len(batches)})",
-                              repo_type=REPO_TYPE, revision=revision)
-        except errors as exc:
-            err = hub_error(exc, repo_id, f"committing {what} ({i}/{len(batches)})")
-            raise UserError(f"{err}; {result.commits} of {len(batches)} commits were done: "
-                            "rerun the same command to resume") from None
-        result.commits += 1
-        result.uploaded += [f.path_in_repo for f in batch]
-        result.uploaded_bytes += n_bytes
+    try:
+        for i, batch in enumerate(batches, 1):
+            ops = [CommitOperationAdd(path_in_repo=f.path_in_repo,
+                                      path_or_fileobj=f.data if f.data is not None else str(f.source)) for f in batch]
+            for f, op in zip(batch, ops):  # the client hashed the file: remember it for a rerun
+                cache.record(f, op.upload_info.sha256.hex())
+            n_bytes = sum(f.size for f in batch)
+            what = "the dataset card" if batch[0].path_in_repo == CARD_NAME else f"{len(batch)} files"
+            say(f"commit {i}/{len(batches)}: {what}, {n_bytes / 1e6:.1f} MB")
+            try:
+                api.create_commit(repo_id, ops, commit_message=f"uge-protect push: {what} ({i}/{len(batches)})",
+                                  repo_type=REPO_TYPE, revision=revision)
+            except errors as exc:
+                err = hub_error(exc, repo_id, f"committing {what} ({i}/{len(batches)})")
+                raise UserError(f"{err}; {result.commits} of {len(batches)} commits were done: "
+                                "rerun the same command to resume") from None
+            result.commits += 1
+            result.uploaded += [f.path_in_repo for f in batch]
+            result.uploaded_bytes += n_bytes
+    finally:
+        cache.save()
     return result
