@@ -63,7 +63,7 @@ class FakeHub:
             raise self.error
         if repo_id not in self.repos:
             self.repos[repo_id] = {"main": {}}
-            self.private[repo_id] = private
+            self.private[repo_id] = bool(private)
 
     def create_branch(self, repo_id, *, branch, repo_type, exist_ok=False):
         self.repos[repo_id].setdefault(branch, dict(self.repos[repo_id]["main"]))
@@ -84,7 +84,8 @@ class FakeHub:
         for op in ops:
             src = op.path_or_fileobj
             data = src if isinstance(src, bytes) else Path(src).read_bytes()
-            lfs = _Lfs(len(data), hashlib.sha256(data).hexdigest()) if op.path_in_repo.endswith(LFS_SUFFIXES) else None
+            # LFS files: hashed through the client's upload info, as huggingface_hub's LFS transfer does
+            lfs = _Lfs(len(data), op.upload_info.sha256.hex()) if op.path_in_repo.endswith(LFS_SUFFIXES) else None
             tree[op.path_in_repo] = _RepoFile(op.path_in_repo, len(data), git_blob_sha1(data), lfs)
             self.content[(repo_id, revision or "main", op.path_in_repo)] = data
         self.commits.append([op.path_in_repo for op in ops])

@@ -26,6 +26,11 @@ def push_command(
     """Upload DIR to the Hub as a dataset (resumable, several commits), with a generated dataset card."""
     from uge_protect.hub.push import push_output, stage_output
 
+    if quiet:
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
+
     def say(msg: str) -> None:
         if not quiet or msg.startswith("warning:"):
             typer.echo(msg, err=True)

@@ -47,6 +47,7 @@ def push_output(
     report_dir: str | Path | None = None,
     token: str | None = None,
     api: HubClient | None = None,
+    endpoint: str | None = None,
     files_per_commit: int = DEFAULT_FILES_PER_COMMIT,
     bytes_per_commit: int = DEFAULT_BYTES_PER_COMMIT,
     log: Callable[[str], None] | None = None,
@@ -54,11 +55,12 @@ def push_output(
     """Upload an output directory of ``uge-protect shard`` to the dataset repository ``repo_id``.
 
     The token comes from ``token``, ``HF_TOKEN`` or the login cache; ``api`` replaces the
-    :class:`huggingface_hub.HfApi` client (tests inject a fake). Rerunning after an interruption
+    :class:`huggingface_hub.HfApi` client (tests inject a fake); ``endpoint`` points the default
+    client at another Hub (default: ``HF_ENDPOINT`` or huggingface.co). Rerunning after an interruption
     uploads only what is missing."""
     validate_repo_id(repo_id)
     if api is None:
-        api = default_client(resolve_token(token))
+        api = default_client(resolve_token(token), endpoint)
     with ReadLock(Path(directory)):
         plan = plan_upload(directory, include_manifests=include_manifests, report_dir=report_dir,
                            card_options={"repo_id": repo_id, "license": license})

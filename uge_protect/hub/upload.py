@@ -204,11 +204,12 @@ def _batches(files: list[StagedFile], max_files: int, max_bytes: int) -> list[li
     return out
 
 
-def default_client(token: str) -> HubClient:
-    """A :class:`huggingface_hub.HfApi` that identifies uploads as uge-protect's."""
+def default_client(token: str, endpoint: str | None = None) -> HubClient:
+    """A :class:`huggingface_hub.HfApi` that identifies uploads as uge-protect's. ``endpoint``
+    defaults to ``HF_ENDPOINT`` or https://huggingface.co."""
     from huggingface_hub import HfApi
 
-    return HfApi(token=token, library_name="uge-protect", library_version=__version__)
+    return HfApi(endpoint=endpoint, token=token, library_name="uge-protect", library_version=__version__)
 
 
 def upload_plan(
@@ -233,7 +234,8 @@ def upload_plan(
     for warning in plan.warnings:
         say(f"warning: {warning}")
     try:
-        api.create_repo(repo_id, repo_type=REPO_TYPE, private=private, exist_ok=True)
+        # private=None lets the Hub apply the namespace's default visibility; an existing repository keeps its own
+        api.create_repo(repo_id, repo_type=REPO_TYPE, private=True if private else None, exist_ok=True)
     except errors as exc:
         raise hub_error(exc, repo_id, "creating the repository") from None
     if revision and revision != "main":
@@ -273,19 +275,23 @@ def upload_plan(
         for i, batch in enumerate(batches, 1):
             ops = [CommitOperationAdd(path_in_repo=f.path_in_repo,
                                       path_or_fileobj=f.data if f.data is not None else str(f.source)) for f in batch]
-            for f, op in zip(batch, ops):  # the client hashed the file: remember it for a rerun
-                cache.record(f, op.upload_info.sha256.hex())
             n_bytes = sum(f.size for f in batch)
             what = "the dataset card" if batch[0].path_in_repo == CARD_NAME else f"{len(batch)} files"
             say(f"commit {i}/{len(batches)}: {what}, {n_bytes / 1e6:.1f} MB")
             try:
                 api.create_commit(repo_id, ops, commit_message=f"uge-protect push: {what} ({i}/{len(batches)})",
                                   repo_type=REPO_TYPE, revision=revision)
+            except ValueError as exc:  # the Hub's check of the card's metadata
+                raise UserError(f"the Hub rejected {what}: {' '.join(str(exc).split())}") from None
             except errors as exc:
                 err = hub_error(exc, repo_id, f"committing {what} ({i}/{len(batches)})")
                 raise UserError(f"{err}; {result.commits} of {len(batches)} commits were done: "
                                 "rerun the same command to resume") from None
             result.commits += 1
+            for f, op in zip(batch, ops):  # where the client hashed a file (LFS transfer), remember it for a rerun
+                known = getattr(op.upload_info, "_sha256", None)
+                if isinstance(known, bytes):
+                    cache.record(f, known.hex())
             result.uploaded += [f.path_in_repo for f in batch]
             result.uploaded_bytes += n_bytes
     finally:
