@@ -219,6 +219,9 @@ def _eval_section(plan: "UploadPlan", eval_dir: str) -> list[str]:
             p = row["protected"]["final_test_acc"]["mean"]
             lines.append(f"| {row['defense']} | {row['arch']} | {100 * c:.1f}% | {100 * p:.1f}% | {100 * (c - p):.1f} |")
         lines.append("")
+        if any("+key" in row["arch"] for row in cls["summary"]):
+            lines += ["`ARCH+key` is the owner's authorized network; `ARCH+key:N` the same architecture with "
+                      "another key; `STUDENT<-ARCH+key` a student distilled from the owner's network without labels.", ""]
     clip = (r.get("tasks") or {}).get("clip")
     if clip and clip.get("runs"):
         lines += ["CLIP trained from scratch, Recall@10 on clean test pairs (image→text / text→image):", "",

@@ -298,7 +298,9 @@ def check_limits(files: list[StagedFile]) -> list[str]:
 def write_staging(plan: UploadPlan, staging_dir: str | Path) -> Path:
     """Write exactly the files of ``plan`` into ``staging_dir`` (which must be new or empty).
 
-    Data files are hard-linked where the filesystem allows it, copied otherwise."""
+    Shards (``.tar``) are hard-linked where the filesystem allows it, so a dry run of a large
+    output costs no space: they share their bytes with the output directory and must not be
+    modified in place. Everything else is copied."""
     staging = Path(staging_dir)
     if staging.exists() and (not staging.is_dir() or any(staging.iterdir())):
         raise UserError(f"staging folder {staging} exists and is not empty; choose a new folder")
@@ -311,10 +313,13 @@ def write_staging(plan: UploadPlan, staging_dir: str | Path) -> Path:
         if f.data is not None:
             dest.write_bytes(f.data)
             continue
-        try:
-            os.link(f.source, dest)
-        except OSError:
-            shutil.copy2(f.source, dest)
+        if f.path_in_repo.endswith(".tar"):
+            try:
+                os.link(f.source, dest)
+                continue
+            except OSError:
+                pass
+        shutil.copy2(f.source, dest)
     return staging
 
 
