@@ -15,6 +15,9 @@ from uge_protect.hub.staging import iter_staged_tree
 
 TOKEN = "hf_local_test_token_0123456789"
 
+# huggingface_hub's LFS transfer hands raw bytes to httpx2 in a form it deprecates (not ours)
+pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning")
+
 
 @pytest.fixture
 def local_hub(monkeypatch):

@@ -155,3 +155,12 @@ def test_shard_pattern_and_size_category():
     assert shard_pattern(["a-000000.tar", "a-000002.tar"]) == "a-000000.tar::a-000002.tar"
     assert shard_pattern(["a-0.tar", "b-1.tar"]) == "a-0.tar::b-1.tar"
     assert size_category(999) == "n<1K" and size_category(5000) == "1K<n<10K" and size_category(2_000_000) == "1M<n<10M"
+
+
+def test_push_is_a_command():
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0 and "push" in result.output
+    result = runner.invoke(app, ["push", "--help"])
+    assert result.exit_code == 0
+    for option in ("--private", "--revision", "--license", "--dry-run", "--no-manifests", "--report"):
+        assert option in result.output

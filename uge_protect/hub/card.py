@@ -12,10 +12,10 @@ main table and a figure.
 from __future__ import annotations
 
 import re
-from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import yaml
 
@@ -83,28 +83,34 @@ def _data_summary(plan: "UploadPlan") -> dict[str, Any]:
             if first is not None:
                 fields = list(first.fields)
                 break
-    labels: set[int] = set()
+    # column statistics per manifest (pyarrow.compute: no Python objects per row, fine for large outputs)
+    max_label: int | None = None
     captions = 0
-    sizes: Counter[tuple[int, int]] = Counter()
+    widths: set[int] = set()
+    heights: set[int] = set()
     for name in plan.sizes:
         path = layout.manifest(name)
         if not path.is_file():
             continue
-        table = pq.read_table(path, columns=["status", "label", "caption", "width", "height"]).to_pylist()
-        for row in table:
-            if row["status"] != "ok":
-                continue
-            if row["label"] is not None:
-                labels.add(int(row["label"]))
-            captions += row["caption"] is not None
-            sizes[(row["width"], row["height"])] += 1
+        table = pq.read_table(path, columns=["status", "label", "caption", "width", "height"])
+        table = table.filter(pc.equal(table["status"], "ok"))
+        if table.num_rows == 0:
+            continue
+        top = pc.max(table["label"]).as_py()
+        if top is not None:
+            max_label = top if max_label is None else max(max_label, top)
+        captions += table.num_rows - table["caption"].null_count
+        for col, seen in (("width", widths), ("height", heights)):
+            mm = pc.min_max(table[col]).as_py()
+            seen.update(v for v in (mm["min"], mm["max"]) if v is not None)
     image_ext = next((e for e in IMAGE_EXTENSIONS if e in fields), "png")
     return {
         "fields": fields,
         "image_ext": image_ext,
-        "num_classes": (max(labels) + 1) if labels else 0,
+        "num_classes": max_label + 1 if max_label is not None else 0,
         "has_captions": captions > 0 or "txt" in fields,
-        "image_size": next(iter(sizes)) if len(sizes) == 1 else None,
+        # one square size for every written image: the recipe crops at that size
+        "image_size": widths.pop() if len(widths) == 1 and widths == heights else None,
     }
 
 
@@ -355,8 +361,7 @@ def render_dataset_card(
             "### PyTorch (a classifier on the `cls` labels)",
             "",
             "```python",
-            pytorch_recipe(f"data/shards/{pattern}", data["image_ext"], data["num_classes"],
-                           data["image_size"][0] if data["image_size"] and data["image_size"][0] == data["image_size"][1] else None).rstrip(),
+            pytorch_recipe(f"data/shards/{pattern}", data["image_ext"], data["num_classes"], data["image_size"]).rstrip(),
             "```",
             "",
             "Several GPUs or machines: `split_by_node` gives each process its own shards "
