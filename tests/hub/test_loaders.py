@@ -122,3 +122,25 @@ def test_open_clip_trains_on_the_shards_through_its_own_entry_point(staged, tmp_
     assert re.search(r"Train Epoch: 0 \[\s*64/64 \(100%\)\]", log), log[-3000:]
     loss = float(re.findall(r"Contrastive_loss: ([0-9.]+)", log)[-1])
     assert np.isfinite(loss)
+
+
+def test_failed_samples_are_counted_and_not_rows(tmp_path):
+    """A sample that could not be protected is in the manifest and the card, not in the data."""
+    from tests.helpers import simple_samples, write_shard
+    from uge_protect.pipeline import ShardJobConfig, run_shard_job
+    from uge_protect.transforms.registry import create_method
+
+    samples = list(simple_samples("s", 8, size=(16, 16)))
+    samples[3][1]["png"] = b"this is not an image"
+    write_shard(tmp_path / "in-000000.tar", samples[:4])
+    write_shard(tmp_path / "in-000001.tar", samples[4:])
+    run_shard_job(ShardJobConfig(inputs=[str(tmp_path / "in-*.tar")], output=str(tmp_path / "out"),
+                                 num_workers=0, encode_threads=0, quiet=True), create_method("random"))
+    stage = tmp_path / "stage"
+    stage_output(tmp_path / "out", "me/failures", stage)
+    card = (stage / "README.md").read_text(encoding="utf-8")
+    assert "| input samples | 8 |" in card and "| written (protected) samples | 7 |" in card
+    assert "| failed samples (not written) | 1 |" in card and "`undecodable_image` 1" in card
+    ds = datasets.load_dataset(str(stage), split="train")
+    assert ds.num_rows == 7 and "s-00003" not in ds["__key__"]
+    assert sorted(ds["cls"]) == sorted(int(s[1]["cls"]) for i, s in enumerate(samples) if i != 3)

@@ -164,3 +164,17 @@ def test_push_is_a_command():
     assert result.exit_code == 0
     for option in ("--private", "--revision", "--license", "--dry-run", "--no-manifests", "--report"):
         assert option in result.output
+
+
+def test_push_waits_for_a_running_shard_job(output_copy):
+    import fcntl
+    import os
+
+    fd = os.open(OutputLayout(output_copy).lock_file, os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # what a `shard` run holds while it writes
+        with pytest.raises(UserError, match="a uge-protect run is writing to"):
+            stage_output(output_copy, "me/demo", output_copy.parent / "s")
+    finally:
+        os.close(fd)
+    stage_output(output_copy, "me/demo", output_copy.parent / "s")
