@@ -51,24 +51,28 @@ def _check_rows(ds, stage: Path) -> None:
         assert row["txt"] == m["caption"] and row["cls"] == m["label"]
 
 
-def test_datasets_loads_the_card_default_config_not_the_manifests(staged):
-    ds = datasets.load_dataset(str(staged), split="train")  # as the Hub loads the repository
+def test_datasets_loads_the_card_default_config_not_the_manifests(staged, tmp_path):
+    # as the Hub loads the repository; a fresh cache: datasets caches a local folder under its name
+    ds = datasets.load_dataset(str(staged), split="train", cache_dir=str(tmp_path / "hf-cache"))
     assert {"png", "txt", "cls", "__key__"} <= set(ds.column_names)
     _check_rows(ds, staged)
 
 
-def test_datasets_webdataset_loader_and_manifests(staged):
-    ds = datasets.load_dataset("webdataset", data_files={"train": str(staged / "shards" / "*.tar")}, split="train")
+def test_datasets_webdataset_loader_and_manifests(staged, tmp_path):
+    cache = str(tmp_path / "hf-cache")
+    ds = datasets.load_dataset("webdataset", data_files={"train": str(staged / "shards" / "*.tar")}, split="train",
+                               cache_dir=cache)
     _check_rows(ds, staged)
     # the card's way to load the manifests
-    man = datasets.load_dataset(str(staged), data_files={"train": "manifests/*.parquet"}, split="train")
+    man = datasets.load_dataset(str(staged), data_files={"train": "manifests/*.parquet"}, split="train",
+                                cache_dir=cache)
     assert man.num_rows == 64 and "sha256_protected" in man.column_names
 
 
 def test_without_a_card_datasets_takes_the_manifests_for_the_data(output_copy):
     """Why the card declares its configs: the raw output directory loads as parquet."""
     shutil.rmtree(output_copy / "eval")
-    ds = datasets.load_dataset(str(output_copy), split="train")
+    ds = datasets.load_dataset(str(output_copy), split="train", cache_dir=str(output_copy.parent / "hf-cache"))
     assert "sha256_protected" in ds.column_names and "png" not in ds.column_names
 
 
@@ -141,6 +145,32 @@ def test_failed_samples_are_counted_and_not_rows(tmp_path):
     card = (stage / "README.md").read_text(encoding="utf-8")
     assert "| input samples | 8 |" in card and "| written (protected) samples | 7 |" in card
     assert "| failed samples (not written) | 1 |" in card and "`undecodable_image` 1" in card
-    ds = datasets.load_dataset(str(stage), split="train")
+    ds = datasets.load_dataset(str(stage), split="train", cache_dir=str(tmp_path / "hf-cache"))
     assert ds.num_rows == 7 and "s-00003" not in ds["__key__"]
     assert sorted(ds["cls"]) == sorted(int(s[1]["cls"]) for i, s in enumerate(samples) if i != 3)
+
+
+def test_empty_shards_are_left_out(tmp_path):
+    """An empty output shard (empty input, or every sample failed) is not published; datasets'
+    loader could not infer features if it came first. Its manifest still is."""
+    from typer.testing import CliRunner
+
+    from tests.helpers import simple_samples, write_shard
+    from uge_protect.cli.app import app
+    from uge_protect.pipeline import ShardJobConfig, run_shard_job
+    from uge_protect.transforms.registry import create_method
+
+    write_shard(tmp_path / "in-000000.tar", [])
+    write_shard(tmp_path / "in-000001.tar", simple_samples("s", 5, size=(16, 16)))
+    run_shard_job(ShardJobConfig(inputs=[str(tmp_path / "in-*.tar")], output=str(tmp_path / "out"),
+                                 num_workers=0, encode_threads=0, quiet=True), create_method("random"))
+    stage = tmp_path / "empty-shard-stage"
+    plan = stage_output(tmp_path / "out", "me/empty", stage)
+    assert any("hold no protected sample" in w for w in plan.warnings)
+    assert not (stage / "shards" / "in-000000.tar").exists() and (stage / "manifests" / "in-000000.parquet").is_file()
+    assert json.loads((stage / "shards" / "sizes.json").read_text()) == {"in-000001.tar": 5}
+    assert "shards/in-000001.tar" in (stage / "README.md").read_text(encoding="utf-8")
+    ds = datasets.load_dataset(str(stage), split="train", cache_dir=str(tmp_path / "hf-cache"))
+    assert ds.num_rows == 5
+    result = CliRunner().invoke(app, ["inspect", str(stage), "--no-sources"])
+    assert result.exit_code == 0, result.output

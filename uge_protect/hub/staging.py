@@ -5,8 +5,11 @@ only for shards that are complete:
 
 - ``shards/<name>.tar`` and ``shards/sizes.json``: the shards named in ``sizes.json``, each with
   its completion marker (``stats/<name>.json``) written under the directory's configuration and
-  matching the shard's size;
-- ``manifests/<name>.parquet`` of those shards (left out with ``include_manifests=False``);
+  matching the shard's size. Shards without any written sample are left out (with their
+  markers, and from the staged ``sizes.json``): ``datasets`` cannot read a dataset whose first
+  shard is empty;
+- ``manifests/<name>.parquet`` of every shard, empty ones included (left out with
+  ``include_manifests=False``);
 - ``stats/<name>.json``, ``run.json`` and ``protection.json``, so that a downloaded copy verifies
   with ``uge-protect inspect --no-sources``;
 - an evaluation report, staged under ``eval/`` (``report.json``, ``report.md``, its figures);
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import json
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -228,19 +232,33 @@ def plan_upload(
         if int(stats.get("written", -1)) != int(sizes[name]):
             raise UserError(f"sizes.json and stats/{stats_path.name} disagree on {name}; "
                             f"check the directory with `uge-protect inspect {root}`")
-        files.append(StagedFile(f"shards/{name}", shard))
         if include_manifests:
             manifest = layout.manifest(name)
             if not manifest.is_file():
                 raise UserError(f"the manifest of {name} is missing ({manifest}); rerun `uge-protect shard` "
                                 "or push with --no-manifests")
             files.append(StagedFile(f"manifests/{manifest.name}", manifest))
+        if int(sizes[name]) == 0:
+            # an empty tar (an empty input shard, or every sample failed) is not published: datasets'
+            # WebDataset loader cannot infer features when the first shard is empty. Its manifest is.
+            continue
+        files.append(StagedFile(f"shards/{name}", shard))
         files.append(StagedFile(f"stats/{stats_path.name}", stats_path))
     extra = sorted(p.name for p in layout.shards_dir.glob("*.tar") if p.name not in sizes)
     if extra:
         warnings.append(f"{len(extra)} tar file(s) in {layout.shards_dir} are not part of this run and are "
                         f"not uploaded (e.g. {extra[0]})")
-    files.append(StagedFile("shards/sizes.json", layout.sizes_file))
+    published = {name: int(n) for name, n in sorted(sizes.items()) if int(n) > 0}
+    if not published:
+        raise UserError(f"no shard in {root} holds a protected sample: nothing to publish")
+    empty = sorted(set(sizes) - set(published))
+    if empty:
+        warnings.append(f"{len(empty)} shard(s) hold no protected sample and are left out (e.g. {empty[0]}); "
+                        "their manifests record why")
+        sizes_json = (json.dumps(published, indent=2, sort_keys=True) + "\n").encode("utf-8")
+        files.append(StagedFile("shards/sizes.json", data=sizes_json))  # the published shards only
+    else:
+        files.append(StagedFile("shards/sizes.json", layout.sizes_file))
     files.append(StagedFile("run.json", layout.run_file))
     files.append(StagedFile("protection.json", layout.protection_file))
 
@@ -253,8 +271,7 @@ def plan_upload(
             files.append(StagedFile(f"{EVAL_DIR}/report.md", report.directory / "report.md"))
         files += [StagedFile(f"{EVAL_DIR}/{f}", report.directory / f) for f in report.figures]
 
-    plan = UploadPlan(root, files, protection, {k: int(v) for k, v in sizes.items()}, report,
-                      include_manifests, warnings)
+    plan = UploadPlan(root, files, protection, published, report, include_manifests, warnings)
     if card:
         from uge_protect.hub.card import render_dataset_card
 
