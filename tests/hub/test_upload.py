@@ -154,6 +154,7 @@ def test_revision_branch(output_copy):
     (_http_error(401), "token was rejected (401)"),
     (_http_error(403), "may not write to me/demo (403 forbidden)"),
     (_http_error(404, RepositoryNotFoundError), "not found or not accessible"),
+    (_http_error(429), "rate-limited creating the repository (429"),
     (ConnectionError("name resolution failed"), "could not reach the Hub"),
 ])
 def test_hub_errors_become_one_clear_line(output_copy, error, needle):

@@ -104,6 +104,9 @@ def hub_error(exc: BaseException, repo_id: str, action: str) -> UserError:
     if status == 403:
         return UserError(f"this token may not write to {repo_id} (403 forbidden) while {action}: "
                          "use a token with write access to that namespace")
+    if status == 429:
+        return UserError(f"the Hub rate-limited {action} (429; about 128 commits per hour per repository): "
+                         "wait a few minutes")
     if isinstance(exc, RepositoryNotFoundError) or status == 404:
         return UserError(f"dataset repository {repo_id} not found or not accessible with this token while {action}")
     if isinstance(exc, HfHubHTTPError):
