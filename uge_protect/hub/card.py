@@ -267,7 +267,9 @@ def render_dataset_card(
         task_categories.append("image-classification")
     if data["has_captions"]:
         task_categories.append("zero-shot-image-classification")
-    tags = ["uge-protect", "protected-data", "unlearnable-examples", "webdataset", method, *(extra_tags or [])]
+    # the `random` control protects nothing: no unlearnable-examples tag for it
+    tags = ["uge-protect", "protected-data", *([] if method == "random" else ["unlearnable-examples"]),
+            "webdataset", method, *(extra_tags or [])]
     configs: list[dict[str, Any]] = [
         {"config_name": "default", "default": True, "data_files": [{"split": "train", "path": "shards/*.tar"}]},
     ]
