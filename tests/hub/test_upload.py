@@ -163,7 +163,7 @@ def test_hub_errors_become_one_clear_line(output_copy, error, needle):
     assert needle in str(info.value) and "\n" not in str(info.value)
 
 
-def test_token_and_repo_id_checked_before_anything(output_copy, tmp_path, monkeypatch):
+def test_token_and_repo_id_checked_before_any_upload(output_copy, tmp_path, monkeypatch):
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-hf-home"))  # no login cache
     result = runner.invoke(app, ["push", str(output_copy), "me/demo"])

@@ -59,10 +59,10 @@ def push_output(
     client at another Hub (default: ``HF_ENDPOINT`` or huggingface.co). Rerunning after an interruption
     uploads only what is missing."""
     validate_repo_id(repo_id)
-    if api is None:
-        api = default_client(resolve_token(token), endpoint)
     with ReadLock(Path(directory)):
         plan = plan_upload(directory, include_manifests=include_manifests, report_dir=report_dir,
                            card_options={"repo_id": repo_id, "license": license})
+        if api is None:
+            api = default_client(resolve_token(token), endpoint)
         return upload_plan(plan, repo_id, api=api, private=private, revision=revision,
                            files_per_commit=files_per_commit, bytes_per_commit=bytes_per_commit, log=log)
