@@ -221,7 +221,8 @@ def plan_upload(
         shard = layout.shard(name)
         stats_path = layout.stats(name)
         if not shard.is_file() or not stats_path.is_file():
-            raise UserError(f"shard {name} is listed in sizes.json but {'missing' if not shard.is_file() else 'not complete (no stats file)'}; "
+            state = "missing" if not shard.is_file() else "not complete (no stats file)"
+            raise UserError(f"shard {name} is listed in sizes.json but {state}; "
                             "rerun the same `uge-protect shard` command")
         stats = _check_json_public(stats_path, f"stats/{stats_path.name}")
         if stats.get("config_fingerprint") != run.get("fingerprint"):
