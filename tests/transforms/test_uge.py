@@ -219,9 +219,9 @@ def test_bad_options_are_user_errors():
 
 
 def test_auto_students_cover_the_hacker_families():
-    """`auto`: small_cnn, vgg11 and resnet18; the plain authorized architecture only under the key."""
+    """`auto`: small_cnn and vgg11; the plain authorized architecture only under the key."""
     keyed = UGEConfig.from_options({"authorized": "small_cnn"})
-    assert keyed.students == ["small_cnn", "vgg11", "resnet18"] and keyed.student_width == 8
+    assert keyed.students == ["small_cnn", "vgg11"] and keyed.student_width == 8
     plain = UGEConfig.from_options({"authorized": "small_cnn", "key_projection": False})
-    assert plain.students == ["vgg11", "resnet18"]
+    assert plain.students == ["vgg11"]
     assert UGEConfig.from_options({"student": "vgg11"}).student_width is None
