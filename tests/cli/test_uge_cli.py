@@ -118,8 +118,9 @@ def test_fit_uge_errors(data, tmp_path):
     root, train, _, _ = data
     result = runner.invoke(app, ["fit", "uge", str(train), "-o", str(tmp_path / "a"), "--authorized", "alexnet"])
     assert result.exit_code == 2 and "unknown authorized architecture" in _errors(result)[0]
-    result = runner.invoke(app, ["fit", "uge", str(train), "-o", str(tmp_path / "a"), "--authorized", "small_cnn"])
-    assert result.exit_code == 2 and "another architecture" in _errors(result)[0]
+    result = runner.invoke(app, ["fit", "uge", str(train), "-o", str(tmp_path / "a"), "--authorized", "small_cnn",
+                                 "--no-key-projection", "--student", "small_cnn"])
+    assert result.exit_code == 2 and "other architectures than the authorized" in _errors(result)[0]
     result = runner.invoke(app, ["eval", "--protected", str(tmp_path), "--clean-train", str(train), "--test",
                                  str(train), "-o", str(tmp_path / "r"), "--other-key", "3"])
     assert result.exit_code == 2 and "need --authorized" in _errors(result)[0]

@@ -224,3 +224,11 @@ def test_inspect_says_how_many_sources_it_compared(make_shards, tmp_path):
     shards[1].unlink()  # a source that is gone can no longer be compared
     report = inspect_output(out)
     assert report["sources_checked"] == 1 and report["problems"] == []
+
+
+def test_mixed_precision_runs_every_batch(make_shards, tmp_path):
+    """bf16 autocast wraps each pass afresh (Accelerate's context is single-use); budget holds."""
+    shards = make_shards(n_shards=1, per_shard=9)
+    summary = run(shards, tmp_path / "bf16", batch_size=2, mixed_precision="bf16")
+    assert summary["counts"]["written"] == 9 and summary["counts"]["failed"] == 0
+    assert summary["budget"]["linf_max"] <= 8

@@ -208,11 +208,20 @@ def test_without_key_projection_gradient_matching_is_active():
 
 def test_bad_options_are_user_errors():
     images, labels = stripes(8)
-    with pytest.raises(UserError, match="another architecture"):
-        fit_uge(images, labels, _tiny(student="small_cnn", student_width=8))
+    with pytest.raises(UserError, match="other architectures than the authorized"):
+        fit_uge(images, labels, _tiny(student="small_cnn", student_width=8, key_projection=False))
     with pytest.raises(UserError, match="unknown authorized"):
         UGEConfig.from_options({"authorized": "alexnet"})
     with pytest.raises(UserError, match="at least one"):
         UGEConfig.from_options({"gm_weight": 0, "fd_weight": 0, "ud_weight": 0})
     with pytest.raises(UserError, match="class label"):
         fit_uge(images, torch.full((8,), -1), _tiny())
+
+
+def test_auto_students_cover_the_hacker_families():
+    """`auto`: small_cnn and vgg11; the plain authorized architecture only under the key."""
+    keyed = UGEConfig.from_options({"authorized": "small_cnn"})
+    assert keyed.students == ["small_cnn", "vgg11"] and keyed.student_width == 8
+    plain = UGEConfig.from_options({"authorized": "small_cnn", "key_projection": False})
+    assert plain.students == ["vgg11"]
+    assert UGEConfig.from_options({"student": "vgg11"}).student_width is None

@@ -134,7 +134,7 @@ def uge(
     depth: Optional[int] = typer.Option(None, "--depth", help="Generator residual blocks (default 4)."),
     authorized_epochs: Optional[int] = typer.Option(None, "--authorized-epochs", help="Epochs of the authorized network on the clean images before the generator starts (default 3)."),
     snapshots: Optional[int] = typer.Option(None, "--snapshots", help="Points of the authorized network's trajectory L_gm matches at (default 4)."),
-    student: Optional[str] = typer.Option(None, "--student", help="Architecture(s) of the L_ud students, comma-separated (default small_cnn,vgg11; small_cnn of width 8)."),
+    student: Optional[str] = typer.Option(None, "--student", help="Architecture(s) of the L_ud students, comma-separated, or auto (default): small_cnn (width 8) and vgg11; the plain authorized architecture is one only under the key projection."),
     distill_weight: Optional[float] = typer.Option(None, "--distill-weight", help="Weight of the authorized network's soft targets in the student's loss, next to the labels (default 0)."),
     pattern_step: Optional[float] = typer.Option(None, "--pattern-step", help="Signed step of the class patterns, in units of ε (default 0.1)."),
     feature_model: Optional[str] = typer.Option(None, "--feature-model", help="L_fd's shared feature space: an open_clip model name or JSON config (default: a tiny ViT)."),

@@ -16,7 +16,7 @@ import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -64,9 +64,11 @@ def protect_records(
     method: ProtectionMethod,
     seed: int,
     device: torch.device,
-    autocast: contextlib.AbstractContextManager | None = None,
+    autocast: Callable[[], contextlib.AbstractContextManager] | None = None,
 ) -> list[np.ndarray | None]:
     """Protect the decoded images of ``records`` in batched passes (one per image size).
+
+    ``autocast`` makes a fresh mixed-precision context per pass (Accelerate's is single-use).
 
     Returns, per record, the protected HxWx3 uint8 array, or None for failed records.
     """
@@ -87,7 +89,7 @@ def protect_records(
             captions=[r.caption for r in recs],
             labels=[r.label for r in recs],
         )
-        with torch.no_grad(), (autocast or contextlib.nullcontext()):
+        with torch.no_grad(), (autocast() if autocast is not None else contextlib.nullcontext()):
             delta = method.perturb(batch)
         if delta.shape != u8.shape:
             raise RuntimeError(f"method {method.name} returned shape {tuple(delta.shape)}, expected {tuple(u8.shape)}")
@@ -270,7 +272,7 @@ def _protect_shards(
     inflight: deque[tuple[ShardBatch, Future]] = deque()
     max_inflight = cfg.encode_threads + 1  # one batch per encoder and one waiting
     counts = {"samples": 0, "written": 0, "failed": 0, "shards": 0}
-    autocast = accelerator.autocast() if cfg.mixed_precision != "no" else None
+    autocast = accelerator.autocast if cfg.mixed_precision != "no" else None
 
     def drain_one() -> None:
         batch, future = inflight.popleft()
