@@ -227,8 +227,23 @@ def test_inspect_says_how_many_sources_it_compared(make_shards, tmp_path):
 
 
 def test_mixed_precision_runs_every_batch(make_shards, tmp_path):
-    """bf16 autocast wraps each pass afresh (Accelerate's context is single-use); budget holds."""
+    """bf16 autocast wraps each pass afresh (a context is single-use), also after a
+    full-precision job in the same process; the budget holds."""
+    import torch
+
     shards = make_shards(n_shards=1, per_shard=9)
-    summary = run(shards, tmp_path / "bf16", batch_size=2, mixed_precision="bf16")
+    run(shards, tmp_path / "fp32", batch_size=4)
+    method = create_method("random", allow_hidden=True)
+    perturb, seen = method.perturb, []
+
+    def recording(batch):
+        seen.append(torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+        return perturb(batch)
+
+    method.perturb = recording
+    cfg = ShardJobConfig(inputs=[str(p) for p in shards], output=str(tmp_path / "bf16"), quiet=True,
+                         num_workers=0, batch_size=2, mixed_precision="bf16")
+    summary = run_shard_job(cfg, method)
     assert summary["counts"]["written"] == 9 and summary["counts"]["failed"] == 0
     assert summary["budget"]["linf_max"] <= 8
+    assert len(seen) == 5 and all(seen)

@@ -68,7 +68,7 @@ def protect_records(
 ) -> list[np.ndarray | None]:
     """Protect the decoded images of ``records`` in batched passes (one per image size).
 
-    ``autocast`` makes a fresh mixed-precision context per pass (Accelerate's is single-use).
+    ``autocast`` makes a fresh mixed-precision context per pass (a context is single-use).
 
     Returns, per record, the protected HxWx3 uint8 array, or None for failed records.
     """
@@ -124,7 +124,18 @@ def build_run_config(cfg: ShardJobConfig, method: ProtectionMethod) -> dict[str,
 def _make_accelerator(cfg: ShardJobConfig):
     from accelerate import Accelerator
 
-    return Accelerator(mixed_precision=cfg.mixed_precision)
+    # Mixed precision is applied by our own autocast (see ``_autocast``), not by Accelerate:
+    # its state is a per-process singleton, so a second job in the same process with another
+    # precision would be refused.
+    return Accelerator()
+
+
+def _autocast(mixed_precision: str, device: torch.device) -> Callable[[], contextlib.AbstractContextManager] | None:
+    """A factory of fresh autocast contexts for the method's pass, or None for full precision."""
+    if mixed_precision == "no":
+        return None
+    dtype = torch.bfloat16 if mixed_precision == "bf16" else torch.float16
+    return lambda: torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def _broadcast_error(accelerator, error: str | None) -> str | None:
@@ -272,7 +283,7 @@ def _protect_shards(
     inflight: deque[tuple[ShardBatch, Future]] = deque()
     max_inflight = cfg.encode_threads + 1  # one batch per encoder and one waiting
     counts = {"samples": 0, "written": 0, "failed": 0, "shards": 0}
-    autocast = accelerator.autocast if cfg.mixed_precision != "no" else None
+    autocast = _autocast(cfg.mixed_precision, device)
 
     def drain_one() -> None:
         batch, future = inflight.popleft()
