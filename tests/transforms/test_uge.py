@@ -225,3 +225,18 @@ def test_auto_students_cover_the_hacker_families():
     plain = UGEConfig.from_options({"authorized": "small_cnn", "key_projection": False})
     assert plain.students == ["vgg11"]
     assert UGEConfig.from_options({"student": "vgg11"}).student_width is None
+
+
+def test_resnet18_as_the_authorized_network():
+    """The issue's authorized architecture: a tiny fit and apply, and the noise is invisible to it."""
+    images, labels = stripes(32)
+    config, weights = fit_uge(images, labels, _tiny(authorized="resnet18", student="small_cnn", student_width=8,
+                                                    steps=2))
+    assert config["authorized"] == "resnet18" and config["student"] == "small_cnn"
+    method = Ungeneralizable(config, weights)
+    delta = method.perturb(_batch(images, [str(i) for i in range(len(images))], labels))
+    protected = apply_perturbation(images, delta, EPS)
+    assert int(delta.abs().max()) > 0
+    owner = build_authorized("resnet18", 2, KEY, True).eval()
+    with torch.no_grad():
+        assert torch.equal(owner(protected.float() / 255), owner(images.float() / 255))
