@@ -348,15 +348,6 @@ def iter_staged_tree(staging: Path) -> Iterator[str]:
             yield p.relative_to(staging).as_posix()
 
 
-def file_sha256(path: Path) -> str:
-    """sha256 of a file, streamed."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def git_blob_sha1(data_or_path: bytes | Path) -> str:
     """The git object id of a file's content (what the Hub reports for files not stored in LFS)."""
     if isinstance(data_or_path, bytes):

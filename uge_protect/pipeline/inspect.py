@@ -23,20 +23,12 @@ from uge_protect.pipeline.records import SampleRecord
 from uge_protect.pipeline.source import DecodeSettings, decode_samples, read_samples
 from uge_protect.pipeline.writer import reason_code
 from uge_protect.shards.discover import is_remote
-from uge_protect.shards.layout import OutputLayout, read_json
+from uge_protect.shards.layout import OutputLayout, file_sha256, read_json
 from uge_protect.shards.manifest import STATUS_OK, read_manifest
 from uge_protect.shards.tario import TarReadError, iter_tar_samples
 from uge_protect.transforms.budget import linf_levels
 
 MAX_LISTED_PROBLEMS = 50
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def inspect_output(root: str | Path, *, check_sources: bool = True) -> dict[str, Any]:
@@ -118,7 +110,7 @@ def _verify_shard(
     if not shard_path.is_file() or not manifest_path.is_file():
         return [f"{name}: shard or manifest missing"], False
     problems: list[str] = []
-    if _file_sha256(shard_path) != stats["sha256"]:
+    if file_sha256(shard_path) != stats["sha256"]:
         problems.append(f"{name}: shard bytes differ from the completion marker (sha256)")
     rows = read_manifest(manifest_path).to_pylist()
     ok_rows = [r for r in rows if r["status"] == STATUS_OK]
