@@ -91,7 +91,7 @@ class UGEConfig:
     #: The L_ud students, comma-separated; L_ud is their mean loss (several make the noise
     #: transfer to more architectures). "auto": small_cnn and vgg11, the plain authorized
     #: architecture (no key) among them only under the key projection. A resnet18 student
-    #: made the noise transfer worse and doubled the CPU fit time (measured; see the README).
+    #: made the noise transfer worse and slowed the CPU fit about threefold (see the README).
     student: str = "auto"
     student_width: int | None = 8
     #: SGD with momentum 0.9, as EM's surrogate: the min-min needs a student that learns fast.
