@@ -8,7 +8,8 @@ settings) and tests on the clean test shards:
 * the owner: the authorized network (`--authorized`, row ``small_cnn+key``);
 * the authorized architecture with another key (``small_cnn+key:99``);
 * students distilled (no labels) from the authorized network on the same training set
-  (``vgg11<-small_cnn+key``, ``small_cnn<-small_cnn+key``);
+  (``vgg11<-small_cnn+key``, ``small_cnn<-small_cnn+key``), from the network with its
+  confidence gate (as the owner deploys it) and, as ``uge (no gate)``, without it;
 * the `random` control, the defenses (on --defense-archs and the owner), partial protection,
   and the ablations: without L_fd, without L_ud, and the paper's key-less form (authorization
   by architecture and initialisation only, L_gm active) with and without L_gm. (Without L_gm
@@ -96,6 +97,10 @@ def main() -> None:
     extra = [*owner, "--other-key", str(a.other_key), *(x for s in a.distill for x in ("--distill", s))]
     add("uge", evaluate(out, data, work / "reports" / "uge" / "none", archs=a.archs, defenses=["none"],
                         extra=extra, **common))
+    if a.distill:  # what the confidence gate does: the same students, from the bare network
+        add("uge (no gate)", evaluate(out, data, work / "reports" / "uge" / "no-gate", archs=[], defenses=["none"],
+                                      extra=[*owner, "--no-gate", *(x for s in a.distill for x in ("--distill", s))],
+                                      **common))
     for d in a.defenses:
         add("uge", evaluate(out, data, work / "reports" / "uge" / d.replace(":", ""), archs=a.defense_archs,
                             defenses=[d], extra=owner, **common))

@@ -106,6 +106,7 @@ def test_eval_authorized_other_key_and_distilled_student(data, artifact, tmp_pat
     rows = {r["arch"] for r in report["tasks"]["classify"]["summary"]}
     assert rows == {"small_cnn", "small_cnn+key", "small_cnn+key:7", "small_cnn<-small_cnn+key"}
     assert report["protection"]["authorized"]["arch"] == "small_cnn"
+    assert report["protection"]["authorized"]["confidence_gate"] is True
     for path, blob in _all_bytes(report_dir).items():
         assert str(KEY).encode() not in blob, path
     # the authorized network's run on protected data is its run on clean data (same seed, invisible noise)
@@ -121,6 +122,9 @@ def test_fit_uge_errors(data, tmp_path):
     result = runner.invoke(app, ["fit", "uge", str(train), "-o", str(tmp_path / "a"), "--authorized", "small_cnn",
                                  "--no-key-projection", "--student", "small_cnn"])
     assert result.exit_code == 2 and "other architectures than the authorized" in _errors(result)[0]
+    result = runner.invoke(app, ["fit", "uge", str(train), "-o", str(tmp_path / "a"), "--authorized", "small_cnn",
+                                 "--gate-scale", "0.5"])
+    assert result.exit_code == 2 and "gate scale must be >= 1" in _errors(result)[0]
     result = runner.invoke(app, ["eval", "--protected", str(tmp_path), "--clean-train", str(train), "--test",
                                  str(train), "-o", str(tmp_path / "r"), "--other-key", "3"])
     assert result.exit_code == 2 and "need --authorized" in _errors(result)[0]

@@ -12,6 +12,7 @@ from uge_protect.transforms.base import ProtectBatch, sample_seed
 from uge_protect.transforms.budget import apply_perturbation
 from uge_protect.transforms.networks import build_classifier
 from uge_protect.transforms.uge import UGEConfig, Ungeneralizable, class_permutation, fit_uge
+from uge_protect.transforms.uge_gate import ConfidenceGate, gate_from_artifact
 from uge_protect.transforms.uge_key import (
     DIRECTIONS,
     KeyProjection,
@@ -114,6 +115,44 @@ def test_noise_along_the_key_is_invisible_to_the_authorized_network_only():
         assert torch.equal(owner(x_u), owner(x))
 
 
+def _patterned(n: int, size: int = 32, classes: int = 4, seed: int = 0):
+    """Smooth clean images, random ±1 class patterns, and the images carrying them along the key."""
+    g = torch.Generator().manual_seed(seed)
+    coarse = torch.rand(n, 3, 4, 4, generator=g) * 0.6 + 0.2
+    clean = torch.nn.functional.interpolate(coarse, size=(size, size), mode="bilinear", align_corners=False)
+    clean = (clean * 255).round().to(torch.uint8)
+    patterns = (torch.rand(classes, 1, size, size, generator=g) < 0.5).float() * 2 - 1
+    labels = torch.arange(n) % classes
+    protected = (clean.int() + levels_along_key(clean, patterns[labels], key_signs(KEY), EPS).int()).to(torch.uint8)
+    return clean, protected, patterns, labels
+
+
+def test_confidence_gate_opens_on_the_patterns_only_and_keeps_every_prediction():
+    clean, protected, patterns, _ = _patterned(12)
+    gate = ConfidenceGate(key_signs(KEY), patterns, EPS, scale=30.0)
+    xc, xp = clean.float() / 255, protected.float() / 255
+    assert bool((gate(xp) == 1.0).all()) and bool((gate(xc) == 0.0).all())
+    # a random crop (shift) or a mirror image of a protected image is still recognised
+    shifted = torch.nn.functional.pad(xp, (3, 0, 0, 2))[..., 2:, :-3]
+    assert bool((gate(shifted) > 0.7).all()) and bool((gate(xp.flip(-1)) > 0.7).all())
+    # another key's direction does not open it
+    other = next(k for k in range(1000) if not torch.equal(key_signs(k), key_signs(KEY)))
+    assert float(ConfidenceGate(key_signs(other), patterns, EPS, 30.0)(xp).max()) < 0.2
+    plain = build_authorized("small_cnn", 4, KEY).eval()
+    gated = build_authorized("small_cnn", 4, KEY, gate=gate).eval()
+    gated.net.load_state_dict(plain.net.state_dict())
+    with torch.no_grad():
+        for x in (xc, xp):
+            assert torch.equal(gated(x).argmax(1), plain(x).argmax(1))
+        assert torch.allclose(gated(xc), plain(xc))
+        top = torch.nn.functional.one_hot(plain(xp).argmax(1), 4).float()
+        assert torch.equal(gated(xp), 30.0 * top)  # the label only: no scale to divide away
+        gated.train(), plain.train()
+        assert torch.allclose(gated(xp), plain(xp))  # training is untouched
+    with pytest.raises(ValueError):
+        build_authorized("small_cnn", 4, KEY, projection=False, gate=gate)
+
+
 def test_feature_distance_and_distillation_forms():
     x = torch.rand(4, 3, 8, 8)
     encode = lambda t: torch.nn.functional.normalize(t.flatten(1), dim=1)  # noqa: E731
@@ -133,6 +172,10 @@ def test_fit_records_fingerprints_and_losses(fitted):
     assert config["method"] == "uge" and config["key_seed"] == KEY
     assert config["key_fingerprint"] == key_fingerprint(KEY) and str(KEY) not in config["key_fingerprint"]
     assert config["gm_active"] is False  # invisible by construction under the key projection
+    assert config["confidence_gate"] is True and config["gate_scale"] == 30.0
+    gate = gate_from_artifact(config, weights)
+    assert gate is not None and torch.equal(gate.patterns, weights["generator"]["patterns"])
+    assert gate_from_artifact({**config, "confidence_gate": False}, weights) is None
     assert {"ud", "fd", "student"} <= set(config["loss_history"][-1])
     assert list(weights) == ["generator"]
 

@@ -37,6 +37,7 @@ def eval_command(
     authorized: Optional[Path] = typer.Option(None, "--authorized", help="A UGE artifact: also train its authorized network (architecture and key from the artifact), row ARCH+key."),
     other_key: Optional[List[int]] = typer.Option(None, "--other-key", help="With --authorized: also train the authorized architecture with this other key (repeatable), row ARCH+key:N."),
     distill: Optional[List[str]] = typer.Option(None, "--distill", help="With --authorized: also distill this architecture from the authorized network, on the same training set (repeatable)."),
+    gate: bool = typer.Option(True, "--gate/--no-gate", help="With --authorized: the authorized network carries the artifact's confidence gate, when it has one (default); --no-gate: the bare network, to measure what the gate does."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress lines."),
 ) -> None:
     """Train models on the protected and on the clean shards; compare them on clean test shards."""
@@ -49,7 +50,7 @@ def eval_command(
         repeats=repeats, clean_fraction=clean_fraction, adv_epsilon=adv_epsilon, adv_steps=adv_steps,
         image_size=image_size, clip_epochs=clip_epochs, device=device, quiet=quiet,
         cache_dir=str(cache) if cache else None, authorized=str(authorized) if authorized else None,
-        other_keys=list(other_key or []), distill=list(distill or []),
+        other_keys=list(other_key or []), distill=list(distill or []), gate=gate,
     )
     try:
         report = run_evaluation(cfg)

@@ -146,6 +146,8 @@ def uge(
     ud_weight: Optional[float] = typer.Option(None, "--ud-weight", help="Weight of L_ud, undistillation (default 1; 0: off)."),
     augment: Optional[bool] = typer.Option(None, "--augment/--no-augment", help="Random shifts and flips of what the student and feature space see (default off)."),
     label_conditioned: Optional[bool] = typer.Option(None, "--label-conditioned/--image-only", help="The generator also reads each sample's label and holds a pattern per class (default); `shard` then needs a label per sample. --image-only: from the image alone."),
+    confidence_gate: Optional[bool] = typer.Option(None, "--confidence-gate/--no-confidence-gate", help="The owner's network (as `eval --authorized` builds it) answers images carrying the class patterns with its label only (GATE_SCALE times a one-hot), so a student distilled through protected images learns from labels; predictions are unchanged (default on; needs the key projection and the class patterns)."),
+    gate_scale: Optional[float] = typer.Option(None, "--gate-scale", help="The confidence gate's one-hot logit on protected images (default 30)."),
     image_size: Optional[int] = typer.Option(None, "--image-size", help="Centre-crop training images to this side first."),
     seed: int = typer.Option(0, "--seed", help="Seed of the fit (not the key)."),
     device: str = typer.Option("auto", "--device", help="auto (CUDA when available), cpu, cuda, cuda:N."),
@@ -163,7 +165,8 @@ def uge(
         "distill_weight": distill_weight, "pattern_step": pattern_step,
         "feature_model": feature_model, "feature_pretrained": feature_pretrained, "feature_epochs": feature_epochs,
         "misalign": misalign, "gm_weight": gm_weight, "fd_weight": fd_weight, "ud_weight": ud_weight,
-        "augment": augment, "label_conditioned": label_conditioned, "image_size": image_size, "seed": seed,
+        "augment": augment, "label_conditioned": label_conditioned,
+        "confidence_gate": confidence_gate, "gate_scale": gate_scale, "image_size": image_size, "seed": seed,
         "device": device,
     }
     if checkpoint_every < 0:

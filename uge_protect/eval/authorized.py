@@ -3,7 +3,8 @@
 ``eval --authorized DIR`` reads a UGE artifact's authorized architecture and key and adds:
 
 * ``ARCH+key``: the authorized network the owner trains (key-initialised, behind the key's
-  colour projection when the artifact uses it);
+  colour projection when the artifact uses it, with the artifact's confidence gate when it
+  has one: it acts at inference and leaves every prediction as it is);
 * ``ARCH+key:N`` for every ``--other-key N``: the same architecture with another key (a
   hacker who knows the architecture but not the key);
 * ``STUDENT<-ARCH+key`` for every ``--distill STUDENT``: a student distilled (no labels) from
@@ -20,9 +21,10 @@ from typing import Callable
 import torch
 
 from uge_protect.errors import UserError
-from uge_protect.transforms.artifact import read_artifact_config
+from uge_protect.transforms.artifact import load_artifact, read_artifact_config
 from uge_protect.transforms.networks import ARCHITECTURES
-from uge_protect.transforms.uge_key import build_authorized, key_fingerprint
+from uge_protect.transforms.uge_gate import gate_from_artifact
+from uge_protect.transforms.uge_key import build_authorized, key_fingerprint, state_fingerprint
 
 
 @dataclass(frozen=True)
@@ -34,22 +36,35 @@ class ModelEntry:
     key: int | None = None
     projection: bool = False
     teacher: "ModelEntry | None" = None
+    #: The UGE artifact whose confidence gate the network carries (None: no gate).
+    gate_artifact: str | None = None
+    gate_tag: str = ""
 
     def factory(self, num_classes: int) -> Callable[[], torch.nn.Module] | None:
         """What builds the model (None: the plain architecture, seeded by the run)."""
         if self.key is None:
             return None
-        key, arch, projection = self.key, self.arch, self.projection
-        return lambda: build_authorized(arch, num_classes, key, projection)
+        key, arch, projection, artifact = self.key, self.arch, self.projection, self.gate_artifact
+
+        def build() -> torch.nn.Module:
+            gate = gate_from_artifact(*load_artifact(artifact, expected_method="uge")) if artifact else None
+            return build_authorized(arch, num_classes, key, projection, gate)
+        return build
 
     def cache_tag(self) -> str:
-        """What identifies the model beyond its label, for the run cache (no secret)."""
+        """What identifies the model beyond its label, for the run cache (no secret). The gate
+        changes no training run and no prediction, so it counts only where the model teaches."""
         tag = key_fingerprint(self.key) + (":lattice-projection" if self.projection else "") if self.key is not None else ""
-        return tag + (f"<-{self.teacher.cache_tag()}" if self.teacher is not None else "")
+        if self.teacher is not None:
+            gate = f":gate-{self.teacher.gate_tag}" if self.teacher.gate_tag else ""
+            tag += f"<-{self.teacher.cache_tag()}{gate}"
+        return tag
 
 
-def authorized_entries(artifact: str | None, other_keys: list[int], distill: list[str]) -> list[ModelEntry]:
-    """The extra model rows of ``--authorized``, ``--other-key`` and ``--distill``."""
+def authorized_entries(artifact: str | None, other_keys: list[int], distill: list[str],
+                       gate: bool = True) -> list[ModelEntry]:
+    """The extra model rows of ``--authorized``, ``--other-key`` and ``--distill``; the owner
+    carries the artifact's confidence gate unless ``gate`` is False."""
     if artifact is None:
         if other_keys or distill:
             raise UserError("--other-key and --distill need --authorized DIR (a UGE artifact)")
@@ -61,7 +76,10 @@ def authorized_entries(artifact: str | None, other_keys: list[int], distill: lis
         raise UserError(f"UGE artifact {artifact} does not name its authorized network ({exc})") from None
     if arch not in ARCHITECTURES:
         raise UserError(f"UGE artifact {artifact} names an unknown architecture {arch!r}")
-    owner = ModelEntry(f"{arch}+key", arch, key, projection)
+    confidence = gate_from_artifact(*load_artifact(artifact, expected_method="uge")) if gate else None
+    gate_tag = f"{state_fingerprint(confidence.state_dict())}:onehot{confidence.scale:g}" if confidence else ""
+    owner = ModelEntry(f"{arch}+key", arch, key, projection, gate_artifact=artifact if confidence else None,
+                       gate_tag=gate_tag)
     entries = [owner]
     for other in other_keys:
         if other == key:
@@ -74,10 +92,11 @@ def authorized_entries(artifact: str | None, other_keys: list[int], distill: lis
     return entries
 
 
-def authorized_summary(artifact: str | None) -> dict[str, str] | None:
-    """What the report says of the authorized network: architecture and key fingerprint."""
+def authorized_summary(artifact: str | None, gate: bool = True) -> dict[str, str | bool] | None:
+    """What the report says of the authorized network: architecture, key fingerprint, and
+    whether it carried the confidence gate."""
     if artifact is None:
         return None
     config = read_artifact_config(artifact, expected_method="uge")
     return {"arch": str(config["authorized"]), "key_fingerprint": key_fingerprint(int(config["key_seed"])),
-            "key_projection": bool(config["key_projection"])}
+            "key_projection": bool(config["key_projection"]), "confidence_gate": gate and bool(config.get("confidence_gate"))}

@@ -76,6 +76,8 @@ class EvalConfig:
     other_keys: list[int] = field(default_factory=list)
     #: Student architectures distilled from the authorized network; need ``authorized``.
     distill: list[str] = field(default_factory=list)
+    #: Whether the authorized network carries the artifact's confidence gate (when it has one).
+    gate: bool = True
     quiet: bool = False
     figures: bool = True
 
@@ -112,7 +114,7 @@ class EvalConfig:
     def models(self) -> list[ModelEntry]:
         """Every classifier row: the plain architectures, then the ``--authorized`` ones."""
         return [ModelEntry(a, a) for a in self.archs] + authorized_entries(self.authorized, self.other_keys,
-                                                                         self.distill)
+                                                                         self.distill, self.gate)
 
 
 
@@ -238,7 +240,7 @@ def run_evaluation(cfg: EvalConfig, *, log: Callable[[str], None] | None = None)
             "directory": str(cfg.protected),
             "method": (protection or {}).get("method"),
             "budget": (protection or {}).get("budget"),
-            "authorized": authorized_summary(cfg.authorized),
+            "authorized": authorized_summary(cfg.authorized, cfg.gate),
         },
         "data": {
             "protected_train": {"n": len(prot), "skipped": prot.skipped, "shards": protected_pattern},

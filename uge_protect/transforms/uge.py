@@ -118,6 +118,14 @@ class UGEConfig:
     label_conditioned: bool = True
     pattern_size: int = 32
     pattern_step: float = 0.1
+    #: The authorized network as the owner deploys it carries a confidence gate
+    #: (:mod:`uge_gate`): on images with the class patterns along the key it answers with
+    #: ``gate_scale`` times the one-hot of its arg max (its prediction, unchanged), so a student
+    #: distilled from it through the protected images sees labels, not soft outputs. Needs the
+    #: key projection and the class patterns; it changes nothing in the fit, only the network
+    #: ``eval --authorized`` builds.
+    confidence_gate: bool = True
+    gate_scale: float = 30.0
     seed: int = 0
     image_size: int | None = None
     device: str = "auto"
@@ -144,6 +152,8 @@ class UGEConfig:
             raise UserError("at least one of the UGE losses needs a weight above 0")
         if min(self.lr, self.authorized_lr, self.student_lr, self.temperature) <= 0:
             raise UserError("learning rates and the temperature must be > 0")
+        if self.gate_scale < 1:
+            raise UserError(f"gate scale must be >= 1, got {self.gate_scale}")
 
     @classmethod
     def from_options(cls, options: dict[str, Any]) -> "UGEConfig":
@@ -164,6 +174,11 @@ class UGEConfig:
         if self.student.strip() == "auto":
             return [s for s in AUTO_STUDENTS if self.key_projection or s != self.authorized]
         return [s.strip() for s in self.student.split(",") if s.strip()]
+
+    @property
+    def gated(self) -> bool:
+        """Whether the authorized network carries the confidence gate (see :mod:`uge_gate`)."""
+        return self.confidence_gate and self.key_projection and self.label_conditioned
 
     @property
     def gm_active(self) -> bool:
@@ -469,6 +484,7 @@ def fit_uge(images: torch.Tensor, labels: torch.Tensor, cfg: UGEConfig, progress
         **dataclasses.asdict(cfg),
         "feature_model": feature_cfg,
         "gm_active": cfg.gm_active,
+        "confidence_gate": cfg.gated,
         "key_fingerprint": key_fingerprint(key),
         "authorized_init_fingerprint": init_fingerprint,
         "num_classes": num_classes,
@@ -576,7 +592,8 @@ class Ungeneralizable(ProtectionMethod):
     def config(self) -> dict[str, Any]:
         """Public parameters only: the key and authorized weights appear as fingerprints."""
         keep = ("authorized", "key_projection", "key_fingerprint", "authorized_init_fingerprint", "fit_size",
-                "steps", "gm_weight", "fd_weight", "ud_weight", "misalign", "student", "label_conditioned")
+                "steps", "gm_weight", "fd_weight", "ud_weight", "misalign", "student", "label_conditioned",
+                "confidence_gate")
         return {**super().config(), **{k: self._config.get(k) for k in keep}, "apply_chunk": APPLY_CHUNK}
 
     @torch.no_grad()

@@ -77,22 +77,34 @@ class KeyProjection(nn.Module):
 
 
 class Authorized(nn.Module):
-    """The authorized network: the key projection, then the architecture."""
+    """The authorized network: the key projection, then the architecture; with a ``gate``
+    (:mod:`uge_gate`), it answers protected images with its label only, in eval mode
+    (inference) only."""
 
-    def __init__(self, projection: KeyProjection, net: nn.Module):
+    def __init__(self, projection: KeyProjection, net: nn.Module, gate: nn.Module | None = None):
         super().__init__()
         self.projection = projection
         self.net = net
+        self.gate = gate
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(self.projection(x))
+        logits = self.net(self.projection(x))
+        if self.gate is not None and not self.training:
+            logits = self.gate.answer(logits, x)
+        return logits
 
 
-def build_authorized(arch: str, num_classes: int, key: int, projection: bool = True) -> nn.Module:
+def build_authorized(arch: str, num_classes: int, key: int, projection: bool = True,
+                     gate: nn.Module | None = None) -> nn.Module:
     """The authorized network of ``key``: ``arch`` initialised from the key, behind the key
-    projection (or, with ``projection=False``, the bare key-initialised architecture)."""
+    projection (or, with ``projection=False``, the bare key-initialised architecture), with
+    the artifact's confidence ``gate`` when given (needs the projection)."""
     net = build_classifier(arch, num_classes, seed=key % (1 << 63))
-    return Authorized(KeyProjection(key_signs(key)), net) if projection else net
+    if not projection:
+        if gate is not None:
+            raise ValueError("the confidence gate needs the key projection")
+        return net
+    return Authorized(KeyProjection(key_signs(key)), net, gate)
 
 
 def levels_along_key(pixels: torch.Tensor, t: torch.Tensor, signs: torch.Tensor, epsilon: float) -> torch.Tensor:
