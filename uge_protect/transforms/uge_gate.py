@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from uge_protect.transforms.uge_key import key_signs
+
 #: The gate opens linearly between these scores (see the module docstring for the measured spread).
 GATE_LOW, GATE_HIGH = 0.25, 0.45
 #: Shifts searched by the correlation: the random crops of a 4-pixel padding.
@@ -86,8 +88,6 @@ def gate_from_artifact(config: dict[str, Any], weights: dict[str, dict[str, torc
                        ) -> ConfidenceGate | None:
     """The confidence gate of a UGE artifact, or None when it has none (no key projection,
     no class patterns, or the gate switched off at fit time)."""
-    from uge_protect.transforms.uge_key import key_signs
-
     if not (config.get("confidence_gate") and config.get("key_projection") and config.get("label_conditioned")):
         return None
     return ConfidenceGate(key_signs(int(config["key_seed"])), weights["generator"]["patterns"],
