@@ -15,7 +15,7 @@ Labels name keys only by their role; the report records the key's fingerprint, n
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -23,7 +23,7 @@ import torch
 from uge_protect.errors import UserError
 from uge_protect.transforms.artifact import load_artifact, read_artifact_config
 from uge_protect.transforms.networks import ARCHITECTURES
-from uge_protect.transforms.uge_gate import gate_from_artifact
+from uge_protect.transforms.uge_gate import ConfidenceGate, gate_from_artifact
 from uge_protect.transforms.uge_key import build_authorized, key_fingerprint, state_fingerprint
 
 
@@ -36,27 +36,27 @@ class ModelEntry:
     key: int | None = None
     projection: bool = False
     teacher: "ModelEntry | None" = None
-    #: The UGE artifact whose confidence gate the network carries (None: no gate).
-    gate_artifact: str | None = None
-    gate_tag: str = ""
+    #: The artifact's confidence gate the network carries (None: no gate); buffers only, so
+    #: every model built shares it.
+    gate: ConfidenceGate | None = field(default=None, compare=False)
 
     def factory(self, num_classes: int) -> Callable[[], torch.nn.Module] | None:
         """What builds the model (None: the plain architecture, seeded by the run)."""
         if self.key is None:
             return None
-        key, arch, projection, artifact = self.key, self.arch, self.projection, self.gate_artifact
+        key, arch, projection, gate = self.key, self.arch, self.projection, self.gate
+        return lambda: build_authorized(arch, num_classes, key, projection, gate)
 
-        def build() -> torch.nn.Module:
-            gate = gate_from_artifact(*load_artifact(artifact, expected_method="uge")) if artifact else None
-            return build_authorized(arch, num_classes, key, projection, gate)
-        return build
+    def gate_tag(self) -> str:
+        """What identifies the gate (its patterns and scale; no secret), or "" without one."""
+        return f"{state_fingerprint(self.gate.state_dict())}:onehot{self.gate.scale:g}" if self.gate else ""
 
     def cache_tag(self) -> str:
         """What identifies the model beyond its label, for the run cache (no secret). The gate
         changes no training run and no prediction, so it counts only where the model teaches."""
         tag = key_fingerprint(self.key) + (":lattice-projection" if self.projection else "") if self.key is not None else ""
         if self.teacher is not None:
-            gate = f":gate-{self.teacher.gate_tag}" if self.teacher.gate_tag else ""
+            gate = f":gate-{self.teacher.gate_tag()}" if self.teacher.gate is not None else ""
             tag += f"<-{self.teacher.cache_tag()}{gate}"
         return tag
 
@@ -76,10 +76,8 @@ def authorized_entries(artifact: str | None, other_keys: list[int], distill: lis
         raise UserError(f"UGE artifact {artifact} does not name its authorized network ({exc})") from None
     if arch not in ARCHITECTURES:
         raise UserError(f"UGE artifact {artifact} names an unknown architecture {arch!r}")
-    confidence = gate_from_artifact(*load_artifact(artifact, expected_method="uge")) if gate else None
-    gate_tag = f"{state_fingerprint(confidence.state_dict())}:onehot{confidence.scale:g}" if confidence else ""
-    owner = ModelEntry(f"{arch}+key", arch, key, projection, gate_artifact=artifact if confidence else None,
-                       gate_tag=gate_tag)
+    owner = ModelEntry(f"{arch}+key", arch, key, projection,
+                       gate=gate_from_artifact(*load_artifact(artifact, expected_method="uge")) if gate else None)
     entries = [owner]
     for other in other_keys:
         if other == key:

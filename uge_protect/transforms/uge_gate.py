@@ -20,7 +20,8 @@ Detection: the image's coordinate along the key direction (what the key projecti
 high-passed and clipped to ±q (q: ε in uint8 levels), is correlated with each class pattern
 (and its mirror image) at every shift up to ±``MAX_SHIFT`` pixels; the score is the largest
 correlation over the pattern's energy times q. Measured on the demo data with random crops
-and flips: 0.43 (5th percentile) to 0.78 on protected images, at most 0.23 on clean ones.
+and flips: 0.41 (5th percentile), 0.63 (median) on protected images, at most 0.30 on clean
+ones (the README has the figures).
 """
 
 from __future__ import annotations
@@ -86,9 +87,10 @@ class ConfidenceGate(nn.Module):
 
 def gate_from_artifact(config: dict[str, Any], weights: dict[str, dict[str, torch.Tensor]]
                        ) -> ConfidenceGate | None:
-    """The confidence gate of a UGE artifact, or None when it has none (no key projection,
-    no class patterns, or the gate switched off at fit time)."""
-    if not (config.get("confidence_gate") and config.get("key_projection") and config.get("label_conditioned")):
+    """The confidence gate of a UGE artifact, or None when it has none (the fit records
+    ``confidence_gate`` false without the key projection or the class patterns, or when
+    switched off)."""
+    if not config.get("confidence_gate"):
         return None
     return ConfidenceGate(key_signs(int(config["key_seed"])), weights["generator"]["patterns"],
                           float(config["epsilon"]), float(config["gate_scale"]))
