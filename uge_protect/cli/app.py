@@ -44,6 +44,7 @@ def shard(
     image_size: Optional[int] = typer.Option(None, "--image-size", help="Resize to this training resolution first."),
     resize_mode: str = typer.Option("none", "--resize-mode", help="none | center_crop | keep_ratio."),
     max_pixels: int = typer.Option(64_000_000, "--max-pixels", help="Reject images with more pixels (decompression bombs)."),
+    max_batch_pixels: int = typer.Option(64_000_000, "--max-batch-pixels", help="Most decoded pixels per batch (bounds memory; output unchanged)."),
     caption_field: Optional[str] = typer.Option(None, "--caption-field", help="Read captions from this json field instead of txt."),
     label_field: Optional[str] = typer.Option(None, "--label-field", help="Read labels from this json field instead of cls."),
     mixed_precision: str = typer.Option("no", "--mixed-precision", help="no | fp16 | bf16 for the method's pass."),
@@ -67,7 +68,7 @@ def shard(
             inputs=list(inputs), output=str(output), seed=seed, batch_size=batch_size,
             num_workers=workers, encode_threads=encode_threads, image_format=image_format,
             allow_lossy=allow_lossy, quality=quality, png_compress_level=png_compression, png_strategy=png_strategy,
-            image_size=image_size, resize_mode=resize_mode, max_pixels=max_pixels,
+            image_size=image_size, resize_mode=resize_mode, max_pixels=max_pixels, max_batch_pixels=max_batch_pixels,
             caption_field=caption_field, label_field=label_field, mixed_precision=mixed_precision,
             overwrite=overwrite, quiet=quiet, log_json=str(log_json) if log_json else None,
         )

@@ -34,6 +34,8 @@ class ShardJobConfig:
     image_size: int | None = None
     resize_mode: str = "none"
     max_pixels: int = DEFAULT_MAX_PIXELS
+    #: Most decoded pixels per batch (bounds memory; does not change output bytes).
+    max_batch_pixels: int = DEFAULT_MAX_PIXELS
     caption_field: str | None = None
     label_field: str | None = None
     mixed_precision: str = "no"
@@ -74,6 +76,8 @@ class ShardJobConfig:
             raise ValueError(f"unknown PNG strategy {self.png_strategy!r}; choose {', '.join(PNG_STRATEGIES)}")
         if self.max_pixels <= 0:
             raise ValueError("--max-pixels must be positive")
+        if self.max_batch_pixels <= 0:
+            raise ValueError("--max-batch-pixels must be positive")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise ValueError("--mixed-precision must be no, fp16 or bf16")
 

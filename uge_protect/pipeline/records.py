@@ -24,6 +24,8 @@ class SampleRecord:
     caption: str | None = None
     label: int | None = None
     converted_from: str = ""
+    #: What happened to an embedded ICC profile (see ``DecodedImage.icc_profile``).
+    icc_profile: str | None = None
     exif_rotated: bool = False
     source_size: tuple[int, int] | None = None
     sha256_original: str | None = None

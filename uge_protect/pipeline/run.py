@@ -263,6 +263,7 @@ def _protect_shards(
         label_field=cfg.label_field,
         requires_caption=method.requires_caption,
         requires_label=method.requires_label,
+        max_batch_pixels=cfg.max_batch_pixels,
     )
     encode = EncodeSettings(
         cfg.image_format, cfg.lossy, cfg.quality, cfg.png_compress_level, PNG_STRATEGIES[cfg.png_strategy]

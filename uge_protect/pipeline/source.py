@@ -10,13 +10,14 @@ from __future__ import annotations
 import hashlib
 import json
 import posixpath
+import re
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from uge_protect.shards.decode import DecodeError, decode_image, pick_image_field
+from uge_protect.shards.decode import DEFAULT_MAX_PIXELS, DecodeError, decode_image, pick_image_field
 from uge_protect.shards.discover import open_shard, shard_name
 from uge_protect.shards.tario import RawSample, TarReadError, iter_tar_samples
 from uge_protect.pipeline.records import SampleRecord, ShardBatch
@@ -33,6 +34,8 @@ class DecodeSettings:
     label_field: str | None
     requires_caption: bool
     requires_label: bool
+    #: Most decoded pixels in one batch (a single larger image still makes a batch of one).
+    max_batch_pixels: int = DEFAULT_MAX_PIXELS
 
 
 def read_samples(spec: str) -> Iterator[RawSample | str]:
@@ -60,26 +63,32 @@ def _has_surrogates(text: str) -> bool:
     return False
 
 
+#: C0 controls, DEL and C1 controls: never part of a member name we write.
+_CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
 def is_unsafe_key(key: str) -> bool:
     """Keys that could escape the output directory or are not valid member names: absolute
     paths, ``..`` components, backslashes, an empty base name (a hidden file such as
-    ``dir/.png``), and names that are not valid UTF-8 (the manifest could not record them).
+    ``dir/.png``), control characters (C0, DEL, C1: newlines, terminal escapes), and names
+    that are not valid UTF-8 (the manifest could not record them).
 
     ``.`` components are harmless and common (``tar -cf shard.tar .`` writes ``./000001.jpg``).
     """
-    if not key or "\x00" in key or "\\" in key or key.startswith("/") or posixpath.isabs(key):
+    if not key or "\\" in key or key.startswith("/") or posixpath.isabs(key):
         return True
-    if _has_surrogates(key):
+    if _has_surrogates(key) or _CONTROL_CHARS.search(key):
         return True
     parts = key.split("/")
     return ".." in parts or parts[-1] in ("", ".")
 
 
 def printable_key(key: str) -> str:
-    """``key`` as a valid UTF-8 string: undecodable bytes become ``\\xNN`` escapes."""
-    if not _has_surrogates(key):
-        return key
-    return key.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    """``key`` as valid UTF-8 without control characters (safe to print): undecodable bytes
+    and control characters become ``\\xNN`` escapes."""
+    if _has_surrogates(key):
+        key = key.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return _CONTROL_CHARS.sub(lambda m: f"\\x{ord(m.group()):02x}", key)
 
 
 def _clean_text(text: str) -> str:
@@ -181,34 +190,56 @@ def decode_samples(
                 rec.converted_from = img.converted_from
                 rec.exif_rotated = img.exif_rotated
                 rec.source_size = img.source_size
+                rec.icc_profile = img.icc_profile
         yield rec
 
 
 def batch_records(
-    records: Iterable[SampleRecord | str], spec: str, batch_size: int
+    records: Iterable[SampleRecord | str],
+    spec: str,
+    batch_size: int,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> Iterator[ShardBatch]:
-    """Group records into batches of ``batch_size``; the final batch has ``last=True``."""
+    """Group records into batches of at most ``batch_size`` records and ``max_pixels``
+    decoded pixels (an image larger than that is a batch of its own); the final batch has
+    ``last=True``. Batch boundaries never change output bytes."""
     name = shard_name(spec)
     pending: list[SampleRecord] = []
+    pixels = 0
     tar_error = None
     for rec in records:
         if isinstance(rec, str):
             tar_error = rec
             break
+        size = _pixel_count(rec)
+        if pending and pixels + size > max_pixels:
+            yield ShardBatch(spec, name, pending, last=False)
+            pending, pixels = [], 0
         pending.append(rec)
+        pixels += size
         if len(pending) == batch_size:
             yield ShardBatch(spec, name, pending, last=False)
-            pending = []
+            pending, pixels = [], 0
     yield ShardBatch(spec, name, pending, last=True, tar_error=tar_error)
+
+
+def _pixel_count(rec: SampleRecord) -> int:
+    return 0 if rec.pixels is None else rec.pixels.shape[0] * rec.pixels.shape[1]
 
 
 def shard_batches(spec: str, s: DecodeSettings, batch_size: int) -> Iterator[ShardBatch]:
     """The composed reading stages for one shard."""
-    return batch_records(decode_samples(read_samples(spec), s), spec, batch_size)
+    return batch_records(decode_samples(read_samples(spec), s), spec, batch_size, s.max_batch_pixels)
 
 
 class ShardSource(IterableDataset):
-    """Batches from a list of shards; each DataLoader worker takes whole shards."""
+    """Batches from a list of shards; each DataLoader worker takes whole shards.
+
+    Each batch holds at most ``settings.max_batch_pixels`` decoded pixels (or one larger
+    image), so the decoded images alive at once are bounded by about that budget times the
+    batches in flight: ``prefetch_factor`` (2) per worker, the one being protected and those
+    waiting to be encoded.
+    """
 
     def __init__(self, shards: list[str], settings: DecodeSettings, batch_size: int):
         super().__init__()

@@ -1,33 +1,69 @@
-"""Decode image bytes into RGB uint8 arrays, recording conversions and rejecting bad input."""
+"""Decode image bytes into RGB uint8 arrays, recording conversions and rejecting bad input.
+
+Which members of a sample are images is decided by name *and* by content (see
+:func:`pick_image_field`); only :data:`ACCEPTED_FORMATS` are ever decoded.
+"""
 
 from __future__ import annotations
 
+import functools
 import io
 import re
 import warnings
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
-#: Field extensions recognised as images, in order of preference.
-IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
+try:  # Pillow built without LittleCMS has no ImageCms
+    from PIL import ImageCms
+except ImportError:  # pragma: no cover - depends on the Pillow build
+    ImageCms = None
+
+#: Extensions counted as images even when no installed Pillow plugin registers them
+#: (other libraries decode them); Pillow's own registered extensions are added at call time.
+EXTRA_IMAGE_EXTENSIONS = frozenset({"png", "jpg", "jpeg", "webp", "heic", "heif", "avif", "jxl"})
 
 #: Default limit on decoded pixels (width × height); larger images are rejected.
 DEFAULT_MAX_PIXELS = 64_000_000
 
 RESIZE_MODES = ("none", "center_crop", "keep_ratio")
 
-#: Pillow formats accepted whatever the field's extension says (mislabelled fields are
-#: common). Others — EPS, which runs Ghostscript, and the many rarely used plugins — are
-#: refused as undecodable rather than handed to their decoders.
+#: Pillow formats that are decoded, whatever the field's extension says (mislabelled fields
+#: are common). An image in any other format — EPS, which runs Ghostscript, PPM, TGA and the
+#: many rarely used plugins — is refused (``undecodable_image``) rather than handed to its
+#: decoder, and never copied out.
 ACCEPTED_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
+
+#: Formats never given to Pillow's opener when sniffing content. EPS is recognised by its
+#: signature alone (Pillow's EPS plugin is the one that hands files to Ghostscript).
+_NOT_SNIFFED = frozenset({"EPS"})
 
 #: Object reprs with addresses (``<_io.BytesIO object at 0x7f…>``) in exception messages.
 _OBJECT_REPR = re.compile(r"<[^<>]* at 0x[0-9a-fA-F]+>")
 
-#: EXIF orientation values that ask for a flip or rotation.
-_ROTATING_ORIENTATIONS = frozenset(range(2, 9))
+#: EXIF orientation → the pixel transpose that undoes it (same as ``ImageOps.exif_transpose``).
+_ORIENT: dict[int, Callable[[np.ndarray], np.ndarray]] = {
+    2: lambda a: a[:, ::-1],
+    3: lambda a: a[::-1, ::-1],
+    4: lambda a: a[::-1],
+    5: lambda a: a.transpose(1, 0, 2),
+    6: lambda a: np.rot90(a, -1),
+    7: lambda a: a[::-1, ::-1].transpose(1, 0, 2),
+    8: lambda a: np.rot90(a, 1),
+}
+
+#: Pixels converted per step: large images are converted in strips of rows straight into
+#: the output array, so no whole-image intermediate copies are made.
+_STRIP_PIXELS = 1 << 20
+
+_ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "RGBa", "La"})
+#: The colour part of each mode (what an ICC profile describes) when it is not the mode itself.
+_COLOR_MODE = {"1": "L", "P": "RGB", "PA": "RGB", "RGBA": "RGB", "RGBa": "RGB", "LA": "L", "La": "L"}
+#: Raw modes with 16 bits per channel that Pillow reduces to 8 bits when it loads them.
+_SIXTEEN_BIT_BASES = frozenset({"L", "LA", "RGB", "RGBA", "RGBX", "CMYK"})
+_SIXTEEN_BIT_SUFFIXES = (";16", ";16B", ";16L", ";16N")
 
 
 class DecodeError(Exception):
@@ -44,34 +80,179 @@ class DecodedImage:
     """An image ready to protect: HxWx3 uint8 pixels and what was done to get them."""
 
     pixels: np.ndarray
-    #: The source mode when it was not RGB (e.g. "RGBA", "I;16"), or "" when already RGB.
+    #: The source mode when it was not 8-bit RGB (e.g. "RGBA", "I;16", "RGB;16"), else "".
     converted_from: str
     #: True when an EXIF orientation tag was applied.
     exif_rotated: bool
     source_size: tuple[int, int]
+    #: What happened to an embedded ICC profile: None (none embedded), "converted: <name>"
+    #: (pixels converted from it to sRGB) or "dropped: <why>" (unusable; pixels taken as sRGB).
+    icc_profile: str | None = None
 
 
-def _to_rgb(img: Image.Image) -> Image.Image:
+# --- which members are images ----------------------------------------------------------------
+
+
+def image_extensions() -> frozenset[str]:
+    """Lower-case extensions (no dot) that make a member an image: every extension an
+    installed Pillow plugin registers, plus :data:`EXTRA_IMAGE_EXTENSIONS`."""
+    registered = Image.registered_extensions()  # runs Image.init() once
+    return EXTRA_IMAGE_EXTENSIONS | {ext.lstrip(".").lower() for ext in registered}
+
+
+def _sniff_formats() -> list[str]:
+    Image.init()
+    return [fmt for fmt in Image.OPEN if fmt not in _NOT_SNIFFED]
+
+
+def _eps_signature(data: bytes) -> bool:
+    return data.startswith(b"%!PS") or data.startswith(b"\xc5\xd0\xd3\xc6")
+
+
+def identify_image(data: bytes) -> str | None:
+    """The Pillow format that ``data`` opens as, or None.
+
+    Only the header is read (``Image.open`` is lazy; no pixels are decoded), no external
+    program is run, and a size over Pillow's bomb limit still counts as an image.
+    """
+    if not data:
+        return None
+    if _eps_signature(data):
+        return "EPS"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(io.BytesIO(data), formats=_sniff_formats()) as img:
+                return img.format or "unknown"
+    except Image.DecompressionBombError:
+        return "unknown"
+    except Exception:  # not an image, or one Pillow cannot open: nobody decodes it with Pillow
+        return None
+
+
+def pick_image_field(fields: dict[str, bytes]) -> list[str]:
+    """The fields of a sample that hold an image, in sample order.
+
+    A field is an image when its extension's last part (``seg.png`` → ``png``,
+    case-insensitive) is an image extension (:func:`image_extensions`), or when Pillow can
+    open its bytes as an image whatever its name (a PNG stored as ``txt``). The pipeline
+    protects a sample's image only when there is exactly one (``multiple_images``
+    otherwise): an image is never copied out as it came in.
+    """
+    exts = image_extensions()
+    return [
+        name for name, data in fields.items()
+        if name.lower().rsplit(".", 1)[-1] in exts or identify_image(data) is not None
+    ]
+
+
+# --- conversions ------------------------------------------------------------------------------
+
+
+def _source_mode(img: Image.Image) -> str:
+    """The mode of the stored pixels: Pillow's mode, or e.g. "RGB;16" for a 48-bit PNG that
+    Pillow reduces to 8 bits per channel on load. Call before ``load()``."""
     mode = img.mode
-    if mode == "RGB":
-        return img
+    args = img.tile[0].args if img.tile else None
+    raw = args[0] if isinstance(args, tuple) and args else args
+    if isinstance(raw, str) and raw.endswith(_SIXTEEN_BIT_SUFFIXES):
+        base = raw.split(";", 1)[0]
+        if base in _SIXTEEN_BIT_BASES and not mode.startswith("I"):
+            return f"{base};16"
+    return mode
+
+
+def _eight_bit(img: Image.Image) -> Callable[[Image.Image], Image.Image] | None:
+    """For 16/32-bit integer and float modes, a strip function to 8-bit "L" (scaled by a
+    peak taken from the whole image); None for other modes."""
+    mode = img.mode
     if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
-        arr = np.asarray(img).astype(np.float64)
-        peak = 65535.0 if mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
-        arr8 = np.clip(np.round(arr * (255.0 / peak)), 0, 255).astype(np.uint8)
-        return Image.fromarray(arr8, mode="L").convert("RGB")
-    if mode == "F":
-        arr = np.asarray(img, dtype=np.float64)
-        arr8 = np.clip(np.round(arr if arr.max(initial=0) > 1.0 else arr * 255.0), 0, 255)
-        return Image.fromarray(arr8.astype(np.uint8), mode="L").convert("RGB")
-    if mode in ("P", "L") and "transparency" in img.info:
-        img = img.convert("RGBA")
-    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        # Composite transparent pixels onto white so the picture looks as it did.
-        rgba = img.convert("RGBA")
+        peak = 65535.0 if mode.startswith("I;16") or img.getextrema()[1] > 255 else 255.0
+        scale = 255.0 / peak
+    elif mode == "F":
+        scale = 1.0 if img.getextrema()[1] > 1.0 else 255.0
+    else:
+        return None
+
+    def to_l(strip: Image.Image) -> Image.Image:
+        arr = np.asarray(strip).astype(np.float64)
+        arr8 = np.clip(np.round(arr * scale if scale != 1.0 else arr), 0, 255).astype(np.uint8)
+        return Image.fromarray(arr8, mode="L")
+
+    return to_l
+
+
+def _clean_text(text: str, limit: int = 80) -> str:
+    return " ".join("".join(c if c.isprintable() else " " for c in text).split())[:limit]
+
+
+@functools.lru_cache(maxsize=32)
+def _icc_transform(profile: bytes, color_mode: str):
+    """(transform from ``profile`` to sRGB for ``color_mode`` pixels or None, manifest note)."""
+    if ImageCms is None:
+        return None, "dropped: Pillow has no LittleCMS"
+    try:
+        source = ImageCms.ImageCmsProfile(io.BytesIO(profile))
+    except (OSError, ValueError, TypeError, ImageCms.PyCMSError):
+        return None, "dropped: unreadable ICC profile"
+    try:
+        name = _clean_text(ImageCms.getProfileDescription(source))
+    except (ImageCms.PyCMSError, OSError, ValueError):
+        name = ""
+    space = _clean_text(getattr(source.profile, "xcolor_space", "") or "?")
+    try:
+        transform = ImageCms.buildTransform(source, _srgb(), color_mode, "RGB")
+    except (ImageCms.PyCMSError, OSError, ValueError, TypeError):
+        return None, f"dropped: a {space} profile does not fit {color_mode} pixels"
+    return transform, f"converted: {name}" if name else "converted"
+
+
+@functools.lru_cache(maxsize=1)
+def _srgb():
+    return ImageCms.createProfile("sRGB")
+
+
+def _strip_converter(img: Image.Image, profile: bytes | None) -> tuple[Callable[[Image.Image], Image.Image], str | None]:
+    """A function turning a strip (crop) of ``img`` into 8-bit RGB, and the ICC note.
+
+    Colours are converted from an embedded ICC profile to sRGB first; transparent pixels
+    are then composited onto white, so the picture looks as it did in a viewer.
+    """
+    to_l = _eight_bit(img)
+    mode = "L" if to_l else img.mode
+    has_alpha = mode in _ALPHA_MODES or (mode in ("P", "L", "RGB") and "transparency" in img.info)
+    color_mode = _COLOR_MODE.get(mode, mode)
+    transform, note = _icc_transform(profile, color_mode) if profile else (None, None)
+
+    def convert(strip: Image.Image) -> Image.Image:
+        if to_l is not None:
+            strip = to_l(strip)
+        if not has_alpha:
+            if transform is None:
+                return strip if strip.mode == "RGB" else strip.convert("RGB")
+            color = strip if strip.mode == color_mode else strip.convert(color_mode)
+            return ImageCms.applyTransform(color, transform)
+        rgba = strip.convert("RGBA")  # palettes, transparency keys, premultiplied alpha
+        if transform is not None:
+            rgb = ImageCms.applyTransform(rgba.convert(color_mode), transform)
+            rgba = Image.merge("RGBA", (*rgb.split(), rgba.getchannel("A")))
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
-    return img.convert("RGB")
+
+    return convert, note
+
+
+def _to_rgb_array(img: Image.Image, convert: Callable[[Image.Image], Image.Image]) -> np.ndarray:
+    """Convert ``img`` strip by strip into a new HxWx3 uint8 array (peak memory: the
+    source image, the output array and one strip)."""
+    w, h = img.size
+    out = np.empty((h, w, 3), np.uint8)
+    rows = max(1, _STRIP_PIXELS // w)
+    for top in range(0, h, rows):
+        bottom = min(h, top + rows)
+        strip = img if (top, bottom) == (0, h) else img.crop((0, top, w, bottom))
+        out[top:bottom] = np.asarray(convert(strip))
+    return out
 
 
 def resize_image(img: Image.Image, size: int | None, mode: str) -> Image.Image:
@@ -104,9 +285,10 @@ def decode_image(
 ) -> DecodedImage:
     """Decode ``data`` into an RGB uint8 array.
 
-    Applies EXIF orientation, converts any mode (grayscale, palette, RGBA, CMYK, 16-bit) to
-    RGB and records it, refuses images over ``max_pixels`` before decoding their pixels, and
-    optionally resizes. Raises :class:`DecodeError` with a reason code on failure.
+    Applies EXIF orientation, converts an embedded ICC profile's colours to sRGB, converts
+    any mode (grayscale, palette, RGBA, CMYK, 16-bit) to 8-bit RGB and records all of it,
+    refuses images over ``max_pixels`` before decoding their pixels, and optionally resizes.
+    Raises :class:`DecodeError` with a reason code on failure.
     """
     if not data:
         raise DecodeError("empty_image", "the image field has no bytes")
@@ -125,50 +307,51 @@ def decode_image(
                 raise DecodeError("undecodable_image", f"invalid size {w}x{h}")
             if w * h > max_pixels:
                 raise DecodeError("too_many_pixels", f"{w}x{h} exceeds --max-pixels {max_pixels}")
+            source_mode = _source_mode(img)
             img.load()
-            source_mode = img.mode
-            rotated = _has_rotation(img)
-            if rotated:
-                img = ImageOps.exif_transpose(img)
-            rgb = _to_rgb(img)
+            orientation = _orientation(img)
+            convert, icc_note = _strip_converter(img, img.info.get("icc_profile") or None)
+            pixels = _to_rgb_array(img, convert)
+            del img
     except DecodeError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise DecodeError("too_many_pixels", str(exc)) from exc
     except UnidentifiedImageError as exc:
-        # Pillow's message names the BytesIO object's address: keep reasons reproducible.
-        raise DecodeError(
-            "undecodable_image", f"not a recognised image (accepted: {', '.join(ACCEPTED_FORMATS)})"
-        ) from exc
+        raise DecodeError("undecodable_image", _unaccepted_detail(data)) from exc
     except Exception as exc:  # Pillow raises many types for corrupt data
         detail = _OBJECT_REPR.sub("<object>", f"{type(exc).__name__}: {exc}")
         raise DecodeError("undecodable_image", detail) from exc
     finally:
         Image.MAX_IMAGE_PIXELS = saved_limit
-    rgb = resize_image(rgb, image_size, resize_mode)
-    pixels = np.array(rgb, dtype=np.uint8)  # a writable copy
+    if orientation in _ORIENT:
+        pixels = np.ascontiguousarray(_ORIENT[orientation](pixels))
+    if resize_mode != "none" and image_size is not None:
+        pixels = np.array(resize_image(Image.fromarray(pixels), image_size, resize_mode), dtype=np.uint8)
     if pixels.ndim != 3 or pixels.shape[2] != 3:
         raise DecodeError("undecodable_image", f"unexpected decoded shape {pixels.shape}")
     return DecodedImage(
-        pixels=np.ascontiguousarray(pixels),
+        pixels=pixels,
         converted_from="" if source_mode == "RGB" else source_mode,
-        exif_rotated=rotated,
+        exif_rotated=orientation in _ORIENT,
         source_size=(w, h),
+        icc_profile=icc_note,
     )
 
 
-def _has_rotation(img: Image.Image) -> bool:
+def _unaccepted_detail(data: bytes) -> str:
+    """Why Pillow's accepted decoders refused ``data`` (no object addresses: manifests stay
+    reproducible)."""
+    accepted = ", ".join(ACCEPTED_FORMATS)
+    fmt = identify_image(data)
+    if fmt is not None:
+        return f"{fmt} is not an accepted image format (accepted: {accepted}); convert it first"
+    return f"not a recognised image (accepted: {accepted})"
+
+
+def _orientation(img: Image.Image) -> int:
     try:
-        return img.getexif().get(0x0112, 1) in _ROTATING_ORIENTATIONS
+        value = img.getexif().get(0x0112, 1)
     except Exception:
-        return False
-
-
-def pick_image_field(fields: dict[str, bytes]) -> list[str]:
-    """The fields of a sample that hold an image (case-insensitive).
-
-    Compound extensions count by their last part (``thumb.jpg``, ``seg.png``): a second image
-    in a sample would otherwise be copied out unprotected, so the pipeline refuses samples
-    with more than one image (``multiple_images``).
-    """
-    return [ext for ext in fields if ext.lower().rsplit(".", 1)[-1] in IMAGE_EXTENSIONS]
+        return 1
+    return value if isinstance(value, int) else 1

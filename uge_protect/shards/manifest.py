@@ -36,6 +36,9 @@ MANIFEST_SCHEMA = pa.schema(
         ("psnr", pa.float64()),
         ("sha256_original", pa.string()),
         ("sha256_protected", pa.string()),
+        # Added later (null in older manifests): "converted: <profile>" when the colours were
+        # converted from an embedded ICC profile to sRGB, "dropped: <why>" when it was unusable.
+        ("icc_profile", pa.string()),
     ]
 )
 
