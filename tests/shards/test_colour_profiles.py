@@ -34,7 +34,8 @@ def _curve(gamma: float) -> bytes:
 
 def _desc(text: str) -> bytes:
     ascii_ = text.encode("ascii") + b"\0"
-    return b"desc\0\0\0\0" + struct.pack(">I", len(ascii_)) + ascii_ + b"\0" * 8 + b"\0" * 3 + b"\0" * 67
+    # textDescriptionType: ASCII part, then empty Unicode (8 bytes) and ScriptCode (3 + 67) parts
+    return b"desc\0\0\0\0" + struct.pack(">I", len(ascii_)) + ascii_ + b"\0" * (8 + 3 + 67)
 
 
 def _profile(space: bytes, tags: dict[bytes, bytes]) -> bytes:
