@@ -18,7 +18,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from uge_protect.shards.decode import DecodeError, decode_image, pick_image_field
 from uge_protect.shards.discover import open_shard, shard_name
-from uge_protect.shards.tario import RawSample, TarReadError, iter_tar_samples
+from uge_protect.shards.tario import MemberCounts, RawSample, TarReadError, iter_tar_samples
 from uge_protect.pipeline.records import SampleRecord, ShardBatch
 
 
@@ -35,11 +35,12 @@ class DecodeSettings:
     requires_label: bool
 
 
-def read_samples(spec: str) -> Iterator[RawSample | str]:
-    """Yield raw samples of one shard; on a corrupt or truncated tar, yield the error text last."""
+def read_samples(spec: str, counts: MemberCounts | None = None) -> Iterator[RawSample | str]:
+    """Yield raw samples of one shard; on a corrupt or truncated tar, yield the error text last.
+    ``counts``, when given, receives the members read (see :func:`iter_tar_samples`)."""
     try:
         with open_shard(spec) as stream:
-            yield from iter_tar_samples(stream)
+            yield from iter_tar_samples(stream, counts)
     except TarReadError as exc:
         yield f"corrupt_tar: {exc}"
     except OSError as exc:
@@ -185,9 +186,10 @@ def decode_samples(
 
 
 def batch_records(
-    records: Iterable[SampleRecord | str], spec: str, batch_size: int
+    records: Iterable[SampleRecord | str], spec: str, batch_size: int, counts: MemberCounts | None = None
 ) -> Iterator[ShardBatch]:
-    """Group records into batches of ``batch_size``; the final batch has ``last=True``."""
+    """Group records into batches of ``batch_size``; the final batch has ``last=True`` and
+    carries the reader's member ``counts`` (complete once the records are exhausted)."""
     name = shard_name(spec)
     pending: list[SampleRecord] = []
     tar_error = None
@@ -199,12 +201,16 @@ def batch_records(
         if len(pending) == batch_size:
             yield ShardBatch(spec, name, pending, last=False)
             pending = []
-    yield ShardBatch(spec, name, pending, last=True, tar_error=tar_error)
+    last = ShardBatch(spec, name, pending, last=True, tar_error=tar_error)
+    if counts is not None:
+        last.input_members, last.skipped_members = counts.total, dict(counts.skipped)
+    yield last
 
 
 def shard_batches(spec: str, s: DecodeSettings, batch_size: int) -> Iterator[ShardBatch]:
     """The composed reading stages for one shard."""
-    return batch_records(decode_samples(read_samples(spec), s), spec, batch_size)
+    counts = MemberCounts()
+    return batch_records(decode_samples(read_samples(spec, counts), s), spec, batch_size, counts)
 
 
 class ShardSource(IterableDataset):
