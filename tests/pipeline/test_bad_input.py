@@ -420,7 +420,7 @@ def test_empty_shard_gives_an_empty_output(tmp_path):
     assert json.loads(layout.sizes_file.read_text()) == {"empty.tar": 0}
     stats = json.loads(layout.stats("empty.tar").read_text())
     assert stats["samples"] == 0 and stats["tar_error"] is None
-    assert summary["counts"] == {"shards": 1, "shards_missing": 0, "samples": 0, "written": 0, "failed": 0}
+    assert summary["counts"] == {"shards": 1, "shards_missing": 0, "samples": 0, "written": 0, "failed": 0, "skipped_members": 0}
     assert inspect_output(out)["problems"] == []
 
 

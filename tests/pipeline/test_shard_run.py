@@ -60,7 +60,7 @@ def test_one_output_shard_per_input_with_same_keys_fields_and_budget(make_shards
         assert rows[0]["caption"].endswith("café") and rows[3]["label"] == 3
     sizes = json.loads(layout.sizes_file.read_text())
     assert sizes == {p.name: 9 for p in shards}
-    assert summary["counts"] == {"shards": 2, "shards_missing": 0, "samples": 18, "written": 18, "failed": 0}
+    assert summary["counts"] == {"shards": 2, "shards_missing": 0, "samples": 18, "written": 18, "failed": 0, "skipped_members": 0}
     assert summary["budget"]["levels"] == 8 and summary["budget"]["linf_max"] == 8
     report = inspect_output(out)
     assert report["problems"] == []

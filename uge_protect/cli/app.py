@@ -99,20 +99,34 @@ def shard(
 def inspect(
     directory: Path = typer.Argument(..., help="An output directory of `uge-protect shard`."),
     no_sources: bool = typer.Option(False, "--no-sources", help="Skip re-reading the source shards."),
+    sources: Optional[List[str]] = typer.Option(
+        None, "--sources",
+        help="Source shards to compare with (paths, globs, {000..099} patterns; repeatable), matched to output "
+        "shards by name. Without it only recorded sources that are local files are compared.",
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the full report as JSON."),
 ) -> None:
-    """Summarise and verify an output directory; exits 1 on any mismatch."""
+    """Summarise and verify an output directory; exits 1 on any mismatch.
+
+    Nothing named inside DIRECTORY is executed or fetched."""
     from uge_protect.pipeline.inspect import inspect_output
 
     if not directory.is_dir():
         fail(f"output directory not found: {directory}")
-    report = inspect_output(directory, check_sources=not no_sources)
+    try:
+        report = inspect_output(directory, check_sources=not no_sources, sources=sources or None)
+    except UserError as exc:
+        fail(str(exc))
     if as_json:
         typer.echo(json.dumps(report, indent=2, ensure_ascii=False))
     else:
         typer.echo(_format_report(report))
     if report["problems"]:
         raise typer.Exit(code=1)
+
+
+#: Shards listed by name when their source was not compared.
+_LISTED = 10
 
 
 def _format_report(report: dict) -> str:
@@ -126,15 +140,26 @@ def _format_report(report: dict) -> str:
     ]
     if report["failures"]:
         lines.append("failures: " + ", ".join(f"{k} {v}" for k, v in report["failures"].items()))
+    if c.get("skipped_members"):
+        lines.append("skipped tar members (no files): " + ", ".join(f"{k} {v}" for k, v in report["skipped_members"].items()))
     lines.append(f"budget: {report['budget_levels']} levels; L∞ histogram: {report['linf_histogram']}")
     if report["psnr"]:
         p = report["psnr"]
         lines.append(f"PSNR dB: min {p['min']:.2f}  median {p['median']:.2f}  mean {p['mean']:.2f}")
     n_shards = c.get("shards", 0)
     lines.append(f"sources re-read and compared for {report['sources_checked']} of {n_shards} shards")
+    not_compared = report["sources_not_compared"]
+    for name, why in list(not_compared.items())[:_LISTED]:
+        lines.append(f"  source not compared for {name}: {why}")
+    if len(not_compared) > _LISTED:
+        lines.append(f"  … and {len(not_compared) - _LISTED} more shards not compared")
+    lines.extend(f"warning: {w}" for w in report["warnings"])
     if report["problems"]:
         lines.append(f"verification FAILED ({len(report['problems'])} problems):")
         lines.extend(f"  - {p}" for p in report["problems"])
+    elif report["warnings"]:
+        n = len(report["warnings"])
+        lines.append(f"verification passed with {n} warning{'s' if n != 1 else ''} (see above)")
     else:
         lines.append("verification passed")
     return "\n".join(lines)

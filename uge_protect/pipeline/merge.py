@@ -35,6 +35,15 @@ def collect_stats(layout: OutputLayout, fingerprint: str) -> list[dict[str, Any]
     return stats
 
 
+def member_totals(stats: list[dict[str, Any]]) -> dict[str, int] | None:
+    """Summed member accounting of the shards (input = written + failed + skipped); None when
+    a shard does not record it (written by an older version)."""
+    parts = [s.get("members") for s in stats]
+    if not all(isinstance(p, dict) and p.get("input") is not None for p in parts):
+        return None
+    return {k: sum(p[k] for p in parts) for k in ("input", "written", "failed", "skipped")}
+
+
 def merge_outputs(
     layout: OutputLayout,
     run_config: dict[str, Any],
@@ -48,8 +57,10 @@ def merge_outputs(
     sizes = {name: s["written"] for name, s in sorted(by_name.items())}
     write_json_atomic(layout.sizes_file, sizes)
     failures: Counter[str] = Counter()
+    skipped: Counter[str] = Counter()
     for s in stats:
         failures.update(s["failures"])
+        skipped.update(s.get("skipped_members", {}))
     psnr_means = [(s["psnr_mean"], s["written"]) for s in stats if s.get("psnr_mean") is not None]
     weight = sum(w for _, w in psnr_means)
     missing = sorted(set(input_names) - set(by_name))
@@ -64,8 +75,11 @@ def merge_outputs(
             "samples": sum(s["samples"] for s in stats),
             "written": sum(s["written"] for s in stats),
             "failed": sum(s["failed"] for s in stats),
+            "skipped_members": sum(skipped.values()),
         },
         "failures": dict(sorted(failures.items())),
+        "skipped_members": dict(sorted(skipped.items())),
+        "members": member_totals(stats),
         "shards_with_tar_errors": sorted(s["shard"] for s in stats if s.get("tar_error")),
         "missing_shards": missing,
         "budget": {

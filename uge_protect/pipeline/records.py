@@ -50,3 +50,7 @@ class ShardBatch:
     records: list[SampleRecord]
     last: bool
     tar_error: str | None = None
+    #: On the last batch: every member the reader saw (files and skipped), and the members
+    #: that are no regular file (links, directories, devices), by kind.
+    input_members: int | None = None
+    skipped_members: dict[str, int] = field(default_factory=dict)

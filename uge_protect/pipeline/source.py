@@ -19,7 +19,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from uge_protect.shards.decode import DEFAULT_MAX_PIXELS, DecodeError, decode_image, pick_image_field
 from uge_protect.shards.discover import open_shard, shard_name
-from uge_protect.shards.tario import RawSample, TarReadError, iter_tar_samples
+from uge_protect.shards.tario import MemberCounts, RawSample, TarReadError, iter_tar_samples
 from uge_protect.pipeline.records import SampleRecord, ShardBatch
 
 
@@ -38,11 +38,12 @@ class DecodeSettings:
     max_batch_pixels: int = DEFAULT_MAX_PIXELS
 
 
-def read_samples(spec: str) -> Iterator[RawSample | str]:
-    """Yield raw samples of one shard; on a corrupt or truncated tar, yield the error text last."""
+def read_samples(spec: str, counts: MemberCounts | None = None) -> Iterator[RawSample | str]:
+    """Yield raw samples of one shard; on a corrupt or truncated tar, yield the error text last.
+    ``counts``, when given, receives the members read (see :func:`iter_tar_samples`)."""
     try:
         with open_shard(spec) as stream:
-            yield from iter_tar_samples(stream)
+            yield from iter_tar_samples(stream, counts)
     except TarReadError as exc:
         yield f"corrupt_tar: {exc}"
     except OSError as exc:
@@ -199,10 +200,12 @@ def batch_records(
     spec: str,
     batch_size: int,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    counts: MemberCounts | None = None,
 ) -> Iterator[ShardBatch]:
     """Group records into batches of at most ``batch_size`` records and ``max_pixels``
     decoded pixels (an image larger than that is a batch of its own); the final batch has
-    ``last=True``. Batch boundaries never change output bytes."""
+    ``last=True`` and carries the reader's member ``counts`` (complete once the records are
+    exhausted). Batch boundaries never change output bytes."""
     name = shard_name(spec)
     pending: list[SampleRecord] = []
     pixels = 0
@@ -220,7 +223,10 @@ def batch_records(
         if len(pending) == batch_size:
             yield ShardBatch(spec, name, pending, last=False)
             pending, pixels = [], 0
-    yield ShardBatch(spec, name, pending, last=True, tar_error=tar_error)
+    last = ShardBatch(spec, name, pending, last=True, tar_error=tar_error)
+    if counts is not None:
+        last.input_members, last.skipped_members = counts.total, dict(counts.skipped)
+    yield last
 
 
 def _pixel_count(rec: SampleRecord) -> int:
@@ -229,7 +235,10 @@ def _pixel_count(rec: SampleRecord) -> int:
 
 def shard_batches(spec: str, s: DecodeSettings, batch_size: int) -> Iterator[ShardBatch]:
     """The composed reading stages for one shard."""
-    return batch_records(decode_samples(read_samples(spec), s), spec, batch_size, s.max_batch_pixels)
+    counts = MemberCounts()
+    return batch_records(
+        decode_samples(read_samples(spec, counts), s), spec, batch_size, s.max_batch_pixels, counts
+    )
 
 
 class ShardSource(IterableDataset):

@@ -42,6 +42,13 @@ def reason_code(reason: str) -> str:
     return reason.split(":", 1)[0].strip()
 
 
+def output_image_field(image_field: str, image_format: str) -> str:
+    """The field a protected image is written under: the input field renamed to the output
+    format, keeping any prefix (``"jpg"`` → ``"png"``, ``"left.jpg"`` → ``"left.png"``)."""
+    prefix = image_field.rsplit(".", 1)[0] + "." if "." in image_field else ""
+    return prefix + FORMAT_EXTENSION[image_format]
+
+
 def member_name(key: str, ext: str) -> str:
     return f"{key}.{ext}" if ext else key
 
@@ -72,6 +79,10 @@ class ShardWriter:
         self.started = time.perf_counter()
         self.linf_max = 0
         self.psnr_values: list[float] = []
+        #: Tar members of written and of failed samples; the reader's totals (last batch).
+        self.members = Counter({"written": 0, "failed": 0})
+        self.input_members: int | None = None
+        self.skipped_members: dict[str, int] = {}
 
     def _row(self, rec: SampleRecord) -> dict[str, Any]:
         row = empty_row()
@@ -96,9 +107,7 @@ class ShardWriter:
         """Write a protected sample (all non-image fields byte-identical) or record a failure."""
         row = self._row(rec)
         if rec.ok and encoded is not None:
-            # The image keeps any prefix of its field name: "jpg" → "png", "left.jpg" → "left.png".
-            prefix = rec.image_field.rsplit(".", 1)[0] + "." if "." in rec.image_field else ""
-            out_ext = prefix + FORMAT_EXTENSION[self.encode.image_format]
+            out_ext = output_image_field(rec.image_field, self.encode.image_format)
             for ext, data in rec.fields.items():
                 if ext == rec.image_field:
                     self._tar.add(member_name(rec.key, out_ext), encoded.data)
@@ -118,17 +127,21 @@ class ShardWriter:
                 sha256_protected=encoded.sha256,
             )
             self.linf_max = max(self.linf_max, encoded.linf)
+            self.members["written"] += len(rec.fields)
             if finite_psnr is not None:
                 self.psnr_values.append(finite_psnr)
         else:
             reason = rec.reason or "not_protected"
             row.update(status=STATUS_FAILED, reason=reason)
             self.failures[reason_code(reason)] += 1
+            self.members["failed"] += len(rec.fields)
         self.rows.append(row)
 
     def add_batch(self, batch: ShardBatch, encoded: list[EncodedImage | None]) -> None:
         for rec, enc in zip(batch.records, encoded):
             self.add(rec, enc)
+        if batch.last:
+            self.input_members, self.skipped_members = batch.input_members, dict(batch.skipped_members)
 
     def finish(self, tar_error: str | None) -> dict[str, Any]:
         """Close and publish the shard, its manifest and (last) its stats; returns the stats."""
@@ -155,9 +168,24 @@ class ShardWriter:
             "bytes": self._hashing.size,
             "sha256": self._hashing.sha256.hexdigest(),
             "seconds": round(time.perf_counter() - self.started, 3),
+            **self._member_stats(),
         }
         write_json_atomic(self.layout.stats(self.name), stats)
         return stats
+
+    def _member_stats(self) -> dict[str, Any]:
+        """Member accounting: input = written + failed + skipped (members of written samples,
+        of failed samples, and non-file members such as symlinks that belong to no sample)."""
+        skipped = sum(self.skipped_members.values())
+        return {
+            "skipped_members": dict(sorted(self.skipped_members.items())),
+            "members": {
+                "input": self.input_members,
+                "written": self.members["written"],
+                "failed": self.members["failed"],
+                "skipped": skipped,
+            },
+        }
 
     def abort(self) -> None:
         """Drop the partial shard (used when the run fails)."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import os
 import tarfile
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Iterable, Iterator
@@ -40,6 +41,32 @@ class RawSample:
     fields: dict[str, bytes] = field(default_factory=dict)
     #: Set when the sample could not be read whole (e.g. the tar ends inside it).
     error: str | None = None
+
+
+@dataclass
+class MemberCounts:
+    """What a reader saw: whole regular-file members, and the other members it skipped by
+    kind (``symlink``, ``hardlink``, ``directory``, ``fifo``, ``character_device``,
+    ``block_device``, ``other``), which belong to no sample."""
+
+    files: int = 0
+    skipped: Counter = field(default_factory=Counter)
+
+    @property
+    def total(self) -> int:
+        """Every member read: files plus skipped ones."""
+        return self.files + sum(self.skipped.values())
+
+
+def member_kind(member: tarfile.TarInfo) -> str:
+    """The kind of a tar member that is not a regular file."""
+    for kind, test in (
+        ("directory", member.isdir), ("symlink", member.issym), ("hardlink", member.islnk),
+        ("character_device", member.ischr), ("block_device", member.isblk), ("fifo", member.isfifo),
+    ):
+        if test():
+            return kind
+    return "other"
 
 
 class TarReadError(Exception):
@@ -88,7 +115,7 @@ def _check_trailer(tar: tarfile.TarFile) -> None:
             )
 
 
-def iter_tar_samples(stream: BinaryIO) -> Iterator[RawSample]:
+def iter_tar_samples(stream: BinaryIO, counts: MemberCounts | None = None) -> Iterator[RawSample]:
     """Yield samples from a tar stream, grouping consecutive members that share a key.
 
     A member whose extension already exists in the current sample starts a new sample with
@@ -97,12 +124,18 @@ def iter_tar_samples(stream: BinaryIO) -> Iterator[RawSample]:
     after that marker), the sample being assembled — the damaged member's own sample when
     its header was readable — is yielded with ``error`` set and then :class:`TarReadError`
     is raised. Samples completed before the damage are yielded intact.
+
+    Members that are not regular files (links, directories, devices, FIFOs) belong to no
+    sample; when ``counts`` is given they are counted there by kind, and every whole file
+    member in ``counts.files``, so that no member vanishes without a trace.
     """
     current: RawSample | None = None
     try:
         with tarfile.open(fileobj=stream, mode="r|*", tarinfo=_StrictTarInfo) as tar:
             for member in tar:
                 if not member.isfile():
+                    if counts is not None:
+                        counts.skipped[member_kind(member)] += 1
                     continue
                 key, ext = split_member_name(member.name)
                 if current is not None and (current.key != key or ext in current.fields):
@@ -118,6 +151,8 @@ def iter_tar_samples(stream: BinaryIO) -> Iterator[RawSample]:
                 if len(data) != member.size:
                     raise tarfile.ReadError(f"member {member.name!r} is cut short")
                 current.fields[ext] = data
+                if counts is not None:
+                    counts.files += 1
             _check_trailer(tar)
     except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
         if current is not None:
