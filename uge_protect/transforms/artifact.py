@@ -123,11 +123,16 @@ def read_artifact_config(directory: str | os.PathLike, expected_method: str | No
 
 
 def load_artifact(
-    directory: str | os.PathLike, expected_method: str | None = None
+    directory: str | os.PathLike, expected_method: str | None = None,
+    check: Callable[[dict[str, Any]], Any] | None = None,
 ) -> tuple[dict[str, Any], dict[str, dict[str, torch.Tensor]]]:
-    """Read an artifact; raises :class:`UserError` with a clear message when it is unusable."""
+    """Read an artifact; raises :class:`UserError` with a clear message when it is unusable.
+
+    ``check`` (e.g. a :func:`check_config` call) vets the config before any weight is read."""
     path = Path(directory)
     config = read_artifact_config(path, expected_method)
+    if check is not None:
+        check(config)
     weights: dict[str, dict[str, torch.Tensor]] = {}
     for group in config.get("weights", []):
         file = path / f"{group}.safetensors"

@@ -299,6 +299,18 @@ def em_fit_needs(options: dict[str, Any]) -> str:
     return "captions" if options.get("mode") == "clip" else "labels"
 
 
+def _check_em_config(path: str, config: dict[str, Any]) -> None:
+    """Check an EM artifact's config against the schema of its mode."""
+    if config.get("mode") == "clip":
+        from uge_protect.transforms.em_clip import EMClipArtifact
+
+        check_config(path, config, EMClipArtifact, required=("epsilon", "mode", "step_size", "pgd_steps", "clip_model"))
+        return
+    # surrogate_width: artifacts older than the field had the architecture's own width
+    check_config(path, config, EMArtifact, legacy={"surrogate_width": None},
+                 required=("epsilon", "mode", "num_classes", "step_size", "pgd_steps", "surrogate"))
+
+
 class ErrorMinimizing(ProtectionMethod):
     """Apply a fitted EM artifact: PGD against its surrogate (sample) or a class lookup (class)."""
 
@@ -336,19 +348,13 @@ class ErrorMinimizing(ProtectionMethod):
         ``epsilon`` that differs is an error; None means "not given". The default budget
         (8/255, what the CLI passes when ``--epsilon`` is absent) also counts as "not given"
         for an artifact fitted with a smaller ε, so a run never exceeds the default silently."""
-        config, weights = load_artifact(path, expected_method="em")
-        if config.get("mode") == "clip":
-            from uge_protect.transforms.em_clip import EMClipArtifact, ErrorMinimizingClip
-
-            check_config(path, config, EMClipArtifact, required=("epsilon", "step_size", "pgd_steps", "clip_model"))
-            check_fitted_epsilon(path, config, epsilon)
-            with loading(path, "EM"):
-                return ErrorMinimizingClip(config, weights, fingerprint=artifact_fingerprint(path))  # type: ignore[return-value]
-        # surrogate_width: artifacts older than the field had the architecture's own width
-        check_config(path, config, EMArtifact, legacy={"surrogate_width": None},
-                     required=("epsilon", "mode", "num_classes", "step_size", "pgd_steps", "surrogate"))
+        config, weights = load_artifact(path, expected_method="em", check=lambda c: _check_em_config(path, c))
         check_fitted_epsilon(path, config, epsilon)
         with loading(path, "EM"):
+            if config["mode"] == "clip":
+                from uge_protect.transforms.em_clip import ErrorMinimizingClip
+
+                return ErrorMinimizingClip(config, weights, fingerprint=artifact_fingerprint(path))  # type: ignore[return-value]
             return cls(config, weights, fingerprint=artifact_fingerprint(path))
 
     def to(self, device: torch.device | str) -> "ErrorMinimizing":

@@ -165,6 +165,8 @@ class T2UEArtifact(T2UEConfig):
 
     def validate(self) -> None:
         super().validate()
+        if self.surrogate is None:
+            raise UserError("surrogate must name the caption encoder's CLIP (a model name or config)")
         for name in ("text_dim", "token_dim", "context_length"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -540,9 +542,9 @@ class TextToUnlearnable(ProtectionMethod):
     def from_artifact(cls, path: str, epsilon: float | None = None, **options: Any) -> "TextToUnlearnable":
         """Load an artifact made by ``uge-protect fit t2ue``; ``options`` are mode, class_names,
         template and seed. The artifact's ε is authoritative (another given ε is an error)."""
-        config, weights = load_artifact(path, expected_method="t2ue")
-        check_config(path, config, T2UEArtifact, required=(
-            "epsilon", "backbone", "z_dim", "noise_size", "width", "text_dim", "token_dim", "surrogate"))
+        required = ("epsilon", "backbone", "z_dim", "noise_size", "width", "text_dim", "token_dim", "surrogate")
+        config, weights = load_artifact(path, expected_method="t2ue",
+                                        check=lambda c: check_config(path, c, T2UEArtifact, required=required))
         check_fitted_epsilon(path, config, epsilon)
         with loading(path, "T2UE"):
             return cls(config, weights, fingerprint=artifact_fingerprint(path), **options)

@@ -608,15 +608,17 @@ def load_uge_artifact(path: str, required: tuple[str, ...] = APPLY_FIELDS
     """A UGE artifact's config and weights, the config checked against :class:`UGEArtifact`
     (``required`` fields present); a :class:`UserError` for anything unusable, among them
     the integer keys of older versions (too short to stay secret)."""
-    config, weights = load_artifact(path, expected_method="uge")
-    key = config.get("key_seed")
-    if isinstance(key, int) and not isinstance(key, bool):
-        raise UserError(f"UGE artifact {path} holds an integer key from an older version: it has fewer than 128 "
-                        "bits and its published fingerprint can be brute-forced; refit it with `uge-protect fit uge` "
-                        "(it draws a fresh 256-bit key)")
-    # artifacts older than these fields made δ from the image alone, and had no gate
-    check_config(path, config, UGEArtifact, required=required, legacy={"label_conditioned": False, "confidence_gate": False})
-    return config, weights
+    def check(config: dict[str, Any]) -> None:
+        key = config.get("key_seed")
+        if isinstance(key, int) and not isinstance(key, bool):
+            raise UserError(f"UGE artifact {path} holds an integer key from an older version: it has fewer than 128 "
+                            "bits and its published fingerprint can be brute-forced; refit it with `uge-protect fit "
+                            "uge` (it draws a fresh 256-bit key)")
+        # artifacts older than these fields made δ from the image alone, and had no gate
+        check_config(path, config, UGEArtifact, required=required,
+                     legacy={"label_conditioned": False, "confidence_gate": False})
+
+    return load_artifact(path, expected_method="uge", check=check)
 
 
 class Ungeneralizable(ProtectionMethod):
