@@ -8,11 +8,13 @@ import torch
 from tests.transforms.test_uge import EPS, KEY, _patterned
 from uge_protect.eval.authorized import authorized_entries, authorized_summary
 from uge_protect.transforms.artifact import save_artifact
+from uge_protect.transforms.uge_key import key_fingerprint
 
 
 def _artifact(path, gate: bool, patterns: torch.Tensor):
     config = {"method": "uge", "authorized": "small_cnn", "key_seed": KEY, "key_projection": True,
-              "label_conditioned": True, "confidence_gate": gate, "gate_scale": 30.0, "epsilon": EPS}
+              "key_fingerprint": key_fingerprint(KEY), "label_conditioned": True, "confidence_gate": gate,
+              "gate_scale": 30.0, "epsilon": EPS}
     save_artifact(path, config, {"generator": {"patterns": patterns}})
     return str(path)
 

@@ -124,7 +124,7 @@ def uge(
     train: List[str] = typer.Argument(..., help="Labelled training shards: paths, globs, {000..099} patterns."),
     output: Path = typer.Option(..., "--output", "-o", help="Artifact directory to create (or, with --resume, to finish). It holds the key: keep it private."),
     authorized: str = typer.Option(..., "--authorized", help="The authorized architecture: small_cnn, resnet18, resnet18_cifar, mobilenet_v2, vgg11."),
-    key_seed: Optional[int] = typer.Option(None, "--key-seed", help="Secret key: seeds the authorized network and its colour projection (default: a fresh random key, kept in the artifact)."),
+    key_seed: Optional[str] = typer.Option(None, "--key-seed", help="Secret key, at least 32 random hex digits (128 bits): seeds the authorized network and its colour projection (default: a fresh 256-bit key from the OS, kept in the artifact). Shorter keys are refused."),
     key_projection: Optional[bool] = typer.Option(None, "--key-projection/--no-key-projection", help="Authorize through the key's colour projection (default on); off: the bare architecture, as in the paper."),
     epsilon: float = typer.Option(8 / 255, "--epsilon", help="L∞ budget in [0,1] image units (default 8/255)."),
     steps: Optional[int] = typer.Option(None, "--steps", help="Generator steps (default 400)."),

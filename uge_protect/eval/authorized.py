@@ -21,10 +21,14 @@ from typing import Callable
 import torch
 
 from uge_protect.errors import UserError
-from uge_protect.transforms.artifact import load_artifact, read_artifact_config
+from uge_protect.transforms.artifact import loading
 from uge_protect.transforms.networks import ARCHITECTURES
+from uge_protect.transforms.uge import load_uge_artifact
 from uge_protect.transforms.uge_gate import ConfidenceGate, gate_from_artifact
-from uge_protect.transforms.uge_key import build_authorized, key_fingerprint, state_fingerprint
+from uge_protect.transforms.uge_key import Key, build_authorized, key_id, state_fingerprint
+
+#: What ``--authorized`` reads of a UGE artifact's config.
+AUTHORIZED_FIELDS = ("authorized", "key_seed", "key_projection", "key_fingerprint", "epsilon")
 
 
 @dataclass(frozen=True)
@@ -33,7 +37,8 @@ class ModelEntry:
 
     label: str
     arch: str
-    key: int | None = None
+    #: The artifact's key (a hex string), or an evaluation-only ``--other-key`` integer.
+    key: Key | None = None
     projection: bool = False
     teacher: "ModelEntry | None" = None
     #: The artifact's confidence gate the network carries (None: no gate); buffers only, so
@@ -54,7 +59,7 @@ class ModelEntry:
     def cache_tag(self) -> str:
         """What identifies the model beyond its label, for the run cache (no secret). The gate
         changes no training run and no prediction, so it counts only where the model teaches."""
-        tag = key_fingerprint(self.key) + (":lattice-projection" if self.projection else "") if self.key is not None else ""
+        tag = key_id(self.key) + (":lattice-projection" if self.projection else "") if self.key is not None else ""
         if self.teacher is not None:
             gate = f":gate-{self.teacher.gate_tag()}" if self.teacher.gate is not None else ""
             tag += f"<-{self.teacher.cache_tag()}{gate}"
@@ -69,18 +74,16 @@ def authorized_entries(artifact: str | None, other_keys: list[int], distill: lis
         if other_keys or distill:
             raise UserError("--other-key and --distill need --authorized DIR (a UGE artifact)")
         return []
-    config = read_artifact_config(artifact, expected_method="uge")
-    try:
-        arch, key, projection = str(config["authorized"]), int(config["key_seed"]), bool(config["key_projection"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise UserError(f"UGE artifact {artifact} does not name its authorized network ({exc})") from None
+    config, weights = load_uge_artifact(artifact, AUTHORIZED_FIELDS)
+    arch, key, projection = config["authorized"], config["key_seed"], config["key_projection"]
     if arch not in ARCHITECTURES:
         raise UserError(f"UGE artifact {artifact} names an unknown architecture {arch!r}")
-    owner = ModelEntry(f"{arch}+key", arch, key, projection,
-                       gate=gate_from_artifact(*load_artifact(artifact, expected_method="uge")) if gate else None)
+    with loading(artifact, "UGE"):
+        owner_gate = gate_from_artifact(config, weights) if gate else None
+    owner = ModelEntry(f"{arch}+key", arch, key, projection, gate=owner_gate)
     entries = [owner]
     for other in other_keys:
-        if other == key:
+        if str(other) == key:
             raise UserError("--other-key must differ from the artifact's key")
         entries.append(ModelEntry(f"{arch}+key:{other}", arch, other, projection))
     for student in distill:
@@ -95,6 +98,6 @@ def authorized_summary(artifact: str | None, gate: bool = True) -> dict[str, str
     whether it carried the confidence gate."""
     if artifact is None:
         return None
-    config = read_artifact_config(artifact, expected_method="uge")
-    return {"arch": str(config["authorized"]), "key_fingerprint": key_fingerprint(int(config["key_seed"])),
-            "key_projection": bool(config["key_projection"]), "confidence_gate": gate and bool(config.get("confidence_gate"))}
+    config, _ = load_uge_artifact(artifact, AUTHORIZED_FIELDS)
+    return {"arch": config["authorized"], "key_fingerprint": config["key_fingerprint"],
+            "key_projection": config["key_projection"], "confidence_gate": gate and bool(config.get("confidence_gate"))}

@@ -283,7 +283,9 @@ def run_evaluation(cfg: EvalConfig, *, log: Callable[[str], None] | None = None)
         jobs += _clip_jobs(cfg, defenses)
     class_names = _class_names(cfg.test, num_classes) if clip_mod is not None else None
     keys = [_job_key(job, cfg, device, digests, num_classes, models) for job in jobs]
-    cached = {i: hit for i, k in enumerate(keys) if (hit := cache.get(k)) is not None}
+    cached = {i: hit for i, k in enumerate(keys)
+              if (hit := cache.get(k, jobs[i].task, _job_meta(jobs[i]),
+                                   cfg.epochs if jobs[i].task == "classify" else None)) is not None}
     workers.barrier()  # every process has read the cache before any process writes to it
     pending = [i for i in range(len(jobs)) if i not in cached]
     if cached:
@@ -368,6 +370,12 @@ def _clip_kwargs(cfg: EvalConfig, seed: int) -> dict[str, Any]:
     if cfg.clip_epochs is not None:
         kw["epochs"] = cfg.clip_epochs
     return kw
+
+
+def _job_meta(job: _Job) -> dict[str, Any]:
+    """What a job's result records of the job (a cached result must agree)."""
+    meta = {"defense": job.defense.spec, "repeat": job.repeat, "seed": job.seed, "train_data": job.which}
+    return {**meta, "arch": job.arch} if job.task == "classify" else meta
 
 
 def _job_key(job: _Job, cfg: EvalConfig, device: str, digests: dict[str, str], num_classes: int,

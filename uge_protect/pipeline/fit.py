@@ -8,7 +8,6 @@ checks them, reports progress and writes the artifact.
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -19,7 +18,7 @@ import torch
 from uge_protect.errors import UserError
 from uge_protect.launch import is_launched, join_launch
 from uge_protect.shards.dataset import load_shards
-from uge_protect.transforms.artifact import artifact_fingerprint, save_artifact
+from uge_protect.transforms.artifact import artifact_fingerprint, save_artifact, write_private
 from uge_protect.transforms.registry import fit_needs, fitter_supports_checkpoints, get_fitter
 
 
@@ -66,9 +65,8 @@ def _load_checkpoint(path: Path, key: str) -> dict[str, Any]:
 
 
 def _save_checkpoint(path: Path, state: dict[str, Any], key: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save({**state, "options_key": key}, str(tmp))
-    os.replace(tmp, path)
+    """Write the checkpoint atomically, owner-only (mode 0600): it may hold a secret key."""
+    write_private(path, lambda f: torch.save({**state, "options_key": key}, f))
 
 
 def _process_group() -> tuple[int, int]:
@@ -152,7 +150,7 @@ def fit_from_shards(
     report = progress or (None if quiet else _print_progress)
     extra: dict[str, Any] = {}
     if fitter_supports_checkpoints(method):
-        out.mkdir(parents=True, exist_ok=True)
+        out.mkdir(mode=0o700, parents=True, exist_ok=True)
         save = (lambda st: _save_checkpoint(ckpt, st, key)) if rank == 0 else None
         extra = {"state": state, "checkpoint": save, "checkpoint_every": checkpoint_every,
                  "rank": rank, "world": world}

@@ -59,6 +59,11 @@ def release_freed_memory() -> None:
         _MALLOC_TRIM(0)
 
 
+#: Reasons of samples a method did not perturb: never written.
+NO_PERTURBATION = "no_perturbation"
+NON_FINITE = "non_finite_perturbation"
+
+
 def protect_records(
     records: list[SampleRecord],
     method: ProtectionMethod,
@@ -70,6 +75,12 @@ def protect_records(
 
     ``autocast`` makes a fresh mixed-precision context per pass (a context is single-use).
 
+    A sample whose δ holds NaN or Inf fails with ``non_finite_perturbation``; for a method
+    that perturbs (``method.perturbs``), a sample that comes back identical to its original
+    fails with ``no_perturbation``: nothing a method left unprotected is written. When no
+    sample of the batch came back perturbed, the run stops (:class:`UserError`): the method
+    is broken (a diverged artifact, a zero budget), not the data.
+
     Returns, per record, the protected HxWx3 uint8 array, or None for failed records.
     """
     out: list[np.ndarray | None] = [None] * len(records)
@@ -77,6 +88,7 @@ def protect_records(
     for i, rec in enumerate(records):
         if rec.ok and rec.pixels is not None:
             groups.setdefault(tuple(rec.pixels.shape), []).append(i)
+    sent = kept = 0
     for idxs in groups.values():
         recs = [records[i] for i in idxs]
         # numpy's stack is much faster than torch.stack for uint8 on the CPU.
@@ -93,10 +105,34 @@ def protect_records(
             delta = method.perturb(batch)
         if delta.shape != u8.shape:
             raise RuntimeError(f"method {method.name} returned shape {tuple(delta.shape)}, expected {tuple(u8.shape)}")
-        protected = apply_perturbation(u8, delta, method.epsilon).permute(0, 2, 3, 1).contiguous().cpu().numpy()
-        for j, i in enumerate(idxs):
-            out[i] = protected[j]
+        finite = _finite_samples(delta)
+        if not bool(finite.all()):
+            delta = torch.where(finite.view(-1, 1, 1, 1), delta, torch.zeros_like(delta))
+        protected_u8 = apply_perturbation(u8, delta, method.epsilon)
+        changed = (protected_u8 != u8).flatten(1).any(1)
+        protected = protected_u8.permute(0, 2, 3, 1).contiguous().cpu().numpy()
+        for j, (i, ok, moved) in enumerate(zip(idxs, finite.tolist(), changed.tolist())):
+            if not ok:
+                records[i].fail(NON_FINITE)
+            elif method.perturbs and not moved:
+                records[i].fail(NO_PERTURBATION)
+            else:
+                out[i] = protected[j]
+                kept += 1
+        sent += len(idxs)
+    if method.perturbs and sent and not kept:
+        raise UserError(
+            f"method {method.name!r} left all {sent} images of a batch unprotected (unchanged or NaN noise): "
+            "the method is broken, not the data (a diverged artifact, a budget under one level?); "
+            "nothing of this batch was written: refit the artifact or check --epsilon")
     return out
+
+
+def _finite_samples(delta: torch.Tensor) -> torch.Tensor:
+    """(B,) bool: sample b's δ holds no NaN or Inf (integer δ always does)."""
+    if not delta.is_floating_point():
+        return torch.ones(len(delta), dtype=torch.bool, device=delta.device)
+    return torch.isfinite(delta).flatten(1).all(1)
 
 
 def encode_batch(

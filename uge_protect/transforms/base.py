@@ -16,6 +16,8 @@ from typing import Any, Callable, ClassVar
 
 import torch
 
+from uge_protect.transforms.budget import check_epsilon
+
 #: Methods that run a network at apply do so on chunks of exactly this many samples
 #: (zero-padded): the kernels, and so every float of a sample's δ, never depend on how many
 #: samples the pipeline happened to put in a batch.
@@ -97,10 +99,16 @@ class ProtectionMethod(ABC):
     #: δ depends on the caption, key, seed and image size only, never on the pixels: the
     #: noise can be made without the image (``uge-protect noise``).
     text_only: ClassVar[bool] = False
+    #: The method changes every image it writes (all but the hidden pass-through benchmark
+    #: control): its budget must be at least one uint8 level, and the pipeline refuses to
+    #: write a sample that comes back unchanged (``no_perturbation``).
+    perturbs: ClassVar[bool] = True
 
     def __init__(self, epsilon: float = 8 / 255):
         if not 0.0 <= epsilon <= 1.0:
             raise ValueError(f"epsilon must be in [0, 1], got {epsilon}")
+        if self.perturbs:
+            check_epsilon(epsilon)
         self.epsilon = float(epsilon)
         self.device = torch.device("cpu")
 

@@ -8,10 +8,22 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from uge_protect.errors import UserError
+
 
 def budget_levels(epsilon: float) -> int:
     """The budget in uint8 levels: ``round(epsilon * 255)``."""
     return int(round(epsilon * 255))
+
+
+def check_epsilon(epsilon: float) -> None:
+    """A :class:`UserError` unless ``epsilon`` is in [0, 1] and at least one uint8 level after
+    rounding (ε ≥ 0.5/255 rounds to 0 levels: a method would write every image unchanged)."""
+    if not isinstance(epsilon, (int, float)) or isinstance(epsilon, bool) or not 0.0 <= epsilon <= 1.0:
+        raise UserError(f"epsilon must be in [0, 1] image units, got {epsilon!r}")
+    if budget_levels(epsilon) < 1:
+        raise UserError(f"epsilon {epsilon:.6g} is under one uint8 level after rounding ({epsilon * 255:.3g}/255): "
+                        "every image would be written unchanged; use at least 1/255 (default 8/255)")
 
 
 def apply_perturbation(original: torch.Tensor, delta: torch.Tensor, epsilon: float) -> torch.Tensor:
@@ -27,9 +39,14 @@ def apply_perturbation(original: torch.Tensor, delta: torch.Tensor, epsilon: flo
 
 
 def delta_levels(delta: torch.Tensor, epsilon: float) -> torch.Tensor:
-    """δ as int16 uint8-levels within ±round(ε·255): float δ (image units) is rounded first."""
+    """δ as int16 uint8-levels within ±round(ε·255): float δ (image units) is rounded first.
+
+    A non-finite float δ is a ValueError: NaN would otherwise become some integer level
+    (0 on the CPU) and pass for a perturbation."""
     q = budget_levels(epsilon)
     if delta.is_floating_point():
+        if not bool(torch.isfinite(delta).all()):
+            raise ValueError("the method returned a non-finite perturbation (NaN or Inf)")
         return torch.round(delta.to(torch.float32) * 255.0).clamp_(-q, q).to(torch.int16)
     return delta.to(torch.int16).clamp_(-q, q)
 

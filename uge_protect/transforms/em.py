@@ -27,9 +27,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from uge_protect.errors import UserError
-from uge_protect.transforms.artifact import artifact_fingerprint, check_fitted_epsilon, load_artifact
+from uge_protect.transforms.artifact import (
+    artifact_fingerprint,
+    check_config,
+    check_fit_size,
+    check_fitted_epsilon,
+    load_artifact,
+    loading,
+)
 from uge_protect.transforms.base import APPLY_CHUNK, ProtectBatch, ProtectionMethod, given_options, in_fixed_chunks
-from uge_protect.transforms.budget import pgd_minimize, seeded_uniform
+from uge_protect.transforms.budget import check_epsilon, pgd_minimize, seeded_uniform
 from uge_protect.transforms.networks import ARCHITECTURES, Normalized, build_classifier, set_frozen, small_cnn
 from uge_protect.transforms.training import pick_device
 
@@ -84,8 +91,7 @@ class EMConfig:
     def validate(self) -> None:
         if self.mode not in MODES:
             raise UserError(f"unknown EM mode {self.mode!r}; choose 'sample', 'class' or 'clip'")
-        if not 0.0 < self.epsilon <= 1.0:
-            raise UserError(f"epsilon must be in (0, 1], got {self.epsilon}")
+        check_epsilon(self.epsilon)
         if not 0.0 < self.step_size <= 1.0:
             raise UserError(f"step size must be in (0, 1], got {self.step_size}")
         if self.surrogate not in ARCHITECTURES:
@@ -117,6 +123,26 @@ class EMConfig:
         cfg = cls(**given)
         cfg.validate()
         return cfg
+
+
+@dataclass
+class EMArtifact(EMConfig):
+    """The schema of a sample/class-mode EM artifact's ``config.json``: the fit's
+    hyper-parameters and what the fit recorded (see :func:`artifact.check_config`)."""
+
+    num_classes: int | None = None
+    fit_size: list[int] | None = None
+    n_train: int | None = None
+    rounds: int | None = None
+    train_error: float | None = None
+    train_error_history: list[float] | None = None
+    converged: bool | None = None
+
+    def validate(self) -> None:
+        super().validate()
+        if self.num_classes is not None and self.num_classes < 2:
+            raise UserError(f"num_classes must be >= 2, got {self.num_classes}")
+        check_fit_size(self.fit_size)
 
 
 def build_surrogate(name: str, num_classes: int, width: int | None = None, seed: int | None = None) -> nn.Module:
@@ -273,6 +299,18 @@ def em_fit_needs(options: dict[str, Any]) -> str:
     return "captions" if options.get("mode") == "clip" else "labels"
 
 
+def _check_em_config(path: str, config: dict[str, Any]) -> None:
+    """Check an EM artifact's config against the schema of its mode."""
+    if config.get("mode") == "clip":
+        from uge_protect.transforms.em_clip import EMClipArtifact
+
+        check_config(path, config, EMClipArtifact, required=("epsilon", "mode", "step_size", "pgd_steps", "clip_model"))
+        return
+    # surrogate_width: artifacts older than the field had the architecture's own width
+    check_config(path, config, EMArtifact, legacy={"surrogate_width": None},
+                 required=("epsilon", "mode", "num_classes", "step_size", "pgd_steps", "surrogate"))
+
+
 class ErrorMinimizing(ProtectionMethod):
     """Apply a fitted EM artifact: PGD against its surrogate (sample) or a class lookup (class)."""
 
@@ -310,19 +348,14 @@ class ErrorMinimizing(ProtectionMethod):
         ``epsilon`` that differs is an error; None means "not given". The default budget
         (8/255, what the CLI passes when ``--epsilon`` is absent) also counts as "not given"
         for an artifact fitted with a smaller ε, so a run never exceeds the default silently."""
-        config, weights = load_artifact(path, expected_method="em")
-        clip_mode = config.get("mode") == "clip"
-        required = ("epsilon", "step_size", "pgd_steps", "clip_model") if clip_mode else (
-            "epsilon", "mode", "num_classes", "step_size", "pgd_steps", "surrogate")
-        for key in required:
-            if key not in config:
-                raise UserError(f"EM artifact config lacks {key!r}: {path}")
+        config, weights = load_artifact(path, expected_method="em", check=lambda c: _check_em_config(path, c))
         check_fitted_epsilon(path, config, epsilon)
-        if clip_mode:
-            from uge_protect.transforms.em_clip import ErrorMinimizingClip
+        with loading(path, "EM"):
+            if config["mode"] == "clip":
+                from uge_protect.transforms.em_clip import ErrorMinimizingClip
 
-            return ErrorMinimizingClip(config, weights, fingerprint=artifact_fingerprint(path))  # type: ignore[return-value]
-        return cls(config, weights, fingerprint=artifact_fingerprint(path))
+                return ErrorMinimizingClip(config, weights, fingerprint=artifact_fingerprint(path))  # type: ignore[return-value]
+            return cls(config, weights, fingerprint=artifact_fingerprint(path))
 
     def to(self, device: torch.device | str) -> "ErrorMinimizing":
         super().to(device)

@@ -31,8 +31,9 @@ import torch
 import torch.nn.functional as F
 
 from uge_protect.errors import UserError
+from uge_protect.transforms.artifact import check_fit_size
 from uge_protect.transforms.base import APPLY_CHUNK, ProtectBatch, ProtectionMethod, given_options, in_fixed_chunks
-from uge_protect.transforms.budget import pgd_minimize, seeded_uniform
+from uge_protect.transforms.budget import check_epsilon, pgd_minimize, seeded_uniform
 from uge_protect.transforms.clip_models import (
     TINY_CLIP_CONFIG,
     ClipBundle,
@@ -84,8 +85,7 @@ class EMClipConfig:
     def validate(self) -> None:
         if self.mode != "clip":
             raise UserError(f"EM-CLIP mode must be 'clip', got {self.mode!r}")
-        if not 0.0 < self.epsilon <= 1.0:
-            raise UserError(f"epsilon must be in (0, 1], got {self.epsilon}")
+        check_epsilon(self.epsilon)
         if not 0.0 < self.step_size <= 1.0:
             raise UserError(f"step size must be in (0, 1], got {self.step_size}")
         for name in ("pgd_steps", "train_batches", "max_rounds", "batch_size", "bank_size"):
@@ -104,6 +104,25 @@ class EMClipConfig:
         cfg = cls(**given_options(cls, options, "option(s) not used by EM's CLIP mode"))
         cfg.validate()
         return cfg
+
+
+@dataclass
+class EMClipArtifact(EMClipConfig):
+    """The schema of a clip-mode EM artifact's ``config.json`` (see :func:`artifact.check_config`)."""
+
+    fit_size: list[int] | None = None
+    n_train: int | None = None
+    rounds: int | None = None
+    train_error: float | None = None
+    train_error_history: list[float] | None = None
+    converged: bool | None = None
+    surrogate_trained: bool | None = None
+
+    def validate(self) -> None:
+        super().validate()
+        if self.clip_model is None:
+            raise UserError("clip_model must name the surrogate CLIP (a model name or config)")
+        check_fit_size(self.fit_size)
 
 
 def _same_caption(tokens: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:

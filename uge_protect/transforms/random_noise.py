@@ -39,6 +39,7 @@ class PassThrough(ProtectionMethod):
 
     name = "passthrough"
     hidden = True
+    perturbs = False
 
     def perturb(self, batch: ProtectBatch) -> torch.Tensor:
         return torch.zeros_like(batch.pixels, dtype=torch.int8)

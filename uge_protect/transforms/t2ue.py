@@ -31,7 +31,14 @@ import torch
 import torch.nn.functional as F
 
 from uge_protect.errors import UserError
-from uge_protect.transforms.artifact import artifact_fingerprint, check_fitted_epsilon, load_artifact
+from uge_protect.transforms.artifact import (
+    artifact_fingerprint,
+    check_config,
+    check_fit_size,
+    check_fitted_epsilon,
+    load_artifact,
+    loading,
+)
 from uge_protect.transforms.base import (
     APPLY_CHUNK,
     ProtectBatch,
@@ -40,6 +47,7 @@ from uge_protect.transforms.base import (
     in_fixed_chunks,
     sample_seed,
 )
+from uge_protect.transforms.budget import check_epsilon
 from uge_protect.transforms.clip_models import (
     TINY_CLIP_CONFIG,
     ClipBundle,
@@ -115,8 +123,7 @@ class T2UEConfig:
             raise UserError(f"unknown T2UE backbone {self.backbone!r}; choose ssa or unet")
         if self.text_pool not in TEXT_POOLS:
             raise UserError(f"unknown text pooling {self.text_pool!r}; choose eot or mean")
-        if not 0.0 < self.epsilon <= 1.0:
-            raise UserError(f"epsilon must be in (0, 1], got {self.epsilon}")
+        check_epsilon(self.epsilon)
         if self.noise_size < 8:
             raise UserError(f"noise size must be >= 8, got {self.noise_size}")
         for name in ("z_dim", "width", "steps", "batch_size"):
@@ -139,6 +146,32 @@ class T2UEConfig:
         cfg = cls(**given_options(cls, options, "unknown T2UE option(s)"))
         cfg.validate()
         return cfg
+
+
+@dataclass
+class T2UEArtifact(T2UEConfig):
+    """The schema of a T2UE artifact's ``config.json``: the fit's hyper-parameters and what
+    the fit recorded (see :func:`artifact.check_config`)."""
+
+    text_dim: int | None = None
+    token_dim: int | None = None
+    context_length: int | None = None
+    fit_size: list[int] | None = None
+    n_train: int | None = None
+    loss_history: list[dict[str, Any]] | None = None
+    final_loss: float | None = None
+    surrogate_trained: bool | None = None
+    processes: int | None = None
+
+    def validate(self) -> None:
+        super().validate()
+        if self.surrogate is None:
+            raise UserError("surrogate must name the caption encoder's CLIP (a model name or config)")
+        for name in ("text_dim", "token_dim", "context_length"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise UserError(f"{name} must be >= 1, got {value}")
+        check_fit_size(self.fit_size)
 
 
 # --------------------------------------------------------------------------- caption features
@@ -509,12 +542,12 @@ class TextToUnlearnable(ProtectionMethod):
     def from_artifact(cls, path: str, epsilon: float | None = None, **options: Any) -> "TextToUnlearnable":
         """Load an artifact made by ``uge-protect fit t2ue``; ``options`` are mode, class_names,
         template and seed. The artifact's ε is authoritative (another given ε is an error)."""
-        config, weights = load_artifact(path, expected_method="t2ue")
-        for key in ("epsilon", "backbone", "z_dim", "noise_size", "width", "text_dim", "token_dim", "surrogate"):
-            if key not in config:
-                raise UserError(f"T2UE artifact config lacks {key!r}: {path}")
+        required = ("epsilon", "backbone", "z_dim", "noise_size", "width", "text_dim", "token_dim", "surrogate")
+        config, weights = load_artifact(path, expected_method="t2ue",
+                                        check=lambda c: check_config(path, c, T2UEArtifact, required=required))
         check_fitted_epsilon(path, config, epsilon)
-        return cls(config, weights, fingerprint=artifact_fingerprint(path), **options)
+        with loading(path, "T2UE"):
+            return cls(config, weights, fingerprint=artifact_fingerprint(path), **options)
 
     def to(self, device: torch.device | str) -> "TextToUnlearnable":
         super().to(device)

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import secrets
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -40,20 +39,33 @@ import torch.nn.functional as F
 from torch import nn
 
 from uge_protect.errors import UserError
-from uge_protect.transforms.artifact import artifact_fingerprint, check_fitted_epsilon, load_artifact
+from uge_protect.transforms.artifact import (
+    artifact_fingerprint,
+    check_config,
+    check_fit_size,
+    check_fitted_epsilon,
+    load_artifact,
+    loading,
+)
 from uge_protect.transforms.base import APPLY_CHUNK, ProtectBatch, ProtectionMethod, given_options, in_fixed_chunks
+from uge_protect.transforms.budget import check_epsilon
 from uge_protect.transforms.clip_models import TINY_CLIP_CONFIG, build_clip_model, resolve_model_config
 from uge_protect.transforms.em import build_surrogate
 from uge_protect.transforms.networks import ARCHITECTURES, set_frozen
 from uge_protect.transforms.training import pick_device, shift_flip, sync_buffers, sync_grads
 from uge_protect.transforms.uge_generator import build_noise_generator
 from uge_protect.transforms.uge_key import (
+    Key,
     along_key,
     build_authorized,
+    derived_seed,
+    is_key_fingerprint,
     key_direction,
     key_fingerprint,
     key_signs,
     levels_along_key,
+    new_key,
+    normalize_key,
     state_fingerprint,
 )
 from uge_protect.transforms.uge_losses import distillation, feature_distance, gradient_matching
@@ -72,8 +84,9 @@ class UGEConfig:
 
     #: The authorized architecture (a name of the evaluation harness).
     authorized: str = "resnet18"
-    #: The secret key (None: a fresh random one, kept in the artifact for the owner).
-    key_seed: int | None = None
+    #: The secret key, at least 32 hex digits (None: a fresh random one of 64, kept in the
+    #: artifact for the owner). Shorter keys are refused: see :func:`uge_key.normalize_key`.
+    key_seed: str | None = None
     #: Authorize through the key's colour projection (see the module docstring).
     key_projection: bool = True
     epsilon: float = 8 / 255
@@ -138,9 +151,10 @@ class UGEConfig:
                 raise UserError(f"unknown student architecture {name!r}; choose one of: {', '.join(ARCHITECTURES)}")
         if self.student_width is not None and "small_cnn" not in self.students and self.student != "auto":
             raise UserError("student width applies to small_cnn only")
-        if not 0.0 < self.epsilon <= 1.0:
-            raise UserError(f"epsilon must be in (0, 1], got {self.epsilon}")
-        for name in ("width", "depth", "steps", "batch_size", "authorized_epochs", "snapshots"):
+        if self.key_seed is not None:
+            normalize_key(self.key_seed)
+        check_epsilon(self.epsilon)
+        for name in ("width", "depth", "steps", "batch_size", "authorized_epochs", "snapshots", "pattern_size"):
             if getattr(self, name) < 1:
                 raise UserError(f"{name.replace('_', ' ')} must be >= 1, got {getattr(self, name)}")
         if self.feature_epochs < 0:
@@ -154,6 +168,10 @@ class UGEConfig:
             raise UserError("learning rates and the temperature must be > 0")
         if self.gate_scale < 1:
             raise UserError(f"gate scale must be >= 1, got {self.gate_scale}")
+        if self.student_width is not None and self.student_width < 1:
+            raise UserError(f"student width must be >= 1, got {self.student_width}")
+        if self.pattern_step < 0 or self.distill_weight < 0:
+            raise UserError("the pattern step and the distillation weight must be >= 0")
 
     @classmethod
     def from_options(cls, options: dict[str, Any]) -> "UGEConfig":
@@ -164,6 +182,8 @@ class UGEConfig:
             given["student_width"] = None
         if given.get("student_width") == 0:
             given["student_width"] = None
+        if "key_seed" in given:
+            given["key_seed"] = normalize_key(given["key_seed"])
         cfg = cls(**given)
         cfg.validate()
         return cfg
@@ -199,9 +219,9 @@ class FeatureSpace(nn.Module):
         return F.normalize(self.visual(self.bundle.prepare_images(x)).float(), dim=-1)
 
 
-def class_permutation(key: int, num_classes: int) -> torch.Tensor:
+def class_permutation(key: Key, num_classes: int) -> torch.Tensor:
     """The misalignment target of every class: a derangement drawn from the key."""
-    gen = torch.Generator().manual_seed(int(key) % (1 << 63) ^ 0x5EED)
+    gen = torch.Generator().manual_seed(derived_seed(key, "permutation"))
     shift = int(torch.randint(1, num_classes, (1,), generator=gen))
     order = torch.randperm(num_classes, generator=gen)
     perm = torch.empty(num_classes, dtype=torch.long)
@@ -242,6 +262,18 @@ def _pattern_step(generator: nn.Module, grad: torch.Tensor, y: torch.Tensor, ste
         dist.all_reduce(counts)
     present = counts > 0
     patterns[present] = (patterns[present] + sums[present] / counts[present].view(-1, 1, 1, 1)).clamp_(-1.0, 1.0)
+
+
+def _shared_new_key(world: int) -> str:
+    """A fresh key, the same on every process of a launch (drawn on the first)."""
+    key = new_key()
+    if world > 1:
+        import torch.distributed as dist
+
+        shared = torch.tensor(list(bytes.fromhex(key)), dtype=torch.int64)
+        dist.broadcast(shared, src=0)
+        key = bytes(shared.tolist()).hex()
+    return key
 
 
 def _batches(n: int, bs: int, gen: torch.Generator) -> list[torch.Tensor]:
@@ -318,16 +350,14 @@ def fit_uge(images: torch.Tensor, labels: torch.Tensor, cfg: UGEConfig, progress
         raise UserError("without the key projection the L_ud students must be other architectures than the "
                         "authorized one (with it, the plain authorized architecture is a hacker like any other)")
     if state is not None:
-        cfg.key_seed = int(state["key_seed"])
+        if not isinstance(state.get("key_seed"), str):
+            raise UserError("the checkpoint holds an integer key from an older version; delete it and start over")
+        cfg.key_seed = normalize_key(state["key_seed"])
     elif cfg.key_seed is None:
-        cfg.key_seed = secrets.randbits(62)
-        if world > 1:  # every process needs the same key
-            import torch.distributed as dist
-
-            shared = torch.tensor([cfg.key_seed], dtype=torch.int64)
-            dist.broadcast(shared, src=0)
-            cfg.key_seed = int(shared)
-    key = int(cfg.key_seed)
+        cfg.key_seed = _shared_new_key(world)
+    else:
+        cfg.key_seed = normalize_key(cfg.key_seed)
+    key = cfg.key_seed
     started = time.perf_counter()
     n, _, h, w = images.shape
     device = pick_device(cfg.device)
@@ -542,6 +572,55 @@ def fit_uge_from_options(images: torch.Tensor, labels: torch.Tensor, captions: l
 # --------------------------------------------------------------------------- apply
 
 
+@dataclass
+class UGEArtifact(UGEConfig):
+    """The schema of a UGE artifact's ``config.json``: the fit's hyper-parameters (the key
+    among them) and what the fit recorded (see :func:`artifact.check_config`)."""
+
+    num_classes: int | None = None
+    gm_active: bool | None = None
+    key_fingerprint: str | None = None
+    authorized_init_fingerprint: str | None = None
+    fit_size: list[int] | None = None
+    n_train: int | None = None
+    processes: int | None = None
+    loss_history: list[dict[str, Any]] | None = None
+    student_train_acc_protected: float | None = None
+    fit_seconds: float | None = None
+
+    def validate(self) -> None:
+        super().validate()
+        if self.key_seed is None or normalize_key(self.key_seed) != self.key_seed:
+            raise UserError("key_seed must hold the key as lowercase hex digits")
+        if self.key_fingerprint is not None and not is_key_fingerprint(self.key_fingerprint):
+            raise UserError("key_fingerprint is not a salted fingerprint made by `fit uge`")
+        if self.num_classes is not None and self.num_classes < 2:
+            raise UserError(f"num_classes must be >= 2, got {self.num_classes}")
+        check_fit_size(self.fit_size)
+
+
+#: What applying a UGE artifact reads of its config.
+APPLY_FIELDS = ("epsilon", "key_seed", "key_projection", "width", "depth", "authorized", "num_classes")
+
+
+def load_uge_artifact(path: str, required: tuple[str, ...] = APPLY_FIELDS
+                      ) -> tuple[dict[str, Any], dict[str, dict[str, torch.Tensor]]]:
+    """A UGE artifact's config and weights, the config checked against :class:`UGEArtifact`
+    (``required`` fields present); a :class:`UserError` for anything unusable, among them
+    the integer keys of older versions (too short to stay secret)."""
+    def check(config: dict[str, Any]) -> None:
+        key = config.get("key_seed")
+        if isinstance(key, int) and not isinstance(key, bool):
+            raise UserError(f"UGE artifact {path} holds an integer key from an older version: it has fewer than 128 "
+                            "bits and its published fingerprint can be brute-forced; refit it with `uge-protect fit "
+                            "uge` (it draws a fresh 256-bit key)")
+        # artifacts older than these fields made δ from the image alone, and had no gate
+        check_config(path, config, UGEArtifact, required=required,
+                     legacy={"label_conditioned": False, "confidence_gate": False})
+
+    return load_artifact(path, expected_method="uge", check=check)
+
+
 class Ungeneralizable(ProtectionMethod):
     """Apply a fitted UGE generator: δ from each image alone (no label or caption needed)."""
 
@@ -553,7 +632,7 @@ class Ungeneralizable(ProtectionMethod):
         self._config = dict(config)
         self._fingerprint = fingerprint
         self.key_projection = bool(config["key_projection"])
-        self.signs = key_signs(int(config["key_seed"])) if self.key_projection else None
+        self.signs = key_signs(config["key_seed"]) if self.key_projection else None
         self.label_conditioned = bool(config.get("label_conditioned", False))
         self.num_classes = int(config["num_classes"])
         self.generator = build_noise_generator(1 if self.key_projection else 3, int(config["width"]),
@@ -570,12 +649,10 @@ class Ungeneralizable(ProtectionMethod):
     @classmethod
     def from_artifact(cls, path: str, epsilon: float | None = None) -> "Ungeneralizable":
         """Load an artifact made by ``uge-protect fit uge``; its ε is authoritative."""
-        config, weights = load_artifact(path, expected_method="uge")
-        for key in ("epsilon", "key_seed", "key_projection", "width", "depth", "authorized"):
-            if key not in config:
-                raise UserError(f"UGE artifact config lacks {key!r}: {path}")
+        config, weights = load_uge_artifact(path)
         check_fitted_epsilon(path, config, epsilon)
-        return cls(config, weights, fingerprint=artifact_fingerprint(path))
+        with loading(path, "UGE"):
+            return cls(config, weights, fingerprint=artifact_fingerprint(path))
 
     @property
     def requires_label(self) -> bool:  # type: ignore[override]

@@ -92,5 +92,5 @@ def gate_from_artifact(config: dict[str, Any], weights: dict[str, dict[str, torc
     switched off)."""
     if not config.get("confidence_gate"):
         return None
-    return ConfidenceGate(key_signs(int(config["key_seed"])), weights["generator"]["patterns"],
+    return ConfidenceGate(key_signs(config["key_seed"]), weights["generator"]["patterns"],
                           float(config["epsilon"]), float(config["gate_scale"]))
