@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Iterable, Iterator
 
+from uge_protect.shards.layout import temp_path
+
 #: Fixed modification time written into every tar header (reproducible output).
 TAR_MTIME = 0
 
@@ -97,6 +99,10 @@ def iter_tar_samples(stream: BinaryIO) -> Iterator[RawSample]:
     after that marker), the sample being assembled — the damaged member's own sample when
     its header was readable — is yielded with ``error`` set and then :class:`TarReadError`
     is raised. Samples completed before the damage are yielded intact.
+
+    An :class:`OSError` from the stream itself (a file that cannot be read, a connection
+    reset, a download command that failed) is not damage in the data: it propagates as it
+    is, so the caller can retry the shard instead of recording it as corrupt.
     """
     current: RawSample | None = None
     try:
@@ -119,7 +125,7 @@ def iter_tar_samples(stream: BinaryIO) -> Iterator[RawSample]:
                     raise tarfile.ReadError(f"member {member.name!r} is cut short")
                 current.fields[ext] = data
             _check_trailer(tar)
-    except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
+    except (tarfile.TarError, EOFError, ValueError) as exc:
         if current is not None:
             current.error = f"corrupt_tar: {exc}"
             yield current
@@ -166,7 +172,7 @@ class ReproducibleTarWriter:
 def write_tar_atomic(path: str | os.PathLike, members: Iterable[tuple[str, bytes]]) -> None:
     """Write ``members`` to ``path`` through a temporary file renamed into place."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = temp_path(path)
     try:
         with open(tmp, "wb") as f:
             writer = ReproducibleTarWriter(f)

@@ -1,0 +1,87 @@
+"""How the processes of a run start and stop: SIGTERM, and children that die with their parent.
+
+* The main process turns SIGTERM into :class:`~uge_protect.errors.Terminated` (a
+  ``KeyboardInterrupt``) for the duration of a run, so ``timeout``, docker, systemd or a Slurm
+  preemption stop it like Ctrl-C: partial files are removed, the lock is released, a rerun
+  resumes.
+* DataLoader workers ask the kernel to SIGKILL them when their parent dies (Linux
+  ``PR_SET_PDEATHSIG``), so ``kill -9`` of the main process leaves no orphan behind. They leave
+  a SIGTERM sent to the whole process group to the main process, which stops them itself.
+* Ranks started by ``torchrun`` / ``accelerate launch`` get SIGTERM when their launcher dies.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import signal
+import threading
+from typing import Iterator
+
+from uge_protect.errors import Terminated
+
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(sig: int = signal.SIGKILL) -> bool:
+    """Have the kernel send ``sig`` to this process when its parent thread ends (Linux only).
+
+    Returns False where this is not available.
+    """
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def init_worker(parent_pid: int, worker_id: int) -> None:
+    """``worker_init_fn`` of the reading DataLoader (``functools.partial(init_worker, os.getpid())``).
+
+    The worker dies with the main process, even on ``kill -9``; a SIGTERM that reaches it
+    while the main process lives is left to the main process, which shuts its workers down
+    as it stops (no worker traceback).
+    """
+    die_with_parent(signal.SIGKILL)
+    if os.getppid() != parent_pid:  # the parent died before the line above took effect
+        os._exit(0)
+
+    def on_sigterm(signum, frame) -> None:
+        if os.getppid() != parent_pid:
+            os._exit(0)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+
+
+def follow_launcher() -> None:
+    """In a rank started by torchrun / ``accelerate launch`` (torch elastic), get SIGTERM when
+    the launcher dies, so a ``kill -9`` of the launcher stops the ranks cleanly instead of
+    leaving them running unattended. Elsewhere, do nothing."""
+    if "TORCHELASTIC_RUN_ID" in os.environ and threading.current_thread() is threading.main_thread():
+        die_with_parent(signal.SIGTERM)
+        if os.getppid() == 1:  # already orphaned
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def sigterm_stops_the_run() -> Iterator[None]:
+    """While active, SIGTERM raises :class:`Terminated` in the main thread (once; a second
+    SIGTERM during the cleanup is ignored, ``kill -9`` still works). Outside the main thread
+    (where Python cannot install handlers) this does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    fired = False
+
+    def on_sigterm(signum, frame) -> None:
+        nonlocal fired
+        if not fired:
+            fired = True
+            raise Terminated("SIGTERM")
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
