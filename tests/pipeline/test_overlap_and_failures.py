@@ -201,6 +201,9 @@ def test_unreadable_shard_gets_no_marker_fails_the_run_and_is_retried(tmp_path, 
         run([good, url], out, batch_size=2)
     summary = info.value.summary
     assert list(summary["unreadable_shards"]) == ["remote.tar"]
+    status = {"404": "22: the server answered with an HTTP error", "cut": "18: the transfer was cut short"}[mode]
+    assert summary["unreadable_shards"]["remote.tar"] == f"curl exited with status {status}" + (
+        " (such as 404)" if mode == "404" else "")
     assert summary["missing_shards"] == ["remote.tar"]
     assert summary["counts"]["written"] == 4 and summary["failures"] == {}
     for path in (layout.shard("remote.tar"), layout.manifest("remote.tar"), layout.stats("remote.tar")):

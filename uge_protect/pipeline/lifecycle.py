@@ -16,6 +16,7 @@ import contextlib
 import ctypes
 import os
 import signal
+import sys
 import threading
 from typing import Iterator
 
@@ -52,6 +53,19 @@ def init_worker(parent_pid: int, worker_id: int) -> None:
             os._exit(0)
 
     signal.signal(signal.SIGTERM, on_sigterm)
+    sys.excepthook = _quiet_when_the_peer_left(sys.excepthook)
+
+
+def _quiet_when_the_peer_left(hook):
+    """An excepthook that drops connection errors: multiprocessing's resource-sharer thread
+    (which hands tensors' file descriptors to the main process) reports through it when the
+    main process stops in the middle of a transfer. Anything else goes to ``hook``."""
+
+    def excepthook(kind, value, tb) -> None:
+        if not issubclass(kind, (ConnectionError, EOFError)):
+            hook(kind, value, tb)
+
+    return excepthook
 
 
 def follow_launcher() -> None:

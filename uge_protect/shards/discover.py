@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 from pathlib import Path
 
 import braceexpand
@@ -145,3 +146,21 @@ def _hard_link_of_input(shards: list[str], out: str) -> tuple[str, str] | None:
             if (st.st_dev, st.st_ino) in wanted:
                 return path, wanted[(st.st_dev, st.st_ino)]
     return None
+
+
+#: curl's exit statuses that say why a download failed.
+_CURL_STATUS = {6: "could not resolve the host", 7: "could not connect", 18: "the transfer was cut short",
+                22: "the server answered with an HTTP error (such as 404)", 28: "timed out",
+                56: "the connection failed while receiving"}
+_PIPE_EXIT = re.compile(r"""^\(\(['"](?P<cmd>[^'"\s]+)[^)]*\),.*\): exit (?P<status>-?\d+) \(read\)""")
+
+
+def read_error_text(exc: OSError) -> str:
+    """A short description of why a shard could not be read (webdataset's download pipes
+    report a failed command as its whole argument tuple)."""
+    match = _PIPE_EXIT.match(str(exc))
+    if match is None:
+        return str(exc) or type(exc).__name__
+    program, status = match["cmd"], int(match["status"])
+    why = _CURL_STATUS.get(status, "") if program == "curl" else ""
+    return f"{program} exited with status {status}{f': {why}' if why else ''}"
