@@ -199,3 +199,40 @@ def test_sigterm_raises_terminated_during_a_run_only(tmp_path):
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(5)
     assert signal.getsignal(signal.SIGTERM) is previous
+
+
+_RANK = """
+import sys, time
+from uge_protect.errors import Terminated
+from uge_protect.pipeline.lifecycle import follow_launcher, sigterm_stops_the_run
+try:
+    with sigterm_stops_the_run():
+        follow_launcher()
+        print("ready", flush=True)
+        time.sleep(60)
+except Terminated:
+    sys.exit(143)
+"""
+
+_LAUNCHER = """
+import os, subprocess, sys, time
+env = {**os.environ, "TORCHELASTIC_RUN_ID": "test"}
+rank = subprocess.Popen([sys.executable, "-c", sys.argv[1]], env=env, stdout=subprocess.PIPE, text=True)
+assert rank.stdout.readline() == "ready\\n"
+print(rank.pid, flush=True)
+time.sleep(60)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="needs PR_SET_PDEATHSIG")
+def test_a_rank_stops_when_its_launcher_is_killed():
+    launcher = subprocess.Popen([sys.executable, "-c", _LAUNCHER, _RANK], env=_env(), stdout=subprocess.PIPE,
+                                text=True)
+    rank = int(launcher.stdout.readline())
+    start = _proc_stat(rank)[2]
+    os.kill(launcher.pid, signal.SIGKILL)
+    launcher.wait()
+    left = _wait_gone({(rank, start)}, timeout=10)
+    if left:
+        os.kill(rank, signal.SIGKILL)
+    assert not left, "the rank outlived its launcher"

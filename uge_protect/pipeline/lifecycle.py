@@ -72,10 +72,10 @@ def follow_launcher() -> None:
     """In a rank started by torchrun / ``accelerate launch`` (torch elastic), get SIGTERM when
     the launcher dies, so a ``kill -9`` of the launcher stops the ranks cleanly instead of
     leaving them running unattended. Elsewhere, do nothing."""
+    # (No check for a launcher that died before this call: the parent pid cannot tell, since
+    # a launcher may itself be pid 1 in a container.)
     if "TORCHELASTIC_RUN_ID" in os.environ and threading.current_thread() is threading.main_thread():
         die_with_parent(signal.SIGTERM)
-        if os.getppid() == 1:  # already orphaned
-            os.kill(os.getpid(), signal.SIGTERM)
 
 
 @contextlib.contextmanager
