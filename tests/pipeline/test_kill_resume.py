@@ -17,7 +17,7 @@ from tests.helpers import simple_samples, write_shard
 from tests.pipeline.test_shard_run import output_bytes, run
 from uge_protect.errors import Terminated
 from uge_protect.pipeline.inspect import inspect_output
-from uge_protect.pipeline.lifecycle import sigterm_stops_the_run
+from uge_protect.pipeline.lifecycle import interruptible, sigterm_stops_the_run, stop_point
 from uge_protect.shards.layout import OutputLayout, temp_owner
 
 CLI = [sys.executable, "-m", "uge_protect"]
@@ -192,24 +192,30 @@ def test_the_lock_is_not_inherited_by_children_that_outlive_the_process(tmp_path
         os.kill(child, signal.SIGKILL)
 
 
-def test_sigterm_raises_terminated_during_a_run_only(tmp_path):
+def test_sigterm_stops_a_run_at_stop_points_and_in_waits_only():
     previous = signal.getsignal(signal.SIGTERM)
+    with sigterm_stops_the_run():
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.05)  # not raised in the middle of arbitrary code
+        with pytest.raises(Terminated):
+            stop_point()
     with pytest.raises(Terminated):
-        with sigterm_stops_the_run():
+        with sigterm_stops_the_run(), interruptible():
             os.kill(os.getpid(), signal.SIGTERM)
-            time.sleep(5)
+            time.sleep(5)  # a wait for the next batch ends at once
     assert signal.getsignal(signal.SIGTERM) is previous
 
 
 _RANK = """
 import sys, time
 from uge_protect.errors import Terminated
-from uge_protect.pipeline.lifecycle import follow_launcher, sigterm_stops_the_run
+from uge_protect.pipeline.lifecycle import follow_launcher, interruptible, sigterm_stops_the_run
 try:
     with sigterm_stops_the_run():
         follow_launcher()
         print("ready", flush=True)
-        time.sleep(60)
+        with interruptible():
+            time.sleep(60)
 except Terminated:
     sys.exit(143)
 """

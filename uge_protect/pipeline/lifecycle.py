@@ -3,7 +3,7 @@
 * The main process turns SIGTERM into :class:`~uge_protect.errors.Terminated` (a
   ``KeyboardInterrupt``) for the duration of a run, so ``timeout``, docker, systemd or a Slurm
   preemption stop it like Ctrl-C: partial files are removed, the lock is released, a rerun
-  resumes.
+  resumes. It is raised between batches (or while waiting for one), not at arbitrary points.
 * DataLoader workers ask the kernel to SIGKILL them when their parent dies (Linux
   ``PR_SET_PDEATHSIG``), so ``kill -9`` of the main process leaves no orphan behind. They leave
   a SIGTERM sent to the whole process group to the main process, which stops them itself.
@@ -78,24 +78,60 @@ def follow_launcher() -> None:
         die_with_parent(signal.SIGTERM)
 
 
+class _StopRequest:
+    """Whether SIGTERM arrived, and whether the main thread is in a wait it may leave at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.waiting = False
+
+    def on_sigterm(self, signum, frame) -> None:
+        self.requested = True
+        if self.waiting:
+            self.waiting = False
+            raise Terminated("SIGTERM")
+
+
+_stop: _StopRequest | None = None
+
+
+def stop_point() -> None:
+    """Raise :class:`Terminated` if SIGTERM arrived: the run calls this between batches, where
+    stopping leaves nothing half-done that the abort path cannot clean up."""
+    if _stop is not None and _stop.requested:
+        raise Terminated("SIGTERM")
+
+
+@contextlib.contextmanager
+def interruptible(allowed: bool = True) -> Iterator[None]:
+    """A stop point, then a wait (for the next batch from DataLoader workers) that SIGTERM may
+    end at once. ``allowed=False`` (the wait runs decoding code in this thread) only checks."""
+    stop_point()
+    if _stop is None or not allowed:
+        yield
+        return
+    _stop.waiting = True
+    try:
+        yield
+    finally:
+        _stop.waiting = False
+
+
 @contextlib.contextmanager
 def sigterm_stops_the_run() -> Iterator[None]:
-    """While active, SIGTERM raises :class:`Terminated` in the main thread (once; a second
-    SIGTERM during the cleanup is ignored, ``kill -9`` still works). Outside the main thread
-    (where Python cannot install handlers) this does nothing."""
+    """While active, SIGTERM stops the run like Ctrl-C: :class:`Terminated` is raised at the
+    next :func:`stop_point` or inside an :func:`interruptible` wait, never in the middle of
+    arbitrary code (a lock left held there could hang the cleanup). Later SIGTERMs add nothing;
+    ``kill -9`` still works. Outside the main thread (where Python cannot install handlers)
+    this does nothing."""
+    global _stop
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    fired = False
-
-    def on_sigterm(signum, frame) -> None:
-        nonlocal fired
-        if not fired:
-            fired = True
-            raise Terminated("SIGTERM")
-
-    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    outer, _stop = _stop, _StopRequest()
+    previous = signal.signal(signal.SIGTERM, _stop.on_sigterm)
     try:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+        _stop = outer

@@ -27,7 +27,9 @@ from torch.utils.data import DataLoader
 from uge_protect.errors import RunFailed, UserError
 from uge_protect.pipeline.config import PNG_STRATEGIES, ShardJobConfig, config_fingerprint
 from uge_protect.pipeline.encode import EncodedImage, EncodeSettings, encode_protected
-from uge_protect.pipeline.lifecycle import follow_launcher, init_worker, sigterm_stops_the_run
+from uge_protect.pipeline.lifecycle import (
+    follow_launcher, init_worker, interruptible, sigterm_stops_the_run, stop_point,
+)
 from uge_protect.pipeline.merge import merge_outputs
 from uge_protect.pipeline.progress import Progress
 from uge_protect.pipeline.records import SampleRecord, ShardBatch
@@ -380,12 +382,19 @@ def _protect_shards(
             # bookkeeping writes would copy those pages into every worker over time.
             gc.freeze()
         with pool_cm as pool:
-            for batch in loader:
+            batches = iter(loader)  # starts the workers (forks): not a point to stop at
+            while True:
+                # SIGTERM stops the run here, between batches (see lifecycle).
+                with interruptible(allowed=workers > 0):
+                    batch = next(batches, None)
+                if batch is None:
+                    break
                 protected = protect_records(batch.records, method, cfg.seed, device, autocast)
                 inflight.append((batch, pool.submit(encode_batch, batch.records, protected, encode)))
                 while len(inflight) > max_inflight or (inflight and inflight[0][1].done()):
                     drain_one()
             while inflight:
+                stop_point()
                 drain_one()
     except BaseException:
         for writer in writers.values():
