@@ -3,3 +3,18 @@
 
 class UserError(Exception):
     """A problem with the user's input or environment, with a message saying what to do."""
+
+
+class RunFailed(UserError):
+    """A ``shard`` run wrote what it could but its output is not acceptable as it is (shards
+    that could not be read, more failed samples than ``--max-failure-rate``). The CLI exits
+    1; ``summary`` is the merged summary that was written to ``protection.json``."""
+
+    def __init__(self, message: str, summary: dict):
+        super().__init__(message)
+        self.summary = summary
+
+
+class Terminated(KeyboardInterrupt):
+    """Raised in the main thread when the process receives SIGTERM during a run, so the run
+    stops like on Ctrl-C: partial files are removed and a rerun resumes."""

@@ -400,7 +400,7 @@ def test_damage_before_any_sample_is_still_recorded(tmp_path):
     path = tmp_path / "garbage.tar"
     path.write_bytes(b"definitely not a tar archive " * 50)
     out = tmp_path / "out"
-    summary = run([path], out)
+    summary = run([path], out, max_failure_rate=1.0)  # its only row fails: accept that here
     rows = rows_of(out, path.name)
     assert len(rows) == 1 and rows[0]["key"] == "" and rows[0]["reason"].startswith("corrupt_tar")
     assert output_samples(out, path.name) == []

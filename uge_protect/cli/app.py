@@ -9,7 +9,7 @@ from typing import List, Optional
 import typer
 
 from uge_protect.cli.common import class_names_option, fail
-from uge_protect.errors import UserError
+from uge_protect.errors import RunFailed, Terminated, UserError
 
 app = typer.Typer(
     add_completion=False,
@@ -52,6 +52,7 @@ def shard(
     class_names: Optional[str] = typer.Option(None, "--class-names", help="t2ue class mode: comma-separated names, or a JSON list file (e.g. classes.json), in label order."),
     template: Optional[str] = typer.Option(None, "--template", help="t2ue class mode: prompt template with {} for the class name (default 'a photo of a {}')."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace output of a different configuration."),
+    max_failure_rate: float = typer.Option(0.5, "--max-failure-rate", help="Exit 1 when a larger share of the samples failed (0-1; 1: never)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary."),
     log_json: Optional[Path] = typer.Option(None, "--log-json", help="Append JSON-lines progress events to this file."),
 ) -> None:
@@ -71,6 +72,7 @@ def shard(
             image_size=image_size, resize_mode=resize_mode, max_pixels=max_pixels, max_batch_pixels=max_batch_pixels,
             caption_field=caption_field, label_field=label_field, mixed_precision=mixed_precision,
             overwrite=overwrite, quiet=quiet, log_json=str(log_json) if log_json else None,
+            max_failure_rate=max_failure_rate,
         )
         if cfg.lossy:
             typer.echo(
@@ -78,21 +80,34 @@ def shard(
                 "this is recorded in the manifests", err=True,
             )
         summary = run_shard_job(cfg, method_obj)
+    except RunFailed as exc:  # written, but not acceptable as it is
+        if not quiet:
+            _print_summary(exc.summary, output)
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(code=1) from None
     except (UserError, ValueError) as exc:
         fail(str(exc))
         return
     except OSError as exc:  # disk full, permissions changed mid-run, ...
         fail(f"{exc.strerror or exc}{f': {exc.filename}' if exc.filename else ''} (rerun to resume)")
         return
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (Terminated)
+        by = " by SIGTERM" if isinstance(exc, Terminated) else ""
+        typer.echo(f"error: interrupted{by}; rerun the same command to resume", err=True)
+        raise typer.Exit(code=143 if by else 130) from None
     if summary and "counts" in summary and not quiet:
-        c = summary["counts"]
-        t = summary["timings"]
-        typer.echo(
-            f"protected {c['written']} of {c['samples']} samples in {c['shards']} shards "
-            f"({c['failed']} failed{': ' + ', '.join(f'{k} {v}' for k, v in summary['failures'].items()) if c['failed'] else ''}); "
-            f"{t['images_per_second']} img/s this run; output: {output}",
-            err=True,
-        )
+        _print_summary(summary, output)
+
+
+def _print_summary(summary: dict, output: Path) -> None:
+    c = summary["counts"]
+    t = summary["timings"]
+    typer.echo(
+        f"protected {c['written']} of {c['samples']} samples in {c['shards']} shards "
+        f"({c['failed']} failed{': ' + ', '.join(f'{k} {v}' for k, v in summary['failures'].items()) if c['failed'] else ''}); "
+        f"{t['images_per_second']} img/s this run; output: {output}",
+        err=True,
+    )
 
 
 @app.command()

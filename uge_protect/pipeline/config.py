@@ -42,6 +42,9 @@ class ShardJobConfig:
     overwrite: bool = False
     quiet: bool = False
     log_json: str | None = None
+    #: Above this share of failed samples (merged over the directory) the run fails after
+    #: writing. It does not change output bytes, so it is not part of the fingerprint.
+    max_failure_rate: float = 0.5
 
     @property
     def lossy(self) -> bool:
@@ -80,6 +83,8 @@ class ShardJobConfig:
             raise ValueError("--max-batch-pixels must be positive")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise ValueError("--mixed-precision must be no, fp16 or bf16")
+        if not 0 <= self.max_failure_rate <= 1:
+            raise ValueError("--max-failure-rate must be between 0 and 1 (1 accepts any number of failures)")
 
     def output_settings(self) -> dict[str, Any]:
         """Settings that change the bytes written (part of the configuration fingerprint)."""

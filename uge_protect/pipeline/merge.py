@@ -50,8 +50,12 @@ def merge_outputs(
     *,
     input_names: list[str],
     timings: dict[str, Any],
+    unreadable: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """Write ``shards/sizes.json`` and ``protection.json``; return the protection summary."""
+    """Write ``shards/sizes.json`` and ``protection.json``; return the protection summary.
+
+    ``unreadable`` maps the shards this run could not read to the error (they have no
+    output; they are also among ``missing_shards``)."""
     stats = collect_stats(layout, run_config["fingerprint"])
     by_name = {s["shard"]: s for s in stats}
     sizes = {name: s["written"] for name, s in sorted(by_name.items())}
@@ -82,6 +86,7 @@ def merge_outputs(
         "members": member_totals(stats),
         "shards_with_tar_errors": sorted(s["shard"] for s in stats if s.get("tar_error")),
         "missing_shards": missing,
+        "unreadable_shards": dict(sorted((unreadable or {}).items())),
         "budget": {
             "epsilon": run_config["method"].get("epsilon"),
             "levels": run_config["budget_levels"],

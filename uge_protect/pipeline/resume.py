@@ -2,54 +2,85 @@
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import shutil
+import threading
 from pathlib import Path
 from typing import Any
 
 from uge_protect.errors import UserError
-from uge_protect.shards.layout import OutputLayout, read_json, write_json_atomic
+from uge_protect.shards.layout import OutputLayout, read_json, temp_path, write_json_atomic
+
+#: Reason prefix of a shard that could not be read (a transient failure: never complete).
+UNREADABLE = "unreadable_shard"
 
 
 class DirectoryLock:
-    """An exclusive, non-blocking ``flock`` on ``DIR/.lock``, released when the process ends."""
+    """An exclusive, non-blocking lock on ``DIR/.lock`` held by this process.
+
+    It is a POSIX record lock (``lockf``): it belongs to the process, so forked children
+    (DataLoader workers) never inherit it and it ends with the process, even on ``kill -9``.
+    (An ``flock`` would live on in any child that outlives the process.) Record locks do not
+    conflict within one process, so the locks this process holds are also tracked here.
+    """
+
+    _held: set[tuple[int, int]] = set()
+    _guard = threading.Lock()
 
     def __init__(self, path: Path):
         self.path = path
         self._fd: int | None = None
+        self._id: tuple[int, int] | None = None
 
     def acquire(self) -> None:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = ""
+        with self._guard:
             try:
-                holder = os.read(fd, 64).decode("ascii", "replace").strip()
-            finally:
-                os.close(fd)
-            who = f" (pid {holder})" if holder else ""
-            raise UserError(
-                f"another uge-protect run is writing to {self.path.parent}{who}; "
-                "wait for it to finish or choose another --output"
-            ) from None
-        os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode("ascii"))
-        self._fd = fd
+                st = os.stat(self.path)
+            except FileNotFoundError:
+                st = None
+            if st is not None and (st.st_dev, st.st_ino) in self._held:
+                self._refuse(str(os.getpid()))
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            try:
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                if exc.errno not in (errno.EACCES, errno.EAGAIN):
+                    os.close(fd)
+                    raise
+                try:
+                    holder = os.read(fd, 64).decode("ascii", "replace").strip()
+                finally:
+                    os.close(fd)
+                self._refuse(holder)
+            os.ftruncate(fd, 0)
+            os.write(fd, str(os.getpid()).encode("ascii"))
+            st = os.fstat(fd)
+            self._fd, self._id = fd, (st.st_dev, st.st_ino)
+            self._held.add(self._id)
+
+    def _refuse(self, holder: str) -> None:
+        who = f" (pid {holder})" if holder else ""
+        raise UserError(
+            f"another uge-protect run is writing to {self.path.parent}{who}; "
+            "wait for it to finish or choose another --output"
+        )
 
     def release(self) -> None:
-        if self._fd is not None:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-            os.close(self._fd)
-            self._fd = None
+        with self._guard:
+            if self._fd is not None:
+                fcntl.lockf(self._fd, fcntl.LOCK_UN)
+                os.close(self._fd)
+                self._held.discard(self._id)
+                self._fd = self._id = None
 
 
 def check_writable(root: Path) -> None:
     """Create ``root`` and prove it is writable, or raise a one-line :class:`UserError`."""
     try:
         root.mkdir(parents=True, exist_ok=True)
-        probe = root / f".write-probe-{os.getpid()}"
+        probe = temp_path(root / "write-probe")
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as exc:
@@ -111,6 +142,12 @@ def clear_outputs(layout: OutputLayout) -> None:
         f.unlink(missing_ok=True)
 
 
+def discard_shard_outputs(layout: OutputLayout, name: str) -> None:
+    """Remove whatever an earlier, interrupted run left for shard ``name`` (it is not complete)."""
+    for path in (layout.stats(name), layout.manifest(name), layout.shard(name)):
+        path.unlink(missing_ok=True)
+
+
 def is_complete(layout: OutputLayout, name: str, fingerprint: str) -> bool:
     """A shard is complete when its stats marker exists for this configuration and its
     tar and manifest are in place."""
@@ -123,6 +160,8 @@ def is_complete(layout: OutputLayout, name: str, fingerprint: str) -> bool:
         return False
     return (
         stats.get("config_fingerprint") == fingerprint
+        # older versions marked shards that could not be read as complete: retry them
+        and not str(stats.get("tar_error") or "").startswith(UNREADABLE)
         and layout.shard(name).is_file()
         and layout.manifest(name).is_file()
         and layout.shard(name).stat().st_size == stats.get("bytes")

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import gc
+import os
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -22,16 +24,19 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from uge_protect.errors import UserError
+from uge_protect.errors import RunFailed, UserError
 from uge_protect.pipeline.config import PNG_STRATEGIES, ShardJobConfig, config_fingerprint
 from uge_protect.pipeline.encode import EncodedImage, EncodeSettings, encode_protected
+from uge_protect.pipeline.lifecycle import (
+    follow_launcher, init_worker, interruptible, sigterm_stops_the_run, stop_point,
+)
 from uge_protect.pipeline.merge import merge_outputs
 from uge_protect.pipeline.progress import Progress
 from uge_protect.pipeline.records import SampleRecord, ShardBatch
-from uge_protect.pipeline.resume import claim_output, is_complete
+from uge_protect.pipeline.resume import UNREADABLE, claim_output, discard_shard_outputs, is_complete
 from uge_protect.pipeline.source import DecodeSettings, ShardSource
-from uge_protect.pipeline.writer import ShardWriter
-from uge_protect.shards.discover import expand_inputs, shard_name
+from uge_protect.pipeline.writer import ShardWriter, reason_code
+from uge_protect.shards.discover import check_output_apart, expand_inputs, shard_name
 from uge_protect.shards.layout import OutputLayout
 from uge_protect.transforms.base import ProtectBatch, ProtectionMethod, sample_seed
 from uge_protect.transforms.budget import apply_perturbation, budget_levels
@@ -186,22 +191,65 @@ def _broadcast_error(accelerator, error: str | None) -> str | None:
 
 def run_shard_job(cfg: ShardJobConfig, method: ProtectionMethod, accelerator=None) -> dict[str, Any]:
     """Protect every input shard into ``cfg.output``; returns the merged summary (main process)
-    or this rank's counts (other ranks). Raises :class:`UserError` for bad input."""
+    or this rank's counts (other ranks).
+
+    Raises :class:`UserError` for bad input (before anything is written), :class:`RunFailed`
+    (main process, after writing) when shards could not be read or more samples failed than
+    ``cfg.max_failure_rate``, and :class:`~uge_protect.errors.Terminated` on SIGTERM.
+    """
     try:
         cfg.validate()
     except ValueError as exc:
         raise UserError(str(exc)) from None
     inputs = expand_inputs(cfg.inputs)
-    own_accelerator = accelerator is None
-    accelerator = accelerator or _make_accelerator(cfg)
-    ok = False
-    try:
-        result = _run(cfg, method, accelerator, inputs)
-        ok = True
-        return result
-    finally:
-        if own_accelerator and accelerator.num_processes > 1:
-            _leave_process_group(accelerator, barrier=ok)
+    check_output_apart(cfg.inputs, inputs, cfg.output)
+    with sigterm_stops_the_run():
+        follow_launcher()
+        own_accelerator = accelerator is None
+        accelerator = accelerator or _make_accelerator(cfg)
+        ok = False
+        try:
+            result = _run(cfg, method, accelerator, inputs)
+            ok = True
+        finally:
+            if own_accelerator and accelerator.num_processes > 1:
+                _leave_process_group(accelerator, barrier=ok)
+    if "counts" in result:  # the main process: judge the merged output
+        check_outcome(result, cfg.max_failure_rate)
+    return result
+
+
+#: What to check first when most samples fail for one reason.
+_HINTS = {
+    "missing_caption": " (check --caption-field, or that the samples have a txt field)",
+    "missing_label": " (check --label-field, or that the samples have a cls field)",
+}
+
+
+def check_outcome(summary: dict[str, Any], max_failure_rate: float) -> None:
+    """Raise :class:`RunFailed` when shards could not be read or the merged share of failed
+    samples is above ``max_failure_rate``; the message is one line."""
+    problems = []
+    unreadable = summary.get("unreadable_shards") or {}
+    if unreadable:
+        names = sorted(unreadable)
+        shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        problems.append(
+            f"{len(names)} input shard{'s' if len(names) > 1 else ''} could not be read ({shown}:"
+            f" {unreadable[names[0]]}); nothing was written for {'them' if len(names) > 1 else 'it'},"
+            " rerun the same command to retry"
+        )
+    counts = summary["counts"]
+    samples, failed = counts["samples"], counts["failed"]
+    if samples and failed / samples > max_failure_rate:
+        reason, n = max(summary["failures"].items(), key=lambda kv: (kv[1], kv[0]), default=("unknown", failed))
+        problems.append(
+            f"{failed} of {samples} samples failed ({100 * failed / samples:.3g}%, above --max-failure-rate"
+            f" {max_failure_rate:g}); most common reason: {reason} ({n}){_HINTS.get(reason, '')};"
+            " the manifests list every sample's reason"
+        )
+    if problems:
+        raise RunFailed("; ".join(problems), summary)
 
 
 def _leave_process_group(accelerator, barrier: bool) -> None:
@@ -236,7 +284,12 @@ def _run(cfg: ShardJobConfig, method: ProtectionMethod, accelerator, inputs: lis
         started = time.perf_counter()
         mine = inputs[rank::world]
         pending = [s for s in mine if not is_complete(layout, shard_name(s), fingerprint)]
-        counts = _protect_shards(cfg, method, accelerator, layout, pending, fingerprint, rank)
+        try:
+            counts = _protect_shards(cfg, method, accelerator, layout, pending, fingerprint, rank)
+        except BaseException:
+            for tmp in layout.temp_files(pid=os.getpid()):  # anything an interrupted write left
+                tmp.unlink(missing_ok=True)
+            raise
         counts.update(shards_skipped=len(mine) - len(pending), seconds=time.perf_counter() - started)
         accelerator.wait_for_everyone()
         all_counts = _gather(accelerator, counts)
@@ -252,8 +305,10 @@ def _run(cfg: ShardJobConfig, method: ProtectionMethod, accelerator, inputs: lis
             "shards_processed": sum(c["shards"] for c in all_counts),
             "shards_skipped": sum(c["shards_skipped"] for c in all_counts),
         }
+        unreadable = {k: v for c in all_counts for k, v in c["unreadable"].items()}
         return merge_outputs(
-            layout, run_config, input_names=[shard_name(s) for s in inputs], timings=timings
+            layout, run_config, input_names=[shard_name(s) for s in inputs], timings=timings,
+            unreadable=unreadable,
         )
     finally:
         if lock is not None:
@@ -310,6 +365,7 @@ def _protect_shards(
         batch_size=None,
         num_workers=workers,
         collate_fn=_identity,
+        worker_init_fn=functools.partial(init_worker, os.getpid()),
         pin_memory=device.type == "cuda",
         prefetch_factor=2 if workers > 0 else None,
     )
@@ -319,12 +375,23 @@ def _protect_shards(
     writers: dict[str, ShardWriter] = {}
     inflight: deque[tuple[ShardBatch, Future]] = deque()
     max_inflight = cfg.encode_threads + 1  # one batch per encoder and one waiting
-    counts = {"samples": 0, "written": 0, "failed": 0, "shards": 0}
+    counts: dict[str, Any] = {"samples": 0, "written": 0, "failed": 0, "shards": 0}
+    unreadable: dict[str, str] = {}
     autocast = _autocast(cfg.mixed_precision, device)
 
     def drain_one() -> None:
         batch, future = inflight.popleft()
         encoded = future.result()
+        if batch.last and reason_code(batch.tar_error or "") == UNREADABLE:
+            # A read failure, not damage in the data: no output and no completion marker,
+            # so a rerun retries the shard.
+            writer = writers.pop(batch.shard_name, None)
+            if writer is not None:
+                writer.abort()
+            discard_shard_outputs(layout, batch.shard_name)
+            unreadable[batch.shard_name] = batch.tar_error.partition(":")[2].strip() or UNREADABLE
+            progress.event("shard_unreadable", shard=batch.shard_name, error=unreadable[batch.shard_name])
+            return
         writer = writers.get(batch.shard_name)
         if writer is None:
             writer = writers[batch.shard_name] = ShardWriter(layout, batch.shard, batch.shard_name, encode, fingerprint)
@@ -352,18 +419,26 @@ def _protect_shards(
             # bookkeeping writes would copy those pages into every worker over time.
             gc.freeze()
         with pool_cm as pool:
-            for batch in loader:
+            batches = iter(loader)  # starts the workers (forks): not a point to stop at
+            while True:
+                # SIGTERM stops the run here, between batches (see lifecycle).
+                with interruptible(allowed=workers > 0):
+                    batch = next(batches, None)
+                if batch is None:
+                    break
                 protected = protect_records(batch.records, method, cfg.seed, device, autocast)
                 inflight.append((batch, pool.submit(encode_batch, batch.records, protected, encode)))
                 while len(inflight) > max_inflight or (inflight and inflight[0][1].done()):
                     drain_one()
             while inflight:
+                stop_point()
                 drain_one()
     except BaseException:
         for writer in writers.values():
             writer.abort()
         raise
     finally:
-        progress.event("rank_done", **counts)
+        progress.event("rank_done", **counts, unreadable=len(unreadable))
         progress.close()
+    counts["unreadable"] = unreadable
     return counts

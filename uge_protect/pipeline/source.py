@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from uge_protect.shards.decode import DEFAULT_MAX_PIXELS, DecodeError, decode_image, pick_image_field
-from uge_protect.shards.discover import open_shard, shard_name
+from uge_protect.shards.discover import open_shard, read_error_text, shard_name
 from uge_protect.shards.tario import MemberCounts, RawSample, TarReadError, iter_tar_samples
 from uge_protect.pipeline.records import SampleRecord, ShardBatch
 
@@ -39,15 +39,16 @@ class DecodeSettings:
 
 
 def read_samples(spec: str, counts: MemberCounts | None = None) -> Iterator[RawSample | str]:
-    """Yield raw samples of one shard; on a corrupt or truncated tar, yield the error text last.
-    ``counts``, when given, receives the members read (see :func:`iter_tar_samples`)."""
+    """Yield raw samples of one shard; on a corrupt or truncated tar (``corrupt_tar: ...``) or
+    a read failure (``unreadable_shard: ...``), yield the error text last. ``counts``, when
+    given, receives the members read (see :func:`iter_tar_samples`)."""
     try:
         with open_shard(spec) as stream:
             yield from iter_tar_samples(stream, counts)
     except TarReadError as exc:
         yield f"corrupt_tar: {exc}"
-    except OSError as exc:
-        yield f"unreadable_shard: {exc}"
+    except OSError as exc:  # not damage in the data: the shard is retried on a rerun
+        yield f"unreadable_shard: {read_error_text(exc)}"
 
 
 #: Labels are stored as int64 in the manifest.

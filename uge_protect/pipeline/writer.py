@@ -15,7 +15,7 @@ from typing import Any
 
 from uge_protect.pipeline.encode import FORMAT_EXTENSION, EncodedImage, EncodeSettings
 from uge_protect.pipeline.records import SampleRecord, ShardBatch
-from uge_protect.shards.layout import OutputLayout, write_json_atomic
+from uge_protect.shards.layout import OutputLayout, temp_path, write_json_atomic
 from uge_protect.shards.manifest import STATUS_FAILED, STATUS_OK, empty_row, write_manifest
 from uge_protect.shards.tario import ReproducibleTarWriter
 
@@ -70,7 +70,7 @@ class ShardWriter:
         self.encode = encode
         self.fingerprint = fingerprint
         self.path = layout.shard(name)
-        self.tmp = self.path.with_name(f".{name}.tmp-{os.getpid()}")
+        self.tmp = temp_path(self.path)
         self._file = open(self.tmp, "wb", buffering=1 << 20)
         self._hashing = _HashingFile(self._file)
         self._tar = ReproducibleTarWriter(self._hashing)
@@ -145,11 +145,15 @@ class ShardWriter:
 
     def finish(self, tar_error: str | None) -> dict[str, Any]:
         """Close and publish the shard, its manifest and (last) its stats; returns the stats."""
-        self._tar.close()
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
-        os.replace(self.tmp, self.path)
+        try:
+            self._tar.close()
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+            os.replace(self.tmp, self.path)
+        except BaseException:
+            self.abort()
+            raise
         write_manifest(self.layout.manifest(self.name), self.rows)
         written = sum(1 for r in self.rows if r["status"] == STATUS_OK)
         psnrs = self.psnr_values

@@ -9,6 +9,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from uge_protect.shards.layout import temp_path
+
 STATUS_OK = "ok"
 STATUS_FAILED = "failed"
 
@@ -54,9 +56,13 @@ def write_manifest(path: str | os.PathLike, rows: list[dict[str, Any]]) -> None:
     """Write rows to a parquet file atomically (temporary name, then rename)."""
     path = Path(path)
     table = pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    pq.write_table(table, tmp, compression="zstd")
-    os.replace(tmp, path)
+    tmp = temp_path(path)
+    try:
+        pq.write_table(table, tmp, compression="zstd")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def read_manifest(path: str | os.PathLike) -> pa.Table:

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Iterable, Iterator
 
+from uge_protect.shards.layout import temp_path
+
 #: Fixed modification time written into every tar header (reproducible output).
 TAR_MTIME = 0
 
@@ -128,6 +130,10 @@ def iter_tar_samples(stream: BinaryIO, counts: MemberCounts | None = None) -> It
     Members that are not regular files (links, directories, devices, FIFOs) belong to no
     sample; when ``counts`` is given they are counted there by kind, and every whole file
     member in ``counts.files``, so that no member vanishes without a trace.
+
+    An :class:`OSError` from the stream itself (a file that cannot be read, a connection
+    reset, a download command that failed) is not damage in the data: it propagates as it
+    is, so the caller can retry the shard instead of recording it as corrupt.
     """
     current: RawSample | None = None
     try:
@@ -154,7 +160,7 @@ def iter_tar_samples(stream: BinaryIO, counts: MemberCounts | None = None) -> It
                 if counts is not None:
                     counts.files += 1
             _check_trailer(tar)
-    except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
+    except (tarfile.TarError, EOFError, ValueError) as exc:
         if current is not None:
             current.error = f"corrupt_tar: {exc}"
             yield current
@@ -201,7 +207,7 @@ class ReproducibleTarWriter:
 def write_tar_atomic(path: str | os.PathLike, members: Iterable[tuple[str, bytes]]) -> None:
     """Write ``members`` to ``path`` through a temporary file renamed into place."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = temp_path(path)
     try:
         with open(tmp, "wb") as f:
             writer = ReproducibleTarWriter(f)
