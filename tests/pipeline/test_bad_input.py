@@ -39,7 +39,9 @@ UGE_PROTECT = Path(sys.executable).with_name("uge-protect")
 
 
 def run(inputs, out, **kw):
+    """Protect with ``random``; these inputs are bad on purpose, so no failure share stops the run."""
     kw.setdefault("num_workers", 0)
+    kw.setdefault("max_failure_rate", 1.0)
     cfg = ShardJobConfig(inputs=[str(p) for p in inputs], output=str(out), quiet=True, **kw)
     return run_shard_job(cfg, create_method("random"))
 
@@ -400,7 +402,7 @@ def test_damage_before_any_sample_is_still_recorded(tmp_path):
     path = tmp_path / "garbage.tar"
     path.write_bytes(b"definitely not a tar archive " * 50)
     out = tmp_path / "out"
-    summary = run([path], out, max_failure_rate=1.0)  # its only row fails: accept that here
+    summary = run([path], out)
     rows = rows_of(out, path.name)
     assert len(rows) == 1 and rows[0]["key"] == "" and rows[0]["reason"].startswith("corrupt_tar")
     assert output_samples(out, path.name) == []
