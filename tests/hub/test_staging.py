@@ -167,14 +167,31 @@ def test_push_is_a_command():
 
 
 def test_push_waits_for_a_running_shard_job(output_copy):
-    import fcntl
-    import os
+    """The lock a `shard` run holds, taken by another process, stops a push; and a push's lock
+    stops a `shard` run from claiming the directory."""
+    import subprocess
+    import sys
 
-    fd = os.open(OutputLayout(output_copy).lock_file, os.O_RDWR | os.O_CREAT)
+    lock_path = OutputLayout(output_copy).lock_file
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sys; from pathlib import Path; from uge_protect.shards.lock import DirectoryLock;"
+         "DirectoryLock(Path(sys.argv[1])).acquire(); print('held', flush=True); sys.stdin.read()",
+         str(lock_path)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # what a `shard` run holds while it writes
+        assert holder.stdout.readline().strip() == "held"
         with pytest.raises(UserError, match="a uge-protect run is writing to"):
             stage_output(output_copy, "me/demo", output_copy.parent / "s")
     finally:
-        os.close(fd)
+        holder.communicate("")
     stage_output(output_copy, "me/demo", output_copy.parent / "s")
+    from uge_protect.hub.staging import ReadLock
+    from uge_protect.shards.lock import DirectoryLock
+
+    with ReadLock(output_copy):
+        with pytest.raises(UserError, match="another uge-protect run is writing"):
+            DirectoryLock(lock_path).acquire()
+    with DirectoryLock(lock_path):
+        pass

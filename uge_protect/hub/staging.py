@@ -22,7 +22,6 @@ anything else in the directory are never staged. A JSON file that holds a secret
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
@@ -33,6 +32,7 @@ from typing import Any, Iterator
 
 from uge_protect.errors import UserError
 from uge_protect.shards.layout import OutputLayout, read_json
+from uge_protect.shards.lock import DirectoryLock
 
 #: Where a report is staged in the repository, and where ``push`` looks for one in DIR.
 EVAL_DIR = "eval"
@@ -94,31 +94,23 @@ class UploadPlan:
 
 
 class ReadLock:
-    """A shared ``flock`` on ``DIR/.lock``: no ``shard`` run can start writing while it is held.
-
-    A run holds the lock exclusively, so taking it fails while one is writing."""
+    """A shared lock on ``DIR/.lock`` (see :mod:`uge_protect.shards.lock`): no ``shard`` run can
+    start writing while it is held, and taking it fails while one is writing."""
 
     def __init__(self, root: Path):
-        self.path = OutputLayout(root).lock_file
-        self._fd: int | None = None
+        path = OutputLayout(root).lock_file
+        self._lock = DirectoryLock(
+            path, shared=True,
+            busy_message=f"a uge-protect run is writing to {path.parent}; wait for it to finish, then push",
+        )
 
     def __enter__(self) -> "ReadLock":
-        if self.path.is_file():
-            fd = os.open(self.path, os.O_RDONLY)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            except BlockingIOError:
-                os.close(fd)
-                raise UserError(
-                    f"a uge-protect run is writing to {self.path.parent}; wait for it to finish, then push"
-                ) from None
-            self._fd = fd
+        if self._lock.path.is_file():
+            self._lock.acquire()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        self._lock.release()
 
 
 def find_report(root: Path, report_dir: Path | None = None) -> EvalReport | None:

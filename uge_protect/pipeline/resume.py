@@ -2,78 +2,17 @@
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import os
 import shutil
-import threading
 from pathlib import Path
 from typing import Any
 
 from uge_protect.errors import UserError
 from uge_protect.shards.layout import OutputLayout, read_json, temp_path, write_json_atomic
+from uge_protect.shards.lock import DirectoryLock
 
 #: Reason prefix of a shard that could not be read (a transient failure: never complete).
 UNREADABLE = "unreadable_shard"
-
-
-class DirectoryLock:
-    """An exclusive, non-blocking lock on ``DIR/.lock`` held by this process.
-
-    It is a POSIX record lock (``lockf``): it belongs to the process, so forked children
-    (DataLoader workers) never inherit it and it ends with the process, even on ``kill -9``.
-    (An ``flock`` would live on in any child that outlives the process.) Record locks do not
-    conflict within one process, so the locks this process holds are also tracked here.
-    """
-
-    _held: set[tuple[int, int]] = set()
-    _guard = threading.Lock()
-
-    def __init__(self, path: Path):
-        self.path = path
-        self._fd: int | None = None
-        self._id: tuple[int, int] | None = None
-
-    def acquire(self) -> None:
-        with self._guard:
-            try:
-                st = os.stat(self.path)
-            except FileNotFoundError:
-                st = None
-            if st is not None and (st.st_dev, st.st_ino) in self._held:
-                self._refuse(str(os.getpid()))
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-            try:
-                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as exc:
-                if exc.errno not in (errno.EACCES, errno.EAGAIN):
-                    os.close(fd)
-                    raise
-                try:
-                    holder = os.read(fd, 64).decode("ascii", "replace").strip()
-                finally:
-                    os.close(fd)
-                self._refuse(holder)
-            os.ftruncate(fd, 0)
-            os.write(fd, str(os.getpid()).encode("ascii"))
-            st = os.fstat(fd)
-            self._fd, self._id = fd, (st.st_dev, st.st_ino)
-            self._held.add(self._id)
-
-    def _refuse(self, holder: str) -> None:
-        who = f" (pid {holder})" if holder else ""
-        raise UserError(
-            f"another uge-protect run is writing to {self.path.parent}{who}; "
-            "wait for it to finish or choose another --output"
-        )
-
-    def release(self) -> None:
-        with self._guard:
-            if self._fd is not None:
-                fcntl.lockf(self._fd, fcntl.LOCK_UN)
-                os.close(self._fd)
-                self._held.discard(self._id)
-                self._fd = self._id = None
 
 
 def check_writable(root: Path) -> None:
