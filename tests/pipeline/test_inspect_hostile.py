@@ -423,3 +423,24 @@ def test_fifos_and_directories_in_place_of_files_do_not_hang_or_crash(copy):
     (layout.stats_dir / "dir.json").mkdir()
     problems = problems_of(copy)
     assert any("sizes.json" in p for p in problems) and any("protection.json" in p for p in problems), problems
+
+
+def test_hidden_copies_in_arrays_pickles_and_compressed_members_are_caught(copy):
+    """What webdataset's default decoders turn back into the original pixels."""
+    import gzip
+    import pickle
+
+    samples = read_samples(layout_of(copy).shard(NAME))
+    original = read_samples(copy / "in" / NAME)[0].fields["png"]
+    pixels = np.asarray(Image.open(io.BytesIO(original)))
+    npy = io.BytesIO()
+    np.save(npy, pixels)
+    samples[0].fields["orig.npy"] = npy.getvalue()
+    samples[0].fields["orig.png.gz"] = gzip.compress(original)
+    samples[1].fields["orig.pyd"] = pickle.dumps(pixels)
+    rewrite_shard(copy, samples)
+    edit_json(layout_of(copy).stats(NAME), lambda st: st["members"].update(written=st["members"]["written"] + 3))
+    problems = problems_of(copy, check_sources=False)
+    assert any("'orig.png.gz' is an image but not the protected one" in p for p in problems), problems
+    for ext in ("orig.npy", "orig.pyd"):
+        assert any(f"member {ext!r} is an array, tensor, pickle" in p for p in problems), problems

@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from uge_protect.shards.decode import DEFAULT_MAX_PIXELS, RESIZE_MODES
+from uge_protect.shards.tario import DEFAULT_MAX_SAMPLE_BYTES
 
 IMAGE_FORMATS = ("png", "webp", "jpeg")
 #: zlib strategies for PNG. Huffman-only suits perturbed images: the noise leaves few
@@ -36,6 +37,8 @@ class ShardJobConfig:
     max_pixels: int = DEFAULT_MAX_PIXELS
     #: Most decoded pixels per batch (bounds memory; does not change output bytes).
     max_batch_pixels: int = DEFAULT_MAX_PIXELS
+    #: Most bytes of one sample's members: a larger sample fails unread (``sample_too_large``).
+    max_sample_bytes: int = DEFAULT_MAX_SAMPLE_BYTES
     caption_field: str | None = None
     label_field: str | None = None
     mixed_precision: str = "no"
@@ -81,6 +84,8 @@ class ShardJobConfig:
             raise ValueError("--max-pixels must be positive")
         if self.max_batch_pixels <= 0:
             raise ValueError("--max-batch-pixels must be positive")
+        if self.max_sample_bytes <= 0:
+            raise ValueError("--max-sample-bytes must be positive")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise ValueError("--mixed-precision must be no, fp16 or bf16")
         if not 0 <= self.max_failure_rate <= 1:
@@ -90,7 +95,7 @@ class ShardJobConfig:
         """Settings that change the bytes written (part of the configuration fingerprint)."""
         keys = (
             "seed", "image_format", "allow_lossy", "quality", "png_compress_level", "png_strategy", "image_size",
-            "resize_mode", "max_pixels", "caption_field", "label_field", "mixed_precision",
+            "resize_mode", "max_pixels", "max_sample_bytes", "caption_field", "label_field", "mixed_precision",
         )
         return {k: asdict(self)[k] for k in keys}
 

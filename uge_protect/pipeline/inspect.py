@@ -34,13 +34,14 @@ from uge_protect.errors import UserError
 from uge_protect.pipeline.records import SampleRecord
 from uge_protect.pipeline.source import decode_samples
 from uge_protect.pipeline.untrusted import (
-    RunInfo, decode_rgb, image_format_of, is_count_map, is_image_member, is_regular_file, load_json, load_rows,
+    RunInfo, decode_rgb, image_format_of, is_count_map, is_regular_file, load_json, load_rows,
     load_run, local_path, short_error, stats_error,
 )
 from uge_protect.pipeline.writer import output_image_field, reason_code
 from uge_protect.shards.discover import expand_inputs, open_shard, shard_name
 from uge_protect.shards.layout import OutputLayout, file_sha256
 from uge_protect.shards.manifest import STATUS_OK
+from uge_protect.shards.members import IMAGE, OPAQUE, member_kind
 from uge_protect.shards.tario import MemberCounts, RawSample, TarReadError, iter_tar_samples
 from uge_protect.transforms.budget import linf_levels
 
@@ -360,8 +361,14 @@ class _Inspector:
         run = self.run
         out_ext = output_image_field(row["image_field"], row["image_format"])
         for ext, data in sample.fields.items():
-            if ext != out_ext and is_image_member(ext, data):
+            if ext == out_ext:
+                continue
+            kind = member_kind(ext, data)
+            if kind == IMAGE:
                 problems.append(f"{tag}: member {ext!r} is an image but not the protected one (an unprotected copy?)")
+            elif kind == OPAQUE:
+                problems.append(f"{tag}: member {ext!r} is an array, tensor, pickle, video or large compressed"
+                                " member, which can carry the picture unprotected")
         data = sample.fields.get(out_ext)
         if data is None:
             return problems + [f"{tag}: no image in the output sample"]

@@ -26,6 +26,8 @@ class SampleRecord:
     converted_from: str = ""
     #: What happened to an embedded ICC profile (see ``DecodedImage.icc_profile``).
     icc_profile: str | None = None
+    #: Frames or pages of the source image when more than one (only the first is protected).
+    source_frames: int | None = None
     exif_rotated: bool = False
     source_size: tuple[int, int] | None = None
     sha256_original: str | None = None

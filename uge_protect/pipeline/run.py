@@ -355,6 +355,7 @@ def _protect_shards(
         requires_caption=method.requires_caption,
         requires_label=method.requires_label,
         max_batch_pixels=cfg.max_batch_pixels,
+        max_sample_bytes=cfg.max_sample_bytes,
     )
     encode = EncodeSettings(
         cfg.image_format, cfg.lossy, cfg.quality, cfg.png_compress_level, PNG_STRATEGIES[cfg.png_strategy]

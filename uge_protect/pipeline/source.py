@@ -17,9 +17,16 @@ from typing import Iterable, Iterator
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from uge_protect.shards.decode import DEFAULT_MAX_PIXELS, DecodeError, decode_image, pick_image_field
+from uge_protect.shards.decode import DEFAULT_MAX_PIXELS, DecodeError, decode_image
+from uge_protect.shards.members import opaque_fields, pick_image_field
 from uge_protect.shards.discover import open_shard, read_error_text, shard_name
-from uge_protect.shards.tario import MemberCounts, RawSample, TarReadError, iter_tar_samples
+from uge_protect.shards.tario import (
+    DEFAULT_MAX_SAMPLE_BYTES,
+    MemberCounts,
+    RawSample,
+    TarReadError,
+    iter_tar_samples,
+)
 from uge_protect.pipeline.records import SampleRecord, ShardBatch
 
 
@@ -36,15 +43,20 @@ class DecodeSettings:
     requires_label: bool
     #: Most decoded pixels in one batch (a single larger image still makes a batch of one).
     max_batch_pixels: int = DEFAULT_MAX_PIXELS
+    #: Most bytes of one sample's members (larger samples fail unread); also the most member
+    #: bytes in one batch.
+    max_sample_bytes: int = DEFAULT_MAX_SAMPLE_BYTES
 
 
-def read_samples(spec: str, counts: MemberCounts | None = None) -> Iterator[RawSample | str]:
+def read_samples(
+    spec: str, counts: MemberCounts | None = None, max_sample_bytes: int = DEFAULT_MAX_SAMPLE_BYTES
+) -> Iterator[RawSample | str]:
     """Yield raw samples of one shard; on a corrupt or truncated tar (``corrupt_tar: ...``) or
     a read failure (``unreadable_shard: ...``), yield the error text last. ``counts``, when
     given, receives the members read (see :func:`iter_tar_samples`)."""
     try:
         with open_shard(spec) as stream:
-            yield from iter_tar_samples(stream, counts)
+            yield from iter_tar_samples(stream, counts, max_sample_bytes)
     except TarReadError as exc:
         yield f"corrupt_tar: {exc}"
     except OSError as exc:  # not damage in the data: the shard is retried on a rerun
@@ -162,6 +174,11 @@ def decode_samples(
         images = pick_image_field(raw.fields)
         if raw.error:
             rec.fail(raw.error)
+        elif raw.oversized:
+            rec.fail(
+                f"sample_too_large: {', '.join(raw.oversized)} would take the sample past"
+                f" {s.max_sample_bytes} bytes (--max-sample-bytes)"
+            )
         elif is_unsafe_key(raw.key):
             rec.fail("unsafe_key")
         elif duplicate:
@@ -170,7 +187,12 @@ def decode_samples(
             rec.fail("no_image")
         elif len(images) > 1:
             rec.fail("multiple_images")
-        if images:
+        elif opaque := opaque_fields(raw.fields):
+            rec.fail(
+                f"unprotectable_member: {', '.join(opaque)} (arrays, tensors, pickles, videos and"
+                " large compressed members can carry the picture unprotected; remove them)"
+            )
+        if images and not raw.oversized:
             rec.image_field = images[0]
             rec.sha256_original = hashlib.sha256(raw.fields[images[0]]).hexdigest()
         if rec.ok and s.requires_caption and rec.caption is None:
@@ -193,6 +215,7 @@ def decode_samples(
                 rec.exif_rotated = img.exif_rotated
                 rec.source_size = img.source_size
                 rec.icc_profile = img.icc_profile
+                rec.source_frames = img.frames
         yield rec
 
 
@@ -202,28 +225,31 @@ def batch_records(
     batch_size: int,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     counts: MemberCounts | None = None,
+    max_bytes: int = DEFAULT_MAX_SAMPLE_BYTES,
 ) -> Iterator[ShardBatch]:
-    """Group records into batches of at most ``batch_size`` records and ``max_pixels``
-    decoded pixels (an image larger than that is a batch of its own); the final batch has
+    """Group records into batches of at most ``batch_size`` records, ``max_pixels`` decoded
+    pixels and ``max_bytes`` member bytes (a record larger than that is a batch of its own);
+    the final batch has
     ``last=True`` and carries the reader's member ``counts`` (complete once the records are
     exhausted). Batch boundaries never change output bytes."""
     name = shard_name(spec)
     pending: list[SampleRecord] = []
-    pixels = 0
+    pixels = held = 0
     tar_error = None
     for rec in records:
         if isinstance(rec, str):
             tar_error = rec
             break
-        size = _pixel_count(rec)
-        if pending and pixels + size > max_pixels:
+        size, nbytes = _pixel_count(rec), sum(map(len, rec.fields.values()))
+        if pending and (pixels + size > max_pixels or held + nbytes > max_bytes):
             yield ShardBatch(spec, name, pending, last=False)
-            pending, pixels = [], 0
+            pending, pixels, held = [], 0, 0
         pending.append(rec)
         pixels += size
+        held += nbytes
         if len(pending) == batch_size:
             yield ShardBatch(spec, name, pending, last=False)
-            pending, pixels = [], 0
+            pending, pixels, held = [], 0, 0
     last = ShardBatch(spec, name, pending, last=True, tar_error=tar_error)
     if counts is not None:
         last.input_members, last.skipped_members = counts.total, dict(counts.skipped)
@@ -238,7 +264,8 @@ def shard_batches(spec: str, s: DecodeSettings, batch_size: int) -> Iterator[Sha
     """The composed reading stages for one shard."""
     counts = MemberCounts()
     return batch_records(
-        decode_samples(read_samples(spec, counts), s), spec, batch_size, s.max_batch_pixels, counts
+        decode_samples(read_samples(spec, counts, s.max_sample_bytes), s),
+        spec, batch_size, s.max_batch_pixels, counts, s.max_sample_bytes,
     )
 
 

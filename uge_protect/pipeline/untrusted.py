@@ -23,7 +23,7 @@ from PIL import Image
 from uge_protect.pipeline.config import IMAGE_FORMATS, config_fingerprint
 from uge_protect.pipeline.encode import FORMAT_EXTENSION
 from uge_protect.pipeline.source import DecodeSettings
-from uge_protect.shards.decode import RESIZE_MODES, pick_image_field
+from uge_protect.shards.decode import RESIZE_MODES
 from uge_protect.shards.layout import OutputLayout, read_json
 from uge_protect.shards.manifest import STATUS_FAILED, STATUS_OK, read_manifest
 from uge_protect.transforms.budget import budget_levels
@@ -209,12 +209,6 @@ def load_rows(path: Path) -> tuple[list[dict[str, Any]] | None, str | None]:
 
 
 # --- images ---------------------------------------------------------------------------------
-
-
-def is_image_member(ext: str, data: bytes) -> bool:
-    """True when a member counts as an image by the pipeline's own rule (its extension or its
-    content, see :func:`uge_protect.shards.decode.pick_image_field`)."""
-    return bool(pick_image_field({ext: data}))
 
 
 #: The formats ``shard`` writes: nothing else is ever decoded from an output directory (no

@@ -97,6 +97,7 @@ class ShardWriter:
             source_height=h,
             converted_from=rec.converted_from or None,
             icc_profile=rec.icc_profile,
+            source_frames=rec.source_frames,
             exif_rotated=rec.exif_rotated,
             image_field=rec.image_field,
             sha256_original=rec.sha256_original,

@@ -1,7 +1,7 @@
 """Decode image bytes into RGB uint8 arrays, recording conversions and rejecting bad input.
 
 Which members of a sample are images is decided by name *and* by content (see
-:func:`pick_image_field`); only :data:`ACCEPTED_FORMATS` are ever decoded.
+:mod:`uge_protect.shards.members`); only :data:`ACCEPTED_FORMATS` are ever decoded.
 """
 
 from __future__ import annotations
@@ -16,14 +16,18 @@ from typing import Callable
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from uge_protect.shards.members import (  # noqa: F401  (the image rule, re-exported)
+    EXTRA_IMAGE_EXTENSIONS,
+    identify_image,
+    image_extensions,
+    opaque_fields,
+    pick_image_field,
+)
+
 try:  # Pillow built without LittleCMS has no ImageCms
     from PIL import ImageCms
 except ImportError:  # pragma: no cover - depends on the Pillow build
     ImageCms = None
-
-#: Extensions counted as images even when no installed Pillow plugin registers them
-#: (other libraries decode them); Pillow's own registered extensions are added at call time.
-EXTRA_IMAGE_EXTENSIONS = frozenset({"png", "jpg", "jpeg", "webp", "heic", "heif", "avif", "jxl"})
 
 #: Default limit on decoded pixels (width × height); larger images are rejected.
 DEFAULT_MAX_PIXELS = 64_000_000
@@ -35,10 +39,6 @@ RESIZE_MODES = ("none", "center_crop", "keep_ratio")
 #: many rarely used plugins — is refused (``undecodable_image``) rather than handed to its
 #: decoder, and never copied out.
 ACCEPTED_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
-
-#: Formats never given to Pillow's opener when sniffing content. EPS is recognised by its
-#: signature alone (Pillow's EPS plugin is the one that hands files to Ghostscript).
-_NOT_SNIFFED = frozenset({"EPS"})
 
 #: Object reprs with addresses (``<_io.BytesIO object at 0x7f…>``) in exception messages.
 _OBJECT_REPR = re.compile(r"<[^<>]* at 0x[0-9a-fA-F]+>")
@@ -88,62 +88,8 @@ class DecodedImage:
     #: What happened to an embedded ICC profile: None (none embedded), "converted: <name>"
     #: (pixels converted from it to sRGB) or "dropped: <why>" (unusable; pixels taken as sRGB).
     icc_profile: str | None = None
-
-
-# --- which members are images ----------------------------------------------------------------
-
-
-def image_extensions() -> frozenset[str]:
-    """Lower-case extensions (no dot) that make a member an image: every extension an
-    installed Pillow plugin registers, plus :data:`EXTRA_IMAGE_EXTENSIONS`."""
-    registered = Image.registered_extensions()  # runs Image.init() once
-    return EXTRA_IMAGE_EXTENSIONS | {ext.lstrip(".").lower() for ext in registered}
-
-
-def _sniff_formats() -> list[str]:
-    Image.init()
-    return [fmt for fmt in Image.OPEN if fmt not in _NOT_SNIFFED]
-
-
-def _eps_signature(data: bytes) -> bool:
-    return data.startswith(b"%!PS") or data.startswith(b"\xc5\xd0\xd3\xc6")
-
-
-def identify_image(data: bytes) -> str | None:
-    """The Pillow format that ``data`` opens as, or None.
-
-    Only the header is read (``Image.open`` is lazy; no pixels are decoded), no external
-    program is run, and a size over Pillow's bomb limit still counts as an image.
-    """
-    if not data:
-        return None
-    if _eps_signature(data):
-        return "EPS"
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            with Image.open(io.BytesIO(data), formats=_sniff_formats()) as img:
-                return img.format or "unknown"
-    except Image.DecompressionBombError:
-        return "unknown"
-    except Exception:  # not an image, or one Pillow cannot open: nobody decodes it with Pillow
-        return None
-
-
-def pick_image_field(fields: dict[str, bytes]) -> list[str]:
-    """The fields of a sample that hold an image, in sample order.
-
-    A field is an image when its extension's last part (``seg.png`` → ``png``,
-    case-insensitive) is an image extension (:func:`image_extensions`), or when Pillow can
-    open its bytes as an image whatever its name (a PNG stored as ``txt``). The pipeline
-    protects a sample's image only when there is exactly one (``multiple_images``
-    otherwise): an image is never copied out as it came in.
-    """
-    exts = image_extensions()
-    return [
-        name for name, data in fields.items()
-        if name.lower().rsplit(".", 1)[-1] in exts or identify_image(data) is not None
-    ]
+    #: Frames (or pages) in the source when more than one: only the first is decoded.
+    frames: int | None = None
 
 
 # --- conversions ------------------------------------------------------------------------------
@@ -308,6 +254,7 @@ def decode_image(
             if w * h > max_pixels:
                 raise DecodeError("too_many_pixels", f"{w}x{h} exceeds --max-pixels {max_pixels}")
             source_mode = _source_mode(img)
+            frames = _frame_count(img)
             img.load()
             orientation = _orientation(img)
             convert, icc_note = _strip_converter(img, img.info.get("icc_profile") or None)
@@ -336,6 +283,7 @@ def decode_image(
         exif_rotated=orientation in _ORIENT,
         source_size=(w, h),
         icc_profile=icc_note,
+        frames=frames,
     )
 
 
@@ -347,6 +295,16 @@ def _unaccepted_detail(data: bytes) -> str:
     if fmt is not None:
         return f"{fmt} is not an accepted image format (accepted: {accepted}); convert it first"
     return f"not a recognised image (accepted: {accepted})"
+
+
+def _frame_count(img: Image.Image) -> int | None:
+    """The number of frames or pages when more than one (animations, multi-page TIFF)."""
+    try:
+        n = int(getattr(img, "n_frames", 1))
+        img.seek(0)
+    except Exception:
+        return None
+    return n if n > 1 else None
 
 
 def _orientation(img: Image.Image) -> int:

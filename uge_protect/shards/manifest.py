@@ -41,6 +41,9 @@ MANIFEST_SCHEMA = pa.schema(
         # Added later (null in older manifests): "converted: <profile>" when the colours were
         # converted from an embedded ICC profile to sRGB, "dropped: <why>" when it was unusable.
         ("icc_profile", pa.string()),
+        # Added later (null in older manifests and for still images): the frames or pages of
+        # an animated GIF/PNG/WebP or multi-page TIFF; only the first is protected and written.
+        ("source_frames", pa.int32()),
     ]
 )
 

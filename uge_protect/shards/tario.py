@@ -43,6 +43,15 @@ class RawSample:
     fields: dict[str, bytes] = field(default_factory=dict)
     #: Set when the sample could not be read whole (e.g. the tar ends inside it).
     error: str | None = None
+    #: Members left unread because the sample would exceed its byte limit; each has an empty
+    #: placeholder in ``fields`` (so it is counted), and the sample must fail.
+    oversized: list[str] = field(default_factory=list)
+
+
+#: Most bytes the members of one sample may hold together. A member's size is known from its
+#: header, so a larger one is skipped unread: a small compressed tar cannot make a reader
+#: hold gigabytes.
+DEFAULT_MAX_SAMPLE_BYTES = 256 << 20
 
 
 @dataclass
@@ -117,7 +126,9 @@ def _check_trailer(tar: tarfile.TarFile) -> None:
             )
 
 
-def iter_tar_samples(stream: BinaryIO, counts: MemberCounts | None = None) -> Iterator[RawSample]:
+def iter_tar_samples(
+    stream: BinaryIO, counts: MemberCounts | None = None, max_sample_bytes: int = DEFAULT_MAX_SAMPLE_BYTES
+) -> Iterator[RawSample]:
     """Yield samples from a tar stream, grouping consecutive members that share a key.
 
     A member whose extension already exists in the current sample starts a new sample with
@@ -131,11 +142,15 @@ def iter_tar_samples(stream: BinaryIO, counts: MemberCounts | None = None) -> It
     sample; when ``counts`` is given they are counted there by kind, and every whole file
     member in ``counts.files``, so that no member vanishes without a trace.
 
+    A member that would take its sample past ``max_sample_bytes`` is not read: it is listed in
+    the sample's ``oversized`` with an empty placeholder in ``fields``.
+
     An :class:`OSError` from the stream itself (a file that cannot be read, a connection
     reset, a download command that failed) is not damage in the data: it propagates as it
     is, so the caller can retry the shard instead of recording it as corrupt.
     """
     current: RawSample | None = None
+    sample_bytes = 0
     try:
         with tarfile.open(fileobj=stream, mode="r|*", tarinfo=_StrictTarInfo) as tar:
             for member in tar:
@@ -148,7 +163,14 @@ def iter_tar_samples(stream: BinaryIO, counts: MemberCounts | None = None) -> It
                     yield current  # complete: a member of another sample follows
                     current = None
                 if current is None:
-                    current = RawSample(key=key)
+                    current, sample_bytes = RawSample(key=key), 0
+                if sample_bytes + member.size > max_sample_bytes:
+                    current.oversized.append(f"{member.name!r} ({member.size} bytes)")
+                    current.fields[ext] = b""  # tarfile skips the unread data
+                    if counts is not None:
+                        counts.files += 1
+                    continue
+                sample_bytes += member.size
                 fobj = tar.extractfile(member)
                 try:
                     data = fobj.read() if fobj is not None else b""
