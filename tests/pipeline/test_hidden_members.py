@@ -138,3 +138,19 @@ def test_animated_images_record_their_frames(tmp_path):
     rows = {r["key"]: r for r in rows_of(tmp_path / "out", "in.tar")}
     assert rows["anim"]["status"] == "ok" and rows["anim"]["source_frames"] == 3
     assert rows["still"]["source_frames"] is None
+
+
+def test_fit_and_eval_loading_stops_on_an_unreadable_shard(tmp_path, monkeypatch):
+    """Training on fewer shards than asked would go unnoticed: an I/O error is one error line."""
+    from uge_protect.errors import UserError
+    from uge_protect.shards import dataset
+
+    shard = write_shard(tmp_path / "in.tar", [("k", {"png": PNG, "cls": b"1"})])
+
+    class Failing(io.BytesIO):
+        def read(self, *a):
+            raise ConnectionResetError("connection reset by peer")
+
+    monkeypatch.setattr(dataset, "open_shard", lambda spec: Failing())
+    with pytest.raises(UserError, match="cannot read shard .*in.tar: .*reset"):
+        dataset.load_shards([str(shard)])

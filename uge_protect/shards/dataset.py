@@ -13,7 +13,7 @@ import torch
 
 from uge_protect.errors import UserError
 from uge_protect.shards.decode import DecodeError, decode_image, pick_image_field
-from uge_protect.shards.discover import expand_inputs, open_shard
+from uge_protect.shards.discover import expand_inputs, open_shard, read_error_text
 from uge_protect.shards.tario import TarReadError, iter_tar_samples
 
 
@@ -66,7 +66,7 @@ def load_shards(
             with open_shard(spec) as stream:
                 for sample in iter_tar_samples(stream):
                     fields = pick_image_field(sample.fields)
-                    if sample.error or len(fields) != 1:
+                    if sample.error or sample.oversized or len(fields) != 1:
                         skipped += 1
                         continue
                     try:
@@ -87,6 +87,8 @@ def load_shards(
                         break
         except TarReadError:
             skipped += 1
+        except OSError as exc:  # not damage in the data: training on less would go unnoticed
+            raise UserError(f"cannot read shard {spec}: {read_error_text(exc)}; rerun once it is reachable") from None
         if limit is not None and len(keys) >= limit:
             break
     if not images:
