@@ -142,12 +142,14 @@ def test_shards_named_like_temp_files_survive_reruns(tmp_path):
 
 
 class _Server:
-    """A local HTTP server for one directory; ``mode`` is ok, 404 or cut (half the body,
-    then the connection closes)."""
+    """A local HTTP server for one directory; ``mode`` is ok, 404, cut (half the body, then
+    the connection closes), html (an error page with status 200) or stall (1,000 bytes, then
+    nothing until the test ends)."""
 
     def __init__(self, root: Path):
         self.root = root
         self.mode = "ok"
+        self.release = threading.Event()
         server = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -157,10 +159,17 @@ class _Server:
                     self.send_error(404)
                     return
                 data = path.read_bytes()
+                if server.mode == "html":
+                    data = b"<html><body>Please log in to the network</body></html>"
                 self.send_response(200)
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
-                self.wfile.write(data if server.mode == "ok" else data[: len(data) // 2])
+                if server.mode == "stall":
+                    self.wfile.write(data[:1000])
+                    self.wfile.flush()
+                    server.release.wait(30)
+                    return
+                self.wfile.write(data if server.mode in ("ok", "html") else data[: len(data) // 2])
                 self.wfile.flush()
                 self.close_connection = True
 
@@ -176,6 +185,7 @@ class _Server:
         return self
 
     def __exit__(self, *exc):
+        self.release.set()
         self.httpd.shutdown()
         self.httpd.server_close()
 
@@ -201,9 +211,8 @@ def test_unreadable_shard_gets_no_marker_fails_the_run_and_is_retried(tmp_path, 
         run([good, url], out, batch_size=2)
     summary = info.value.summary
     assert list(summary["unreadable_shards"]) == ["remote.tar"]
-    status = {"404": "22: the server answered with an HTTP error", "cut": "18: the transfer was cut short"}[mode]
-    assert summary["unreadable_shards"]["remote.tar"] == f"curl exited with status {status}" + (
-        " (such as 404)" if mode == "404" else "")
+    reason = summary["unreadable_shards"]["remote.tar"]
+    assert reason == "HTTP Error 404: Not Found" if mode == "404" else reason.startswith("the download was cut short ("), reason
     assert summary["missing_shards"] == ["remote.tar"]
     assert summary["counts"]["written"] == 4 and summary["failures"] == {}
     for path in (layout.shard("remote.tar"), layout.manifest("remote.tar"), layout.stats("remote.tar")):
@@ -333,3 +342,20 @@ def test_cli_failure_rate_exit_1_with_one_line(make_shards, tmp_path, monkeypatc
     assert result.exit_code == 0, result.output
     result = runner.invoke(app, [*args, "--max-failure-rate", "1.5"])
     assert result.exit_code == 2 and "--max-failure-rate must be between 0 and 1" in result.stderr
+
+
+@pytest.mark.parametrize("mode", ["html", "stall"])
+def test_a_download_that_is_no_tar_or_stalls_is_retried_not_recorded_as_damage(tmp_path, server, mode, monkeypatch):
+    """A captive portal's page or a server that stops sending: not damage in the data, and
+    never a run that hangs (reads time out)."""
+    from uge_protect.shards import discover
+
+    monkeypatch.setattr(discover, "HTTP_TIMEOUT", 1.0)
+    write_shard(server.root / "remote.tar", simple_samples("r", 12, seed=2))
+    out = tmp_path / "out"
+    server.mode = mode
+    with pytest.raises(RunFailed, match="could not be read") as info:
+        run([f"{server.url}/remote.tar"], out)
+    reason = info.value.summary["unreadable_shards"]["remote.tar"]
+    assert ("not a whole tar" in reason) if mode == "html" else ("timed out" in reason), reason
+    assert not OutputLayout(out).stats("remote.tar").exists()

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from uge_protect.errors import UserError
-from uge_protect.shards.layout import OutputLayout, read_json, temp_path, write_json_atomic
+from uge_protect.shards.layout import OutputLayout, read_json, temp_owner, temp_path, write_json_atomic
 from uge_protect.shards.lock import DirectoryLock
 
 #: Reason prefix of a shard that could not be read (a transient failure: never complete).
@@ -48,13 +48,28 @@ def claim_output(layout: OutputLayout, run_config: dict[str, Any], overwrite: bo
         if overwrite or (previous is not None and previous.get("fingerprint") != run_config["fingerprint"]):
             clear_outputs(layout)
         for tmp in layout.temp_files():
-            tmp.unlink(missing_ok=True)
+            if not _alive_elsewhere(temp_owner(tmp.name)):
+                tmp.unlink(missing_ok=True)
         layout.make_dirs()
         write_json_atomic(layout.run_file, run_config)
     except BaseException:
         lock.release()
         raise
     return lock
+
+
+def _alive_elsewhere(pid: int | None) -> bool:
+    """True when ``pid`` is another process that is still running (its temporary files may be
+    in use: never delete them)."""
+    if pid is None or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _previous_config(layout: OutputLayout) -> dict[str, Any] | None:

@@ -19,7 +19,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from uge_protect.shards.decode import DEFAULT_MAX_PIXELS, DecodeError, decode_image
 from uge_protect.shards.members import opaque_fields, pick_image_field
-from uge_protect.shards.discover import open_shard, read_error_text, shard_name
+from uge_protect.shards.discover import is_remote, open_shard, read_error_text, shard_name
 from uge_protect.shards.tario import (
     DEFAULT_MAX_SAMPLE_BYTES,
     MemberCounts,
@@ -58,7 +58,12 @@ def read_samples(
         with open_shard(spec) as stream:
             yield from iter_tar_samples(stream, counts, max_sample_bytes)
     except TarReadError as exc:
-        yield f"corrupt_tar: {exc}"
+        if is_remote(spec):
+            # Damage in a download (an HTML error page, a body cut short without a length)
+            # looks like damage in the data but may be gone on the next try: retry it.
+            yield f"unreadable_shard: the download is not a whole tar ({exc})"
+        else:
+            yield f"corrupt_tar: {exc}"
     except OSError as exc:  # not damage in the data: the shard is retried on a rerun
         yield f"unreadable_shard: {read_error_text(exc)}"
 

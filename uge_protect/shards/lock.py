@@ -42,7 +42,13 @@ class DirectoryLock:
             if st is not None and (st.st_dev, st.st_ino) in self._held:
                 self._refuse(str(os.getpid()))
             flags = os.O_RDONLY if self.shared else os.O_RDWR | os.O_CREAT
-            fd = os.open(self.path, flags | os.O_CLOEXEC, 0o644)
+            try:  # never through a symlink: the pid written here would overwrite its target
+                fd = os.open(self.path, flags | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
+            except OSError as exc:
+                if exc.errno != errno.ELOOP:
+                    raise
+                raise UserError(f"{self.path} is a symbolic link; remove it (uge-protect never"
+                                " writes through links in its output directory)") from None
             try:
                 fcntl.lockf(fd, (fcntl.LOCK_SH if self.shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
             except OSError as exc:
