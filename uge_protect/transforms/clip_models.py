@@ -5,6 +5,10 @@ open_clip's format, or such a config as a dict. Weights come from nowhere (rando
 initialisation, seeded), from an open_clip pretrained tag (downloaded by open_clip), or from
 a local checkpoint: ``.safetensors`` is read with safetensors, anything else with
 ``torch.load(weights_only=True)``, which refuses pickled code.
+
+A config read from an artifact is untrusted: it must build from itself alone (an inline
+config or a built-in model name with no Hub text tower or tokenizer, see
+:func:`check_local_model_config`), and fits record such a config (:func:`recorded_model_config`).
 """
 
 from __future__ import annotations
