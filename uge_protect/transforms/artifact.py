@@ -273,15 +273,36 @@ def check_fit_size(fit_size: list[int] | None) -> None:
 
 
 @contextlib.contextmanager
-def loading(path: str | os.PathLike, what: str) -> Iterator[None]:
-    """Turn any error raised while building a method from an artifact's (checked) config and
-    weights into one :class:`UserError` naming the artifact: the artifact is untrusted input."""
+def hub_offline() -> Iterator[None]:
+    """Keep huggingface_hub (and transformers and timm, which use it) offline for the duration:
+    a second guard, behind the config checks, that building a method from an artifact fetches
+    nothing. The setting is process-wide, so it is restored on exit."""
+    try:
+        from huggingface_hub import constants
+    except ImportError:  # pragma: no cover - open_clip depends on it
+        yield
+        return
+    saved = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
     try:
         yield
+    finally:
+        constants.HF_HUB_OFFLINE = saved
+
+
+@contextlib.contextmanager
+def loading(path: str | os.PathLike, what: str) -> Iterator[None]:
+    """Build a method from an artifact's (checked) config and weights with the Hub offline
+    (:func:`hub_offline`), turning any error raised meanwhile into one :class:`UserError`
+    naming the artifact: the artifact is untrusted input."""
+    try:
+        with hub_offline():
+            yield
     except UserError:
         raise
-    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError, OverflowError,
-            AssertionError, ZeroDivisionError) as exc:
-        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    except Exception as exc:  # whatever torch, open_clip, timm or transformers raise for a hostile config
+        lines = [line for line in str(exc).splitlines() if line.strip()]
+        detail = "".join(c if c.isprintable() else "?" for c in (lines[0] if lines else type(exc).__name__))
+        detail = detail if len(detail) <= 160 else detail[:157] + "..."
         raise UserError(f"{what} artifact {path} does not load ({type(exc).__name__}: {detail}); "
                         "refit it or fix its config.json") from exc

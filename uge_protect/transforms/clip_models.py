@@ -5,6 +5,10 @@ open_clip's format, or such a config as a dict. Weights come from nowhere (rando
 initialisation, seeded), from an open_clip pretrained tag (downloaded by open_clip), or from
 a local checkpoint: ``.safetensors`` is read with safetensors, anything else with
 ``torch.load(weights_only=True)``, which refuses pickled code.
+
+A config read from an artifact is untrusted: it must build from itself alone (an inline
+config or a built-in model name with no Hub text tower or tokenizer, see
+:func:`check_local_model_config`), and fits record such a config (:func:`recorded_model_config`).
 """
 
 from __future__ import annotations
@@ -104,6 +108,128 @@ def resolve_model_config(model_config: str | dict | None, default: dict, image_s
         except (OSError, json.JSONDecodeError) as exc:
             raise UserError(f"cannot read CLIP model config {model_config}: {exc}") from exc
     return str(model_config)
+
+
+#: Schemas of model names that open_clip / timm resolve by fetching or reading files.
+_EXTERNAL_PREFIXES = ("hf-hub:", "hf_hub:", "local-dir:", "timm/")
+
+
+def _external_string(value: str) -> bool:
+    """A string that names something to fetch or read: a schema, a URL, a path."""
+    low = value.strip().lower()
+    return low.startswith(_EXTERNAL_PREFIXES) or "://" in low or "/" in low or "\\" in low
+
+
+def _external_in_dict(cfg: dict) -> str | None:
+    """What in a CLIP config dict (at any depth) would make open_clip, timm or transformers
+    fetch or read files, as ``"key=value"``; None when it builds from itself alone.
+
+    Refused: any ``hf_*_name`` (a transformers text tower or tokenizer), any ``*_pretrained``
+    that is set (base weights from the Hub), a ``timm_model_name`` timm does not know
+    locally, and a string value anywhere that is a schema, URL or path."""
+    stack: list[Any] = [cfg]
+    while stack:  # iterative: a deeply nested config cannot exhaust the stack
+        node = stack.pop()
+        items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+        for key, value in items:
+            name = key if isinstance(key, str) else ""
+            if isinstance(value, (dict, list)):
+                stack.append(value)
+                continue
+            if name.startswith("hf_") and name.endswith("_name") and value not in (None, ""):
+                return f"{name}={value!r}"
+            if name.endswith("_pretrained") and value not in (None, False, ""):
+                return f"{name}={value!r}"
+            if name == "timm_model_name" and value is not None and not _local_timm_model(value):
+                return f"{name}={value!r}"
+            if isinstance(value, str) and _external_string(value):
+                return f"{name or 'value'}={value!r}"
+    return None
+
+
+def _local_timm_model(name: Any) -> bool:
+    """Whether timm builds the architecture ``name`` from its own registry (no download)."""
+    if not isinstance(name, str) or _external_string(name) or ":" in name:
+        return False
+    try:
+        import timm
+    except ImportError:
+        return False
+    return bool(timm.is_model(name))
+
+
+def external_model_reference(model_config: Any) -> str | None:
+    """Why building ``model_config`` (an artifact's CLIP config) would fetch or read anything
+    outside the artifact, or None when it is self-contained.
+
+    Self-contained: an inline config dict with no external reference (see
+    :func:`_external_in_dict`), or a built-in open_clip model name whose shipped config has
+    none and whose tokenizer is open_clip's own (SigLIP names load a Hub tokenizer). Anything
+    else — ``hf-hub:``/``local-dir:`` names, paths, URLs, unknown names — is external."""
+    if isinstance(model_config, dict):
+        return _external_in_dict(model_config)
+    if not isinstance(model_config, str):
+        return f"a {type(model_config).__name__}"
+    import open_clip
+
+    if model_config not in open_clip.list_models() or "siglip" in model_config.lower():
+        return repr(model_config)
+    found = _external_in_dict(open_clip.get_model_config(model_config) or {})
+    return f"{model_config!r} ({found})" if found else None
+
+
+def check_local_model_config(model_config: Any, field: str) -> None:
+    """A :class:`UserError` unless an artifact's CLIP config ``field`` is self-contained
+    (:func:`external_model_reference`): loading an artifact never fetches anything."""
+    found = external_model_reference(model_config)
+    if found is not None:
+        shown = found if len(found) <= 120 else found[:117] + "..."
+        raise UserError(f"{field!r} names a remote or external model ({shown}); an artifact is loaded from its "
+                        "own files only: refit it with a built-in open_clip model name or an inline config")
+
+
+def _schema_config(name: str) -> dict:
+    """The open_clip config a ``hf-hub:`` or ``local-dir:`` model name stands for (its
+    ``model_cfg`` with the ``preprocess_cfg`` normalisation), read as open_clip reads it."""
+    from open_clip.pretrained import download_pretrained_from_hf
+
+    schema, ident = name.split(":", 1)
+    try:
+        if schema.lower() == "local-dir":
+            path = Path(ident) / "open_clip_config.json"
+        else:
+            path = Path(download_pretrained_from_hf(ident, filename="open_clip_config.json"))
+        full = json.loads(path.read_text(encoding="utf-8"))
+    except Exception as exc:  # missing file, no network, bad JSON: the fit cannot use the name
+        raise UserError(f"cannot read the open_clip config of {name}: {exc}") from exc
+    if not isinstance(full, dict) or not isinstance(full.get("model_cfg", full), dict):
+        raise UserError(f"the open_clip config of {name} is not a JSON object")
+    cfg = copy.deepcopy(full.get("model_cfg", full))
+    pp = full.get("preprocess_cfg")
+    if isinstance(pp, dict) and "mean" in pp and "std" in pp and "preprocess_cfg" not in cfg:
+        cfg["preprocess_cfg"] = {"mean": pp["mean"], "std": pp["std"]}
+    return cfg
+
+
+def recorded_model_config(model_config: str | dict, option: str) -> str | dict:
+    """What a fit's artifact records of its CLIP (a resolved config, see
+    :func:`resolve_model_config`), checked before the fit builds anything.
+
+    A built-in name or an inline config is recorded as it is; a ``hf-hub:``/``local-dir:``
+    name becomes its config dict, so the artifact loads from its own files. A
+    :class:`UserError` naming the fit's ``option`` when the config needs files from
+    elsewhere to be rebuilt (a transformers text tower or tokenizer, a SigLIP tokenizer):
+    its artifact could not be loaded (see :func:`external_model_reference`)."""
+    cfg: str | dict = model_config
+    if isinstance(cfg, str) and cfg.lower().startswith(("hf-hub:", "local-dir:")):
+        cfg = _schema_config(cfg)
+    found = external_model_reference(cfg)
+    if found is not None:
+        raise UserError(f"{option} ({found if len(found) <= 120 else found[:117] + '...'}) needs files from outside "
+                        "the artifact to be rebuilt (a Hub text tower or tokenizer, a path), so its artifact could "
+                        "not be loaded: use a built-in open_clip model name or a JSON config with open_clip's own "
+                        "text transformer")
+    return copy.deepcopy(cfg)
 
 
 def _load_weights(model: torch.nn.Module, source: str) -> None:

@@ -38,11 +38,13 @@ from uge_protect.transforms.clip_models import (
     TINY_CLIP_CONFIG,
     ClipBundle,
     build_clip_model,
+    check_local_model_config,
     clamp_logit_scale,
     clip_infonce,
     clip_state,
     load_clip_state,
     logit_scale,
+    recorded_model_config,
     resolve_model_config,
 )
 from uge_protect.transforms.networks import set_frozen
@@ -122,6 +124,7 @@ class EMClipArtifact(EMClipConfig):
         super().validate()
         if self.clip_model is None:
             raise UserError("clip_model must name the surrogate CLIP (a model name or config)")
+        check_local_model_config(self.clip_model, "clip_model")
         check_fit_size(self.fit_size)
 
 
@@ -182,6 +185,7 @@ def fit_em_clip(images: torch.Tensor, captions: list[str], cfg: EMClipConfig, pr
     n, _, h, w = images.shape
     device = pick_device(cfg.device)
     model_cfg = resolve_model_config(cfg.clip_model, TINY_CLIP_CONFIG, image_size=h if h == w else None)
+    recorded_cfg = recorded_model_config(model_cfg, "the CLIP model")
     bundle = build_clip_model(model_cfg, seed=cfg.seed, pretrained=cfg.clip_pretrained)
     bundle.model.to(device)
     trainable = cfg.clip_pretrained is None
@@ -234,7 +238,7 @@ def fit_em_clip(images: torch.Tensor, captions: list[str], cfg: EMClipConfig, pr
     config = {
         "method": "em",
         **dataclasses.asdict(cfg),
-        "clip_model": model_cfg,
+        "clip_model": recorded_cfg,
         "device": device.type,
         "fit_size": [h, w],
         "n_train": n,

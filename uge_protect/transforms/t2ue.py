@@ -54,8 +54,10 @@ from uge_protect.transforms.clip_models import (
     clamp_logit_scale,
     clip_infonce,
     build_clip_model,
+    check_local_model_config,
     clip_state,
     load_clip_state,
+    recorded_model_config,
     resolve_model_config,
     zero_shot_loss,
 )
@@ -167,6 +169,7 @@ class T2UEArtifact(T2UEConfig):
         super().validate()
         if self.surrogate is None:
             raise UserError("surrogate must name the caption encoder's CLIP (a model name or config)")
+        check_local_model_config(self.surrogate, "surrogate")
         for name in ("text_dim", "token_dim", "context_length"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -289,6 +292,7 @@ def fit_t2ue(images: torch.Tensor, captions: list[str], cfg: T2UEConfig, progres
     n, _, h, w = images.shape
     device = pick_device(cfg.device)
     model_cfg = resolve_model_config(cfg.surrogate, TINY_CLIP_CONFIG, image_size=h if h == w else None)
+    recorded_cfg = recorded_model_config(model_cfg, "the surrogate")
     surrogate = build_clip_model(model_cfg, seed=cfg.seed, pretrained=cfg.surrogate_pretrained)
     surrogate.model.to(device)
     pretrained = cfg.surrogate_pretrained is not None
@@ -449,7 +453,7 @@ def fit_t2ue(images: torch.Tensor, captions: list[str], cfg: T2UEConfig, progres
     config = {
         "method": "t2ue",
         **dataclasses.asdict(cfg),
-        "surrogate": model_cfg,
+        "surrogate": recorded_cfg,
         "device": device.type,
         "fit_size": [h, w],
         "n_train": n,
