@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import List, Optional
 
@@ -121,6 +122,11 @@ def inspect(
         help="Source shards to compare with (paths, globs, {000..099} patterns; repeatable), matched to output "
         "shards by name. Without it only recorded sources that are local files are compared.",
     ),
+    max_pixels: int = typer.Option(
+        64_000_000, "--max-pixels",
+        help="Most pixels a source image may decode to when sources are compared (as `shard --max-pixels`); "
+        "sources of a run.json that allows more are not compared.",
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the full report as JSON."),
 ) -> None:
     """Summarise and verify an output directory; exits 1 on any mismatch.
@@ -131,13 +137,10 @@ def inspect(
     if not directory.is_dir():
         fail(f"output directory not found: {directory}")
     try:
-        report = inspect_output(directory, check_sources=not no_sources, sources=sources or None)
+        report = inspect_output(directory, check_sources=not no_sources, sources=sources or None, max_pixels=max_pixels)
     except UserError as exc:
         fail(str(exc))
-    if as_json:
-        typer.echo(json.dumps(report, indent=2, ensure_ascii=False))
-    else:
-        typer.echo(_format_report(report))
+    typer.echo(_report_json(report) if as_json else _format_report(report))
     if report["problems"]:
         raise typer.Exit(code=1)
 
@@ -146,9 +149,42 @@ def inspect(
 _LISTED = 10
 
 
+#: What must not reach a terminal from the (untrusted) directory: C0 controls (newlines,
+#: escapes), DEL and C1 controls, and lone surrogates (from undecodable names; unprintable).
+_UNSAFE_TEXT = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+#: The same, less the C0 controls that json escapes itself.
+_UNSAFE_JSON = re.compile(r"[\x7f-\x9f\ud800-\udfff]")
+
+
+def printable(text: str) -> str:
+    """``text`` safe to print on one line: control characters become ``\\xNN``, lone
+    surrogates ``\\uXXXX``."""
+    return _UNSAFE_TEXT.sub(_escape, text)
+
+
+def _escape(match: re.Match) -> str:
+    code = ord(match.group())
+    return f"\\u{code:04x}" if code >= 0xD800 else f"\\x{code:02x}"
+
+
+def _report_json(report: dict) -> str:
+    """The report as JSON whose text holds no control character: json escapes C0 controls,
+    and DEL, C1 controls and lone surrogates become ``\\uXXXX`` escapes here (they only ever
+    occur inside strings, so the JSON decodes to the same report)."""
+    text = json.dumps(report, indent=2, ensure_ascii=False)
+    return _UNSAFE_JSON.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+
+
 def _format_report(report: dict) -> str:
+    """The report as text. Every line passes through :func:`printable`: names, keys, reasons
+    and methods come from the (untrusted) directory, and a newline or terminal escape in one
+    must not forge a line or reach the terminal."""
+    return "\n".join(printable(line) for line in _report_lines(report))
+
+
+def _report_lines(report: dict) -> list[str]:
     if "counts" not in report:
-        return "\n".join(f"problem: {p}" for p in report["problems"])
+        return [f"problem: {p}" for p in report["problems"]]
     c = report["counts"]
     lines = [
         f"directory: {report['directory']}",
@@ -179,7 +215,7 @@ def _format_report(report: dict) -> str:
         lines.append(f"verification passed with {n} warning{'s' if n != 1 else ''} (see above)")
     else:
         lines.append("verification passed")
-    return "\n".join(lines)
+    return lines
 
 
 @app.command("demo-data")

@@ -15,6 +15,13 @@ compared, each written image is re-measured against its re-decoded original, eve
 non-image field must be byte-identical to the input, every source sample must have a
 manifest row, and the member accounting (input = written + failed + skipped) must hold.
 
+Reading the directory is bounded: files are size-checked before they are parsed (a shard's
+size against its marker before it is hashed, a manifest's row count against its stats before
+its rows are read), files that are symlinks to paths outside the directory are problems and
+are not read, and sources are re-decoded only when ``run.json`` passed its checks and its
+decode settings stay within the inspecting user's ``max_pixels``: ``run.json`` is written by
+whoever published the directory, and its fingerprint (an unkeyed hash) does not stop them.
+
 Lossy output (jpeg, lossy webp) carries no budget guarantee: its L∞ is reported against the
 budget as a warning, not a problem (the user asked for it with ``--allow-lossy``, and
 ``run.json`` and the manifests record it).
@@ -23,6 +30,7 @@ budget as a warning, not a problem (the user asked for it with ``--allow-lossy``
 from __future__ import annotations
 
 import hashlib
+import os
 from collections import Counter
 from itertools import zip_longest
 from pathlib import Path
@@ -32,12 +40,13 @@ import numpy as np
 
 from uge_protect.errors import UserError
 from uge_protect.pipeline.records import SampleRecord
-from uge_protect.pipeline.source import decode_samples
+from uge_protect.pipeline.source import DecodeSettings, decode_samples
 from uge_protect.pipeline.untrusted import (
-    RunInfo, decode_rgb, image_format_of, is_count_map, is_regular_file, load_json, load_rows,
-    load_run, local_path, short_error, stats_error,
+    MAX_STATS_BYTES, ManifestRow, RunInfo, decode_rgb, image_format_of, is_count_map, is_regular_file,
+    load_json, load_rows, load_run, local_path, outside_link, outside_problem, short_error, stats_error,
 )
 from uge_protect.pipeline.writer import output_image_field, reason_code
+from uge_protect.shards.decode import DEFAULT_MAX_PIXELS
 from uge_protect.shards.discover import expand_inputs, open_shard, shard_name
 from uge_protect.shards.layout import OutputLayout, file_sha256
 from uge_protect.shards.manifest import STATUS_OK
@@ -53,28 +62,36 @@ NOT_LOCAL = "recorded source is not a local path; pass --sources"
 NOT_FOUND = "recorded source is not a local file here; pass --sources"
 NO_MATCH = "no --sources path has this shard's name"
 NO_SOURCES = "--no-sources"
+RUN_UNCHECKED = "run.json failed its checks (see the problems); sources are not decoded with its settings"
 
 
 def inspect_output(
-    root: str | Path, *, check_sources: bool = True, sources: list[str] | None = None
+    root: str | Path, *, check_sources: bool = True, sources: list[str] | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> dict[str, Any]:
     """Summarise and verify the output directory ``root``; ``problems`` lists mismatches.
 
     ``sources``: paths, globs or brace patterns (or URLs) of the source shards, matched to the
     output shards by base name; they replace the sources recorded in the directory. Without
-    them, a recorded source is compared only when it is a local file. Raises
-    :class:`UserError` for bad ``sources``.
+    them, a recorded source is compared only when it is a local file. ``max_pixels``: the most
+    pixels a source image may be decoded to (before and after the run's resize); sources of a
+    run that decodes larger images are not compared (a warning says so). Raises
+    :class:`UserError` for bad ``sources`` or ``max_pixels``.
     """
     if sources and not check_sources:
         raise UserError("--sources and --no-sources cannot be combined; drop one")
+    if max_pixels < 1:
+        raise UserError(f"--max-pixels must be at least 1, not {max_pixels}")
     user_sources = {shard_name(s): s for s in expand_inputs(list(sources))} if sources else None
     layout = OutputLayout(Path(root))
+    if os.path.lexists(layout.run_file) and outside_link(layout.root, layout.run_file):
+        return {"problems": [outside_problem("run.json", layout.run_file)]}
     if not is_regular_file(layout.run_file):
         return {"problems": [f"{root} is not a uge-protect output directory (no run.json)"]}
     run, error = load_run(layout)
     if run is None:
         return {"problems": [error]}
-    return _Inspector(layout, run, check_sources, user_sources).report()
+    return _Inspector(layout, run, check_sources, user_sources, max_pixels).report()
 
 
 # --- sources ----------------------------------------------------------------------------------
@@ -115,6 +132,18 @@ class _OutputCursor:
         self._file.close()
 
 
+def _decoded_pixels(decode: DecodeSettings) -> int:
+    """The most pixels one source image may take when decoded with ``decode``: its
+    ``max_pixels``, or the resized size when larger (``image_size``² for a centre crop; with
+    ``keep_ratio`` the shorter side is ``image_size``)."""
+    resized = decode.image_size**2 if decode.image_size is not None and decode.resize_mode != "none" else 0
+    return max(decode.max_pixels, resized)
+
+
+def _too_large(pixels: int, limit: int) -> str:
+    return f"run.json's settings decode images of up to {pixels:,} pixels, above --max-pixels {limit:,}"
+
+
 # --- the inspection -------------------------------------------------------------------------
 
 
@@ -122,9 +151,12 @@ class _Inspector:
     """One inspection of an output directory: checks in order, accumulating problems,
     warnings and the counts of the report."""
 
-    def __init__(self, layout: OutputLayout, run: RunInfo, check_sources: bool, user_sources: dict[str, str] | None):
+    def __init__(
+        self, layout: OutputLayout, run: RunInfo, check_sources: bool, user_sources: dict[str, str] | None,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+    ):
         self.layout, self.run = layout, run
-        self.check_sources, self.user_sources = check_sources, user_sources
+        self.check_sources, self.user_sources, self.max_pixels = check_sources, user_sources, max_pixels
         self.problems: list[str] = list(run.problems)
         self.warnings: list[str] = []
         self.counts: Counter[str] = Counter()
@@ -138,9 +170,12 @@ class _Inspector:
         self.other_config: set[str] = set()
         #: Written rows per verified manifest (what sizes.json must say).
         self.written_rows: dict[str, int] = {}
-        #: Rows of manifests without a marker and without a written sample: shards with no
-        #: protected sample, which ``push`` leaves out of a published copy (tar and marker).
-        self.left_out: dict[str, list[dict[str, Any]]] = {}
+        #: Failure reasons of the rows of manifests without a marker and without a written
+        #: sample: shards with no protected sample, which ``push`` leaves out of a published
+        #: copy (tar and marker).
+        self.left_out: dict[str, Counter[str]] = {}
+        #: Shards whose sources the run's decode settings keep from being compared.
+        self.too_large_to_decode = 0
 
     # -- the directory
 
@@ -164,6 +199,12 @@ class _Inspector:
             unused = sorted(set(self.user_sources) - set(stats))
             if unused:
                 self.warnings.append(f"{len(unused)} --sources shards match no output shard (e.g. {unused[0]})")
+        if self.too_large_to_decode:
+            pixels = _decoded_pixels(self.run.decode)
+            self.warnings.append(
+                f"sources of {self.too_large_to_decode} shards not compared: {_too_large(pixels, self.max_pixels)}; "
+                f"pass --max-pixels {pixels} to compare them"
+            )
         lossy = self._lossy_summary()
         return {
             "directory": str(layout.root),
@@ -182,14 +223,33 @@ class _Inspector:
             "problems": self.problems,
         }
 
+    def _outside(self, path: Path) -> str | None:
+        """The problem line when ``path`` links outside the directory, else None."""
+        if outside_link(self.layout.root, path):
+            label = path.relative_to(self.layout.root).as_posix() + ("/" if path.is_dir() else "")
+            return outside_problem(label, path)
+        return None
+
+    def _listing(self, folder: Path, pattern: str) -> list[Path]:
+        """The entries of one of the directory's folders, sorted; none (and a problem) when
+        the folder is a symlink to a path outside the directory."""
+        if not folder.is_dir():
+            return []
+        problem = self._outside(folder)
+        if problem:
+            self.problems.append(problem)
+            return []
+        return sorted(folder.glob(pattern))
+
     def _load_stats(self) -> dict[str, dict[str, Any]]:
         """Valid completion markers of this configuration, by shard name."""
         out: dict[str, dict[str, Any]] = {}
-        stats_dir = self.layout.stats_dir
-        paths = sorted(stats_dir.glob("*.json")) if stats_dir.is_dir() else []
-        for path in paths:
+        for path in self._listing(self.layout.stats_dir, "*.json"):
             label = f"stats/{path.name}"
-            stats, error = load_json(path, label)
+            if (problem := self._outside(path)) is not None:
+                self.problems.append(problem)
+                continue
+            stats, error = load_json(path, label, MAX_STATS_BYTES)
             error = error or (f"{label} {e}" if (e := stats_error(stats)) else None)
             if error:
                 self.problems.append(f"{error}; its shard is not verified")
@@ -207,21 +267,27 @@ class _Inspector:
     def _check_unmarked(self, stats: dict[str, dict[str, Any]]) -> None:
         """Every tar in shards/ and manifest in manifests/ needs a valid completion marker."""
         known = set(stats) | self.other_config
-        shards_dir, manifests_dir = self.layout.shards_dir, self.layout.manifests_dir
-        for tar in sorted(shards_dir.glob("*.tar")) if shards_dir.is_dir() else []:
+        for tar in self._listing(self.layout.shards_dir, "*.tar"):
             if tar.name not in known:
                 self.problems.append(f"shards/{tar.name} has no valid completion marker in stats/; it is not verified")
         stems = {self.layout.manifest(n).name for n in known}
-        for manifest in sorted(manifests_dir.glob("*.parquet")) if manifests_dir.is_dir() else []:
+        for manifest in self._listing(self.layout.manifests_dir, "*.parquet"):
             if manifest.name in stems:
+                continue
+            if (problem := self._outside(manifest)) is not None:
+                self.problems.append(problem)
                 continue
             rows, _ = load_rows(manifest)
             if rows is not None and not any(r["status"] == STATUS_OK for r in rows):
-                self.left_out[manifest.name] = rows  # an empty shard left out of a published copy
+                # an empty shard left out of a published copy: only its failure reasons are kept
+                self.left_out[manifest.name] = Counter(reason_code(r["reason"] or "") for r in rows)
             else:
                 self.problems.append(f"manifests/{manifest.name} has no valid completion marker in stats/")
 
     def _check_sizes(self, stats: dict[str, dict[str, Any]]) -> None:
+        if (problem := self._outside(self.layout.sizes_file)) is not None:
+            self.problems.append(problem)
+            return
         sizes, error = load_json(self.layout.sizes_file, "shards/sizes.json")
         if error:
             self.problems.append(f"{error} (the run did not finish)" if error.endswith("missing") else error)
@@ -239,6 +305,9 @@ class _Inspector:
                 self.problems.append(f"{name}: sizes.json says {sizes[name]}, manifest has {written} written")
 
     def _check_protection(self, stats: dict[str, dict[str, Any]]) -> None:
+        if (problem := self._outside(self.layout.protection_file)) is not None:
+            self.problems.append(problem)
+            return
         summary, error = load_json(self.layout.protection_file, "protection.json")
         if error:
             self.problems.append(f"{error} (the run did not finish)" if error.endswith("missing") else error)
@@ -249,12 +318,15 @@ class _Inspector:
         if summary.get("config_fingerprint") != self.run.fingerprint:
             self.problems.append("protection.json belongs to another configuration")
         values = list(stats.values())
-        left_out = [row for rows in self.left_out.values() for row in rows]
+        failures: Counter[str] = Counter()
+        for reasons in self.left_out.values():
+            failures.update(reasons)
+        left_out = sum(failures.values())
         expected = {
             "shards": len(values) + len(self.left_out),
-            "samples": sum(s["samples"] for s in values) + len(left_out),
+            "samples": sum(s["samples"] for s in values) + left_out,
             "written": sum(s["written"] for s in values),
-            "failed": sum(s["failed"] for s in values) + len(left_out),
+            "failed": sum(s["failed"] for s in values) + left_out,
             "skipped_members": sum(sum(s.get("skipped_members", {}).values()) for s in values),
         }
         counts = summary["counts"]
@@ -263,7 +335,6 @@ class _Inspector:
                 continue  # left-out shards' markers are not here / written before members were counted
             if counts.get(key) != value:
                 self.problems.append(f"protection.json counts {key} {counts.get(key)!r}, the stats add up to {value}")
-        failures: Counter[str] = Counter(reason_code(r["reason"] or "") for r in left_out)
         for s in values:
             failures.update(s["failures"])
         if summary.get("failures") != dict(sorted(failures.items())):
@@ -277,11 +348,20 @@ class _Inspector:
     def _verify_shard(self, stats: dict[str, Any]) -> list[str]:
         """Problems of one shard; counts its rows."""
         name = stats["shard"]
-        shard_path = self.layout.shard(name)
-        rows, error = load_rows(self.layout.manifest(name))
+        shard_path, manifest_path = self.layout.shard(name), self.layout.manifest(name)
+        outside = self._outside(shard_path) or self._outside(manifest_path)
+        if outside:
+            self.not_compared[name] = "shard or manifest unusable"
+            return [f"{name}: {outside}"]
+        rows, error = load_rows(manifest_path, stats["samples"])
         if not is_regular_file(shard_path) or rows is None:
             self.not_compared[name] = "shard or manifest unusable"
             return [f"{name}: {error or 'shard missing'}"]
+        size = shard_path.stat().st_size
+        if size != stats["bytes"]:  # checked first: hashing reads the whole file
+            self.not_compared[name] = "shard unusable"
+            return [f"{name}: the output shard is damaged or was replaced ({size:,} bytes, its completion marker "
+                    f"says {stats['bytes']:,}); it is not read"]
         self.counts["shards"] += 1
         problems: list[str] = []
         if file_sha256(shard_path) != stats["sha256"]:
@@ -303,7 +383,7 @@ class _Inspector:
             problems.extend(self._compare_source(name, stats, rows, opener, label, shard_path if in_order else None))
         return problems
 
-    def _count_rows(self, rows: list[dict[str, Any]]) -> None:
+    def _count_rows(self, rows: list[ManifestRow]) -> None:
         for row in rows:
             self.counts["samples"] += 1
             if row["status"] == STATUS_OK:
@@ -355,7 +435,7 @@ class _Inspector:
             problems.append(f"{name}: the output shard holds members that are no files ({dict(counts.skipped)})")
         return counts.files, in_order
 
-    def _check_written(self, tag: str, sample: RawSample, row: dict[str, Any]) -> list[str]:
+    def _check_written(self, tag: str, sample: RawSample, row: ManifestRow) -> list[str]:
         """One written sample, without its source: one image, the protected one, perturbed."""
         problems = []
         run = self.run
@@ -396,17 +476,25 @@ class _Inspector:
             return None, NO_SOURCES
         if self.run.decode is None:
             return None, "run.json settings are malformed"
+        if self.run.problems:
+            return None, RUN_UNCHECKED
         if self.user_sources is not None:
             spec = self.user_sources.get(name)
             if spec is None:
                 return None, NO_MATCH
-            return (lambda: open_shard(spec)), spec  # the user typed it
-        path = local_path(stats["source"])
-        if path is None:
-            return None, NOT_LOCAL
-        if not is_regular_file(path):
-            return None, NOT_FOUND
-        return (lambda: open(path, "rb", buffering=1 << 20)), str(path)
+            opener, label = (lambda: open_shard(spec)), spec  # the user typed it
+        else:
+            path = local_path(stats["source"])
+            if path is None:
+                return None, NOT_LOCAL
+            if not is_regular_file(path):
+                return None, NOT_FOUND
+            opener, label = (lambda: open(path, "rb", buffering=1 << 20)), str(path)
+        pixels = _decoded_pixels(self.run.decode)
+        if pixels > self.max_pixels:
+            self.too_large_to_decode += 1
+            return None, _too_large(pixels, self.max_pixels)
+        return opener, label
 
     def _compare_source(
         self, name: str, stats: dict[str, Any], rows: list, opener: Callable[[], BinaryIO], label: str,
@@ -467,7 +555,7 @@ class _Inspector:
             problems.append(f"{name}: the source has {counts.total} members, stats record {members['input']} input members")
         return problems
 
-    def _compare_sample(self, tag: str, rec: SampleRecord, row: dict[str, Any], sample: RawSample) -> list[str]:
+    def _compare_sample(self, tag: str, rec: SampleRecord, row: ManifestRow, sample: RawSample) -> list[str]:
         """One written sample against its re-decoded source sample."""
         if not rec.ok:
             return [f"{tag}: written, but the source sample cannot be protected ({rec.reason})"]

@@ -2,7 +2,9 @@
 
 Published outputs are downloaded and read by strangers, so nothing in one is trusted: every
 JSON file, field and manifest row is validated before use, and what is malformed comes back as
-a one-line reason, never as an exception. Nothing here opens anything but plain local files.
+a one-line reason, never as an exception. Nothing here opens anything but plain local files,
+and each file's size (and a manifest's metadata) is checked before it is parsed, so a small
+file cannot expand into unbounded memory.
 """
 
 from __future__ import annotations
@@ -15,9 +17,12 @@ import stat
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 from PIL import Image
 
 from uge_protect.pipeline.config import IMAGE_FORMATS, config_fingerprint
@@ -25,15 +30,33 @@ from uge_protect.pipeline.encode import FORMAT_EXTENSION
 from uge_protect.pipeline.source import DecodeSettings
 from uge_protect.shards.decode import RESIZE_MODES
 from uge_protect.shards.layout import OutputLayout, read_json
-from uge_protect.shards.manifest import STATUS_FAILED, STATUS_OK, read_manifest
+from uge_protect.shards.manifest import MANIFEST_SCHEMA, STATUS_FAILED, STATUS_OK
 from uge_protect.transforms.budget import budget_levels
 
-#: JSON files of an output directory are small; larger ones are refused unread.
+#: JSON files of an output directory are small; larger ones are refused unread. ``sizes.json``
+#: and ``protection.json`` grow with the number of shards; a stats file is a few hundred bytes
+#: and ``run.json`` a few KB (more with a long class-name list).
 MAX_JSON_BYTES = 64 << 20
+MAX_STATS_BYTES = 1 << 20
+MAX_RUN_BYTES = 4 << 20
+#: Manifests: one row per input sample of one shard (shards hold thousands). Larger files, more
+#: rows, or columns that decode to more bytes are refused before or while they are read.
+MAX_MANIFEST_BYTES = 1 << 30
+MAX_MANIFEST_ROWS = 1_000_000
+MAX_MANIFEST_DECODED_BYTES = 512 << 20
+#: A manifest's footer (its metadata) is a few KB; thrift limits bound what parsing it allocates.
+_MAX_FOOTER_BYTES = 16 << 20
+_THRIFT_LIMITS = {"thrift_string_size_limit": 1 << 20, "thrift_container_size_limit": 1 << 16}
+#: The manifest columns inspect uses (a caption or other column is never read).
+INSPECT_COLUMNS = (
+    "key", "status", "reason", "output_shard", "image_field", "image_format", "lossy", "linf", "psnr",
+    "sha256_original", "sha256_protected",
+)
 #: A URL scheme or ``pipe:`` at the start of a source string.
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
-#: A shard name as the pipeline writes it: a base name ending in .tar.
-_SHARD_NAME = re.compile(r"[^/\\\x00]+\.tar")
+#: A shard name as the pipeline writes it: a base name ending in .tar, without control
+#: characters (C0, DEL, C1: newlines, terminal escapes) or undecodable bytes.
+_SHARD_NAME = re.compile(r"[^/\\\x00-\x1f\x7f-\x9f\ud800-\udfff]+\.tar")
 
 
 def is_regular_file(path: Path) -> bool:
@@ -44,13 +67,37 @@ def is_regular_file(path: Path) -> bool:
         return False
 
 
-def load_json(path: Path, label: str) -> tuple[Any, str | None]:
-    """The JSON content of ``path``, or None and a problem line."""
+def outside_link(root: Path, path: Path) -> bool:
+    """True when ``path`` resolves (through a symlink, of the file or of a folder above it)
+    to a place outside ``root``.
+
+    One exception: when ``root`` is a snapshot of the Hugging Face cache
+    (``…/snapshots/<revision>``), its files are symlinks into the repository's ``blobs/``
+    folder, and targets there count as inside."""
+    real_root = Path(os.path.realpath(root))
+    real = Path(os.path.realpath(path))
+    if real == real_root or real_root in real.parents:
+        return False
+    blobs = real_root.parent.parent / "blobs"
+    return not (real_root.parent.name == "snapshots" and blobs in real.parents)
+
+
+def outside_problem(label: str, path: Path) -> str:
+    """The problem line for a path of the directory that links outside it."""
+    if os.path.islink(path):
+        return f"{label} is a symlink to a path outside the directory; it is not read"
+    return f"{label} lies in a folder that is a symlink to a path outside the directory; it is not read"
+
+
+def load_json(path: Path, label: str, limit: int = MAX_JSON_BYTES) -> tuple[Any, str | None]:
+    """The JSON content of ``path``, or None and a problem line; files over ``limit`` bytes
+    are refused unread."""
     if not is_regular_file(path):
         return None, f"{label} is not a regular file" if os.path.lexists(path) else f"{label} is missing"
     try:
-        if path.stat().st_size > MAX_JSON_BYTES:
-            return None, f"{label} is too large to be a uge-protect file"
+        size = path.stat().st_size
+        if size > limit:
+            return None, f"{label} is {size:,} bytes, too large to be a uge-protect file (at most {limit:,})"
         return read_json(path), None
     except (OSError, ValueError, RecursionError) as exc:
         return None, f"{label} is not valid JSON ({short_error(exc)})"
@@ -102,7 +149,9 @@ class RunInfo:
 
 def load_run(layout: OutputLayout) -> tuple[RunInfo | None, str]:
     """``run.json`` validated, or None and why it cannot be used at all."""
-    run, error = load_json(layout.run_file, "run.json")
+    if outside_link(layout.root, layout.run_file):
+        return None, outside_problem("run.json", layout.run_file)
+    run, error = load_json(layout.run_file, "run.json", MAX_RUN_BYTES)
     if error:
         return None, error
     if not isinstance(run, dict):
@@ -182,7 +231,7 @@ def stats_error(stats: Any) -> str | None:
     return None
 
 
-def row_error(row: dict[str, Any]) -> str | None:
+def row_error(row: Mapping[str, Any]) -> str | None:
     """Why a manifest row is malformed, or None."""
     if row["status"] not in (STATUS_OK, STATUS_FAILED) or not isinstance(row["key"], str):
         return "has no valid key or status"
@@ -194,11 +243,33 @@ def row_error(row: dict[str, Any]) -> str | None:
     return None
 
 
-def load_rows(path: Path) -> tuple[list[dict[str, Any]] | None, str | None]:
+def load_rows(path: Path, expected: int | None = None) -> tuple[list[ManifestRow] | None, str | None]:
+    """The manifest's rows (the :data:`INSPECT_COLUMNS` only), or None and a problem line.
+
+    The metadata is checked before any row is read: the row count must equal ``expected`` (the
+    stats file's ``samples``) when given, and stay within :data:`MAX_MANIFEST_ROWS`; the columns
+    must be there. Rows are then streamed in batches whose decoded size is counted before they
+    become Python objects, so a small file that expands (dictionary and run-length encoding,
+    compression) is refused, not read."""
     if not is_regular_file(path):
         return None, "manifest missing"
     try:
-        rows = read_manifest(path).to_pylist()
+        size = path.stat().st_size
+        if size > MAX_MANIFEST_BYTES:
+            return None, f"manifest is {size:,} bytes, more than a manifest holds (at most {MAX_MANIFEST_BYTES:,})"
+        if _footer_size(path) > _MAX_FOOTER_BYTES:
+            return None, "manifest cannot be read (its metadata is too large)"
+        with pq.ParquetFile(path, pre_buffer=False, **_THRIFT_LIMITS) as probe:
+            names = set(probe.schema_arrow.names)
+        # text columns stay dictionary-encoded until their decoded size is known
+        text = [c for c in INSPECT_COLUMNS if c in names and pa.types.is_string(MANIFEST_SCHEMA.field(c).type)]
+        with pq.ParquetFile(path, read_dictionary=text, pre_buffer=False, buffer_size=1 << 20, **_THRIFT_LIMITS) as pf:
+            error = _metadata_error(pf, names, expected)
+            if error:
+                return None, error
+            rows = _stream_rows(pf, pf.metadata.num_rows)
+    except _ManifestTooLarge as exc:
+        return None, str(exc)
     except Exception as exc:  # pyarrow raises many kinds on garbage
         return None, f"manifest cannot be read ({short_error(exc)})"
     for i, row in enumerate(rows):
@@ -206,6 +277,98 @@ def load_rows(path: Path) -> tuple[list[dict[str, Any]] | None, str | None]:
         if error:
             return None, f"manifest row {i} {error}"
     return rows, None
+
+
+class _ManifestTooLarge(Exception):
+    """A manifest whose rows decode to more than it may."""
+
+
+def _footer_size(path: Path) -> int:
+    """The length a parquet file's last 8 bytes give its footer (0 when they are no footer)."""
+    with open(path, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        if f.tell() < 12:
+            return 0
+        f.seek(-8, os.SEEK_END)
+        tail = f.read(8)
+    return int.from_bytes(tail[:4], "little") if tail[4:] == b"PAR1" else 0
+
+
+def _metadata_error(pf: pq.ParquetFile, names: set[str], expected: int | None) -> str | None:
+    """Why the manifest is not read, from its metadata alone, or None."""
+    missing = [c for c in INSPECT_COLUMNS if c not in names]
+    if missing:
+        return f"manifest lacks the columns {', '.join(missing)}"
+    meta = pf.metadata
+    groups = [meta.row_group(i) for i in range(meta.num_row_groups)]
+    rows = meta.num_rows
+    if rows != sum(g.num_rows for g in groups):
+        return "manifest cannot be read (its row groups do not add up to its row count)"
+    if expected is not None and rows != expected:
+        return f"manifest has {rows:,} rows, the stats say {expected:,} samples; it is not read"
+    if rows > MAX_MANIFEST_ROWS:
+        return f"manifest has {rows:,} rows, more than inspect reads (at most {MAX_MANIFEST_ROWS:,})"
+    wanted = set(INSPECT_COLUMNS)
+    declared = sum(
+        chunk.total_uncompressed_size for g in groups for j in range(g.num_columns)
+        if (chunk := g.column(j)).path_in_schema in wanted
+    )
+    if declared > MAX_MANIFEST_DECODED_BYTES:
+        return f"manifest columns hold {declared:,} bytes, more than inspect reads (at most {MAX_MANIFEST_DECODED_BYTES:,})"
+    return None
+
+
+class ManifestRow(tuple):
+    """One manifest row's :data:`INSPECT_COLUMNS`, read as ``row["key"]``: a tuple, a fraction
+    of a dict's memory (a manifest may hold a million rows)."""
+
+    __slots__ = ()
+
+    def __getitem__(self, column: str) -> Any:  # type: ignore[override]
+        return tuple.__getitem__(self, _COLUMN_INDEX[column])
+
+
+_COLUMN_INDEX = {c: i for i, c in enumerate(INSPECT_COLUMNS)}
+
+
+def _stream_rows(pf: pq.ParquetFile, declared_rows: int) -> list[ManifestRow]:
+    """The rows, batch by batch; raises :class:`_ManifestTooLarge` once the rows read exceed
+    the declared count or their decoded size exceeds :data:`MAX_MANIFEST_DECODED_BYTES`."""
+    rows: list[ManifestRow] = []
+    decoded = 0
+    for batch in pf.iter_batches(batch_size=1 << 16, columns=list(INSPECT_COLUMNS), use_threads=False):
+        columns = [batch.column(c) for c in INSPECT_COLUMNS]
+        decoded += sum(_decoded_bytes(a) for a in columns)
+        if decoded > MAX_MANIFEST_DECODED_BYTES:
+            raise _ManifestTooLarge(f"manifest rows decode to more than {MAX_MANIFEST_DECODED_BYTES:,} bytes; it is not read")
+        if len(rows) + batch.num_rows > declared_rows:
+            raise _ManifestTooLarge("manifest holds more rows than its metadata declares; it is not read")
+        values = [_column_values(a, MANIFEST_SCHEMA.field(c).type) for a, c in zip(columns, INSPECT_COLUMNS)]
+        rows.extend(map(ManifestRow, zip(*values)))
+    return rows
+
+
+def _decoded_bytes(arr: pa.Array) -> int:
+    """Bytes ``arr`` takes once each value is its own object (dictionary values repeated)."""
+    if pa.types.is_dictionary(arr.type):
+        lengths = pc.binary_length(arr.dictionary).take(arr.indices)
+        return int(pc.sum(lengths).as_py() or 0) + 8 * len(arr)
+    return arr.nbytes
+
+
+def _column_values(arr: pa.Array, target: pa.DataType) -> list[Any]:
+    """Python values of a column as the manifest schema's ``target`` type; text must be text.
+    A dictionary-encoded column with few distinct values shares one object per value."""
+    if pa.types.is_dictionary(arr.type):
+        if not pa.types.is_string(arr.type.value_type):
+            raise TypeError(f"a text column holds {arr.type.value_type}")
+        if len(arr.dictionary) * 4 < len(arr):
+            values = arr.dictionary.to_pylist()
+            return [None if i is None else values[i] for i in arr.indices.to_pylist()]
+        arr = arr.dictionary_decode()
+    if pa.types.is_string(target) and not (pa.types.is_string(arr.type) or arr.null_count == len(arr)):
+        raise TypeError(f"a text column holds {arr.type}")
+    return arr.cast(target).to_pylist()
 
 
 # --- images ---------------------------------------------------------------------------------
