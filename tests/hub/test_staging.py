@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import yaml
@@ -195,3 +196,14 @@ def test_push_waits_for_a_running_shard_job(output_copy):
             DirectoryLock(lock_path).acquire()
     with DirectoryLock(lock_path):
         pass
+
+
+def test_a_file_that_links_outside_the_directory_is_not_published(output_copy, tmp_path):
+    """inspect refuses to read such a link; push refuses to publish its target."""
+    layout = OutputLayout(output_copy)
+    shard = sorted(layout.shards_dir.glob("*.tar"))[0]
+    outside = tmp_path / "elsewhere.tar"
+    shutil.move(shard, outside)
+    shard.symlink_to(outside)  # same bytes, same size: only the link is wrong
+    with pytest.raises(UserError, match="links to a path outside"):
+        stage_output(output_copy, "me/demo", tmp_path / "s")

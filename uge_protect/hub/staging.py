@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from uge_protect.errors import UserError
-from uge_protect.shards.layout import OutputLayout, read_json
+from uge_protect.shards.layout import OutputLayout, outside_link, read_json
 from uge_protect.shards.lock import DirectoryLock
 
 #: Where a report is staged in the repository, and where ``push`` looks for one in DIR.
@@ -254,6 +254,9 @@ def plan_upload(
         files.append(StagedFile("shards/sizes.json", layout.sizes_file))
     files.append(StagedFile("run.json", layout.run_file))
     files.append(StagedFile("protection.json", layout.protection_file))
+    for f in files:  # what inspect refuses to read is not published either
+        if f.source is not None and outside_link(root, f.source):
+            raise UserError(f"{f.source} links to a path outside {root}; replace the link with the file itself")
 
     report = find_report(root, Path(report_dir) if report_dir is not None else None)
     if report is not None:

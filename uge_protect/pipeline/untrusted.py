@@ -29,7 +29,7 @@ from uge_protect.pipeline.config import IMAGE_FORMATS, config_fingerprint
 from uge_protect.pipeline.encode import FORMAT_EXTENSION
 from uge_protect.pipeline.source import DecodeSettings
 from uge_protect.shards.decode import RESIZE_MODES
-from uge_protect.shards.layout import OutputLayout, read_json
+from uge_protect.shards.layout import OutputLayout, outside_link, read_json
 from uge_protect.shards.manifest import MANIFEST_SCHEMA, STATUS_FAILED, STATUS_OK
 from uge_protect.transforms.budget import budget_levels
 
@@ -65,21 +65,6 @@ def is_regular_file(path: Path) -> bool:
         return stat.S_ISREG(os.stat(path).st_mode)
     except (OSError, ValueError):
         return False
-
-
-def outside_link(root: Path, path: Path) -> bool:
-    """True when ``path`` resolves (through a symlink, of the file or of a folder above it)
-    to a place outside ``root``.
-
-    One exception: when ``root`` is a snapshot of the Hugging Face cache
-    (``…/snapshots/<revision>``), its files are symlinks into the repository's ``blobs/``
-    folder, and targets there count as inside."""
-    real_root = Path(os.path.realpath(root))
-    real = Path(os.path.realpath(path))
-    if real == real_root or real_root in real.parents:
-        return False
-    blobs = real_root.parent.parent / "blobs"
-    return not (real_root.parent.name == "snapshots" and blobs in real.parents)
 
 
 def outside_problem(label: str, path: Path) -> str:

@@ -123,3 +123,18 @@ def file_sha256(path: Path) -> str:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def outside_link(root: Path, path: Path) -> bool:
+    """True when ``path`` resolves (through a symlink, of the file or of a folder above it)
+    to a place outside ``root``.
+
+    One exception: when ``root`` is a snapshot of the Hugging Face cache
+    (``…/snapshots/<revision>``), its files are symlinks into the repository's ``blobs/``
+    folder, and targets there count as inside."""
+    real_root = Path(os.path.realpath(root))
+    real = Path(os.path.realpath(path))
+    if real == real_root or real_root in real.parents:
+        return False
+    blobs = real_root.parent.parent / "blobs"
+    return not (real_root.parent.name == "snapshots" and blobs in real.parents)
