@@ -1,5 +1,7 @@
 """Errors a user can cause: the CLI prints their message as one line and exits non-zero."""
 
+import signal
+
 
 class UserError(Exception):
     """A problem with the user's input or environment, with a message saying what to do."""
@@ -15,6 +17,16 @@ class RunFailed(UserError):
         self.summary = summary
 
 
+class ReaderDied(UserError):
+    """A process that reads the input shards (a DataLoader worker) died during a run (``kill
+    -9``, the out-of-memory killer): the run stops like on SIGTERM, a rerun resumes."""
+
+
 class Terminated(KeyboardInterrupt):
-    """Raised in the main thread when the process receives SIGTERM during a run, so the run
-    stops like on Ctrl-C: partial files are removed and a rerun resumes."""
+    """Raised in the main thread when the process receives SIGTERM, SIGINT or SIGHUP during a
+    run, so the run stops like on Ctrl-C: partial files are removed and a rerun resumes.
+    ``signum`` is the signal; the CLI exits ``128 + signum``."""
+
+    def __init__(self, signum: int = signal.SIGTERM):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = int(signum)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
+import signal
 from pathlib import Path
-from typing import List, Optional
+from typing import List, NoReturn, Optional
 
 import typer
 
@@ -18,6 +20,10 @@ app = typer.Typer(
     help="Protect image-text WebDataset shards against unauthorized training.",
     pretty_exceptions_enable=False,
 )
+
+
+#: True in a process started for one command (``main``): stop signals after the command are ignored.
+_ENDS_WITH_THE_COMMAND = False
 
 
 @app.callback()
@@ -60,46 +66,56 @@ def shard(
 ) -> None:
     """Protect every image of the input shards into OUTPUT (one output shard per input shard)."""
     from uge_protect.pipeline import ShardJobConfig, run_shard_job
+    from uge_protect.pipeline.lifecycle import sigterm_stops_the_run, stop_point, stop_requested
     from uge_protect.transforms.registry import create_method
 
-    try:
-        method_options = {k: v for k, v in (("mode", mode), ("template", template)) if v is not None}
-        if class_names is not None:
-            method_options["class_names"] = class_names_option(class_names)
-        method_obj = create_method(method, str(artifact) if artifact else None, epsilon=epsilon, **method_options)
-        cfg = ShardJobConfig(
-            inputs=list(inputs), output=str(output), seed=seed, batch_size=batch_size,
-            num_workers=workers, encode_threads=encode_threads, image_format=image_format,
-            allow_lossy=allow_lossy, quality=quality, png_compress_level=png_compression, png_strategy=png_strategy,
-            image_size=image_size, resize_mode=resize_mode, max_pixels=max_pixels, max_batch_pixels=max_batch_pixels,
-            max_sample_bytes=max_sample_bytes,
-            caption_field=caption_field, label_field=label_field, mixed_precision=mixed_precision,
-            overwrite=overwrite, quiet=quiet, log_json=str(log_json) if log_json else None,
-            max_failure_rate=max_failure_rate,
-        )
-        if cfg.lossy:
-            typer.echo(
-                f"warning: {image_format} output is lossy and weakens the protection; "
-                "this is recorded in the manifests", err=True,
+    # Until the run begins a stop signal raises at once; the run sets where it may raise.
+    with sigterm_stops_the_run(at_once=True, ignore_when_done=_ENDS_WITH_THE_COMMAND):
+        try:
+            method_options = {k: v for k, v in (("mode", mode), ("template", template)) if v is not None}
+            if class_names is not None:
+                method_options["class_names"] = class_names_option(class_names)
+            method_obj = create_method(method, str(artifact) if artifact else None, epsilon=epsilon, **method_options)
+            cfg = ShardJobConfig(
+                inputs=list(inputs), output=str(output), seed=seed, batch_size=batch_size,
+                num_workers=workers, encode_threads=encode_threads, image_format=image_format,
+                allow_lossy=allow_lossy, quality=quality, png_compress_level=png_compression, png_strategy=png_strategy,
+                image_size=image_size, resize_mode=resize_mode, max_pixels=max_pixels,
+                max_batch_pixels=max_batch_pixels, max_sample_bytes=max_sample_bytes,
+                caption_field=caption_field, label_field=label_field, mixed_precision=mixed_precision,
+                overwrite=overwrite, quiet=quiet, log_json=str(log_json) if log_json else None,
+                max_failure_rate=max_failure_rate,
             )
-        summary = run_shard_job(cfg, method_obj)
-    except RunFailed as exc:  # written, but not acceptable as it is
-        if not quiet:
-            _print_summary(exc.summary, output)
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(code=1) from None
-    except (UserError, ValueError) as exc:
-        fail(str(exc))
-        return
-    except OSError as exc:  # disk full, permissions changed mid-run, ...
-        fail(f"{exc.strerror or exc}{f': {exc.filename}' if exc.filename else ''} (rerun to resume)")
-        return
-    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (Terminated)
-        by = " by SIGTERM" if isinstance(exc, Terminated) else ""
-        typer.echo(f"error: interrupted{by}; rerun the same command to resume", err=True)
-        raise typer.Exit(code=143 if by else 130) from None
+            if cfg.lossy:
+                typer.echo(
+                    f"warning: {image_format} output is lossy and weakens the protection; "
+                    "this is recorded in the manifests", err=True,
+                )
+            summary = run_shard_job(cfg, method_obj)
+            stop_point()  # a signal after the run finished still means the command was stopped
+        except RunFailed as exc:  # written, but not acceptable as it is
+            if not quiet:
+                _print_summary(exc.summary, output)
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(code=1) from None
+        except (UserError, ValueError) as exc:
+            fail(str(exc))
+        except OSError as exc:  # disk full, permissions changed mid-run, ...
+            if stop_requested() is not None:  # e.g. writing to the terminal SIGHUP said was closed
+                _interrupted(stop_requested())
+            fail(f"{exc.strerror or exc}{f': {exc.filename}' if exc.filename else ''} (rerun to resume)")
+        except KeyboardInterrupt as exc:  # Ctrl-C, SIGTERM, SIGHUP (Terminated)
+            _interrupted(exc.signum if isinstance(exc, Terminated) else signal.SIGINT)
     if summary and "counts" in summary and not quiet:
         _print_summary(summary, output)
+
+
+def _interrupted(signum: int) -> NoReturn:
+    """One ``error:`` line (if stderr is still there: SIGHUP closes the terminal), exit 128 + signum."""
+    by = "" if signum == signal.SIGINT else f" by {signal.Signals(signum).name}"
+    with contextlib.suppress(OSError):
+        typer.echo(f"error: interrupted{by}; rerun the same command to resume", err=True)
+    raise typer.Exit(code=128 + signum)
 
 
 def _print_summary(summary: dict, output: Path) -> None:
@@ -266,6 +282,8 @@ app.add_typer(fit_app, name="fit", help="Fit a method on training shards and sav
 
 def main() -> None:
     """Console-script entry point."""
+    global _ENDS_WITH_THE_COMMAND
+    _ENDS_WITH_THE_COMMAND = True
     app()
 
 

@@ -28,7 +28,7 @@ from uge_protect.errors import RunFailed, UserError
 from uge_protect.pipeline.config import PNG_STRATEGIES, ShardJobConfig, config_fingerprint
 from uge_protect.pipeline.encode import EncodedImage, EncodeSettings, encode_protected
 from uge_protect.pipeline.lifecycle import (
-    follow_launcher, init_worker, interruptible, sigterm_stops_the_run, stop_point,
+    follow_launcher, init_worker, interruptible, reader_processes, sigterm_stops_the_run, stop_point,
 )
 from uge_protect.pipeline.merge import merge_outputs
 from uge_protect.pipeline.progress import Progress
@@ -195,7 +195,9 @@ def run_shard_job(cfg: ShardJobConfig, method: ProtectionMethod, accelerator=Non
 
     Raises :class:`UserError` for bad input (before anything is written), :class:`RunFailed`
     (main process, after writing) when shards could not be read or more samples failed than
-    ``cfg.max_failure_rate``, and :class:`~uge_protect.errors.Terminated` on SIGTERM.
+    ``cfg.max_failure_rate``, :class:`~uge_protect.errors.Terminated` on SIGTERM, SIGINT or
+    SIGHUP (also when one arrives during the merge, which is finished first), and
+    :class:`~uge_protect.errors.ReaderDied` when a reading worker process dies.
     """
     try:
         cfg.validate()
@@ -214,6 +216,7 @@ def run_shard_job(cfg: ShardJobConfig, method: ProtectionMethod, accelerator=Non
         finally:
             if own_accelerator and accelerator.num_processes > 1:
                 _leave_process_group(accelerator, barrier=ok)
+        stop_point()  # a signal during the merge: it was finished (atomic), the run still reports the stop
     if "counts" in result:  # the main process: judge the merged output
         check_outcome(result, cfg.max_failure_rate)
     return result
@@ -306,6 +309,7 @@ def _run(cfg: ShardJobConfig, method: ProtectionMethod, accelerator, inputs: lis
             "shards_skipped": sum(c["shards_skipped"] for c in all_counts),
         }
         unreadable = {k: v for c in all_counts for k, v in c["unreadable"].items()}
+        stop_point()
         return merge_outputs(
             layout, run_config, input_names=[shard_name(s) for s in inputs], timings=timings,
             unreadable=unreadable,
@@ -419,10 +423,9 @@ def _protect_shards(
             # Keep the collector away from objects that forked workers share with us: its
             # bookkeeping writes would copy those pages into every worker over time.
             gc.freeze()
-        with pool_cm as pool:
-            batches = iter(loader)  # starts the workers (forks): not a point to stop at
+        with pool_cm as pool, reader_processes(loader) as batches:
             while True:
-                # SIGTERM stops the run here, between batches (see lifecycle).
+                # A stop signal stops the run here, between batches (see lifecycle).
                 with interruptible(allowed=workers > 0):
                     batch = next(batches, None)
                 if batch is None:

@@ -27,6 +27,7 @@ from uge_protect.shards.tario import (
     TarReadError,
     iter_tar_samples,
 )
+from uge_protect.pipeline.lifecycle import InterruptibleStream, blocking_read
 from uge_protect.pipeline.records import SampleRecord, ShardBatch
 
 
@@ -55,7 +56,7 @@ def read_samples(
     a read failure (``unreadable_shard: ...``), yield the error text last. ``counts``, when
     given, receives the members read (see :func:`iter_tar_samples`)."""
     try:
-        with open_shard(spec) as stream:
+        with _open_input(spec) as stream:
             yield from iter_tar_samples(stream, counts, max_sample_bytes)
     except TarReadError as exc:
         if is_remote(spec):
@@ -66,6 +67,15 @@ def read_samples(
             yield f"corrupt_tar: {exc}"
     except OSError as exc:  # not damage in the data: the shard is retried on a rerun
         yield f"unreadable_shard: {read_error_text(exc)}"
+
+
+def _open_input(spec: str) -> InterruptibleStream:
+    """Open a shard so that a stop request may end a read that blocks (a FIFO, a stalled
+    download) at once; opening a local path (a FIFO's open blocks too) may be ended as well."""
+    if is_remote(spec):  # may start a pipe: or download command (a fork): not a point to stop at
+        return InterruptibleStream(open_shard(spec))
+    with blocking_read():
+        return InterruptibleStream(open_shard(spec))
 
 
 #: Labels are stored as int64 in the manifest.
