@@ -20,6 +20,7 @@ import pytest
 
 from tests.helpers import simple_samples, write_shard
 from tests.pipeline.test_kill_resume import CLI, INTERRUPTED, _descendants, _env, _wait_gone
+from tests.pipeline.test_kill_resume import _wait as _wait_until
 from tests.pipeline.test_shard_run import output_bytes, run
 from uge_protect.shards.layout import OutputLayout
 
@@ -110,15 +111,6 @@ def _parent(pid: int) -> int | None:
     except OSError:
         return None
     return int(text[text.rindex(")") + 2 :].split()[1])
-
-
-def _wait_until(predicate, proc: subprocess.Popen, timeout: float = 120.0) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end and proc.poll() is None:
-        if predicate():
-            return True
-        time.sleep(0.005)
-    return False
 
 
 def _feed(fifo: Path, data: bytes) -> threading.Thread:
