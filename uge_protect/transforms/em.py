@@ -126,17 +126,23 @@ class EMConfig:
 
 
 @dataclass
-class EMArtifact(EMConfig):
-    """The schema of a sample/class-mode EM artifact's ``config.json``: the fit's
-    hyper-parameters and what the fit recorded (see :func:`artifact.check_config`)."""
+class EMFitRecord:
+    """What every EM fit (sample, class and clip mode) records about itself in its artifact."""
 
-    num_classes: int | None = None
     fit_size: list[int] | None = None
     n_train: int | None = None
     rounds: int | None = None
     train_error: float | None = None
     train_error_history: list[float] | None = None
     converged: bool | None = None
+
+
+@dataclass
+class EMArtifact(EMConfig, EMFitRecord):
+    """The schema of a sample/class-mode EM artifact's ``config.json``: the fit's
+    hyper-parameters and what the fit recorded (see :func:`artifact.check_config`)."""
+
+    num_classes: int | None = None
 
     def validate(self) -> None:
         super().validate()

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from uge_protect.errors import UserError
+from uge_protect.transforms.em import EMFitRecord
 from uge_protect.transforms.artifact import check_fit_size
 from uge_protect.transforms.base import APPLY_CHUNK, ProtectBatch, ProtectionMethod, given_options, in_fixed_chunks
 from uge_protect.transforms.budget import check_epsilon, pgd_minimize, seeded_uniform
@@ -109,15 +110,9 @@ class EMClipConfig:
 
 
 @dataclass
-class EMClipArtifact(EMClipConfig):
+class EMClipArtifact(EMClipConfig, EMFitRecord):
     """The schema of a clip-mode EM artifact's ``config.json`` (see :func:`artifact.check_config`)."""
 
-    fit_size: list[int] | None = None
-    n_train: int | None = None
-    rounds: int | None = None
-    train_error: float | None = None
-    train_error_history: list[float] | None = None
-    converged: bool | None = None
     surrogate_trained: bool | None = None
 
     def validate(self) -> None:
