@@ -18,7 +18,7 @@ def eval_command(
     test: List[str] = typer.Option(..., "--test", help="Clean test shards (pattern; repeatable)."),
     output: Path = typer.Option(..., "--output", "-o", help="Report directory (report.json, report.md, PNG figures)."),
     task: str = typer.Option("classify", "--task", help="classify | clip | both."),
-    arch: Optional[List[str]] = typer.Option(None, "--arch", help="Architecture (repeatable): small_cnn, vgg11, resnet18, resnet18_cifar, mobilenet_v2. Default: small_cnn, vgg11, resnet18 (none with --authorized)."),
+    arch: Optional[List[str]] = typer.Option(None, "--arch", help="Hacker architecture (repeatable): mlp, vit_tiny, small_cnn, resnet_cifar, vgg11, mobilenet_v2, resnet18, resnet18_cifar. Default: the first six (none with --authorized)."),
     defense: Optional[List[str]] = typer.Option(None, "--defense", help="Defense (repeatable): none, grayscale, jpeg:Q, cutout, mixup, strong-aug, adv-train. Default: none."),
     epochs: int = typer.Option(8, "--epochs", help="Training epochs per classifier."),
     batch_size: int = typer.Option(64, "--batch-size", help="Training batch size."),
@@ -66,5 +66,10 @@ def eval_command(
             for row in cls["summary"]:
                 c = row["clean"]["final_test_acc"]["mean"]
                 p = row["protected"]["final_test_acc"]["mean"]
-                typer.echo(f"{row['defense']:>12} {row['arch']:<14} clean {100 * c:5.1f}%  protected {100 * p:5.1f}%", err=True)
+                note = row["role"] + ("" if row["learned"] else ", did not learn")
+                typer.echo(f"{row['defense']:>12} {row['arch']:<14} clean {100 * c:5.1f}%  protected {100 * p:5.1f}%"
+                           f"  ({note})", err=True)
         typer.echo(f"wrote {output / 'report.json'}, {output / 'report.md'} and figures", err=True)
+    from uge_protect.eval.protocol import headline_text
+
+    typer.echo(headline_text(report))

@@ -41,6 +41,8 @@ class ModelEntry:
     key: Key | None = None
     projection: bool = False
     teacher: "ModelEntry | None" = None
+    #: The authorized network trained with the artifact's own key (the owner's row).
+    owner: bool = False
     #: The artifact's confidence gate the network carries (None: no gate); buffers only, so
     #: every model built shares it.
     gate: ConfidenceGate | None = field(default=None, compare=False)
@@ -80,7 +82,7 @@ def authorized_entries(artifact: str | None, other_keys: list[int], distill: lis
         raise UserError(f"UGE artifact {artifact} names an unknown architecture {arch!r}")
     with loading(artifact, "UGE"):
         owner_gate = gate_from_artifact(config, weights) if gate else None
-    owner = ModelEntry(f"{arch}+key", arch, key, projection, gate=owner_gate)
+    owner = ModelEntry(f"{arch}+key", arch, key, projection, gate=owner_gate, owner=True)
     entries = [owner]
     for other in other_keys:
         if str(other) == key:

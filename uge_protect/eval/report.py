@@ -10,9 +10,12 @@ from typing import Any
 
 import torch
 
+from uge_protect.eval.protocol import headline_text
+
 FIG_CURVES = "accuracy_per_epoch.png"
 FIG_BARS = "clean_vs_protected.png"
 FIG_GRID = "samples_grid.png"
+FIG_HEADLINE = "headline.png"
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -46,9 +49,14 @@ def render_markdown(report: dict[str, Any]) -> str:
     s = report["settings"]
     d = report["data"]
     method = (report.get("protection") or {}).get("method") or {}
+    fit = (report.get("protection") or {}).get("fit_architectures")
     lines = [
+        f"**{headline_text(report)}**",
+        "",
         "# uge-protect evaluation",
         "",
+        f"- the fit used: {', '.join(f'`{a}`' for a in fit) if fit else ('no network' if fit == [] else 'not recorded')}"
+        " (rows of these architectures are marked *seen in fit* and do not count in the headline)",
         f"- protected: `{report['protection']['directory']}` (method `{method.get('method', 'unknown')}`)",
         f"- training samples: protected {d['protected_train']['n']}, clean {d['clean_train']['n']}; "
         f"test {d['test']['n']} (clean); {d['num_classes']} classes; images {'×'.join(map(str, d['image_shape']))}",
@@ -72,15 +80,17 @@ def render_markdown(report: dict[str, Any]) -> str:
             "## Classification: clean test accuracy (%)",
             "",
             f"Mean ± sample std over {rep} repeat(s). *Drop* = clean − protected (final); a protection works "
-            "when the protected column is far below the clean one.",
+            "when the protected column is far below the clean one for every *held-out* row. A row whose clean "
+            "accuracy is under half of its defense's best clean row *did not learn* and is left out of the headline.",
             "",
-            "| defense | arch | clean final | protected final | drop | clean best | protected best |",
-            "|---|---|---:|---:|---:|---:|---:|",
+            "| defense | arch | role | clean final | protected final | drop | clean best | protected best |",
+            "|---|---|---|---:|---:|---:|---:|---:|",
         ]
         for row in cls["summary"]:
             c, p = row["clean"], row["protected"]
+            row_role = row.get("role", "–") + ("" if row.get("learned", True) else ", did not learn")
             lines.append(
-                f"| {row['defense']} | {row['arch']} | {_ms(c['final_test_acc'])} | {_ms(p['final_test_acc'])} | "
+                f"| {row['defense']} | {row['arch']} | {row_role} | {_ms(c['final_test_acc'])} | {_ms(p['final_test_acc'])} | "
                 f"{100 * row['drop_final_test_acc']:.1f} | {_ms(c['best_test_acc'])} | {_ms(p['best_test_acc'])} |"
             )
         lines += ["", "### Test accuracy per epoch (%, mean over repeats)", ""]
@@ -97,6 +107,9 @@ def render_markdown(report: dict[str, Any]) -> str:
     if clip:
         lines += [
             "## CLIP trained from scratch: retrieval on clean test pairs",
+            "",
+            f"CLIP architecture `{clip.get('arch', 'clip')}`: "
+            f"{clip['runs'][0].get('role', '–') if clip['runs'] else '–'}.",
             "",
             "| defense | seed | train data | i2t R@1 | i2t R@5 | i2t R@10 | i2t median rank | "
             "t2i R@1 | t2i R@5 | t2i R@10 | t2i median rank | zero-shot acc |",
@@ -138,6 +151,41 @@ def _num(v: Any, pct: bool = False) -> str:
 
 
 # ----------------------------------------------------------------------------- figures
+
+
+def plot_headline(report: dict[str, Any], path: Path) -> None:
+    """The headline figure: per classifier row, the clean-trained accuracy and the highest
+    protected-trained accuracy over the defenses; held-out rows in colour, seen and owner rows
+    grey and hatched, rows that did not learn left out; a line at the worst held-out case."""
+    plt = _plt()
+    summary = [r for r in report["tasks"]["classify"]["summary"] if r.get("learned", True)]
+    archs = list(dict.fromkeys(r["arch"] for r in summary))
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.9 * len(archs) + 2.5), 3.8))
+    for i, arch in enumerate(archs):
+        rows = [r for r in summary if r["arch"] == arch]
+        worst = max(rows, key=lambda r: r["protected"]["final_test_acc"]["mean"])
+        held = worst.get("role") == "held out"
+        colour = "tab:red" if held else "0.6"
+        ax.bar(i - 0.2, 100 * worst["clean"]["final_test_acc"]["mean"], 0.4, color="tab:blue" if held else "0.8",
+               edgecolor="black", linewidth=0.4, label="trained on clean" if i == 0 else None)
+        ax.bar(i + 0.2, 100 * worst["protected"]["final_test_acc"]["mean"], 0.4, color=colour,
+               hatch=None if held else "//", edgecolor="black", linewidth=0.4,
+               label="trained on protected (best defense)" if i == 0 else None)
+    worst = ((report.get("headline") or {}).get("classify") or {}).get("worst")
+    if worst:
+        ax.axhline(100 * worst["protected_acc"], color="tab:red", linestyle="--", linewidth=1,
+                   label=f"worst held-out: {100 * worst['protected_acc']:.1f}%")
+    ax.set_xticks(range(len(archs)))
+    ax.set_xticklabels([f"{a}\n({next(r for r in summary if r['arch'] == a).get('role', '')})" for a in archs],
+                       fontsize=7)
+    ax.set_ylabel("clean test accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title("held-out architectures (colour) vs seen in fit / owner (grey)", fontsize=9)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def _plt():
@@ -243,6 +291,8 @@ def write_report(report: dict[str, Any], out: str | Path, *,
     if figures:
         cls = report["tasks"].get("classify")
         if cls and cls["summary"]:
+            plot_headline(report, out / FIG_HEADLINE)
+            figs.append(FIG_HEADLINE)
             plot_curves(cls["summary"], out / FIG_CURVES)
             plot_bars(cls["summary"], out / FIG_BARS)
             figs += [FIG_CURVES, FIG_BARS]

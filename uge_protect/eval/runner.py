@@ -29,7 +29,9 @@ from uge_protect.eval.classify import TrainSettings, fit_classifier
 from uge_protect.eval.defenses import Defense, apply_data_defense, parse_defense, partial_protection
 from uge_protect.eval.metrics import summarize
 from uge_protect.eval.parallel import run_spread, start_workers
+from uge_protect.eval.protocol import classifier_headline, clip_headline, fit_architectures, mark_classifier_rows, role
 from uge_protect.shards.dataset import InMemoryDataset, load_shards
+from uge_protect.transforms.base import clip_arch_id
 from uge_protect.transforms.networks import ARCHITECTURES
 
 DEFAULT_ARCHS = ("small_cnn", "vgg11", "resnet18")
@@ -268,6 +270,9 @@ def run_evaluation(cfg: EvalConfig, *, log: Callable[[str], None] | None = None)
         "tasks": {},
     }
     method = (protection or {}).get("method", {}) or {}
+    fit = fit_architectures(method)
+    report["protection"]["fit_architectures"] = fit
+    report["headline"] = {}
     if method.get("protects") is False:
         report["notes"].append(f"The protection method {method.get('method')!r} is a non-protecting control.")
 
@@ -307,11 +312,18 @@ def run_evaluation(cfg: EvalConfig, *, log: Callable[[str], None] | None = None)
         r.pop("key", None)
     if cfg.task in ("classify", "both"):
         runs = [r for job, r in zip(jobs, results) if job.task == "classify"]
-        report["tasks"]["classify"] = {"runs": runs, "summary": _classify_summary(list(models), defenses, runs)}
+        summary = _classify_summary(list(models), defenses, runs)
+        mark_classifier_rows(summary, {label: role(m.arch, fit, owner=m.owner) for label, m in models.items()})
+        report["tasks"]["classify"] = {"runs": runs, "summary": summary}
+        report["headline"]["classify"] = classifier_headline(summary)
     if clip_mod is not None:
         pairs = [(job, r) for job, r in zip(jobs, results) if job.task == "clip"]
         report["tasks"]["clip"] = _clip_report(cfg, clip_mod, defenses, pairs, prot_train, clean, test,
                                                class_names, device)
+        clip_runs = report["tasks"]["clip"]["runs"]
+        arch = clip_arch_id(clip_runs[0]["settings"]["model_config"]) if clip_runs else "clip"
+        report["tasks"]["clip"]["arch"] = arch
+        report["headline"]["clip"] = clip_headline(clip_runs, arch, fit)
     report["cached_runs"] = len(cached)
 
     report["runtime_seconds"] = time.perf_counter() - started

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import json
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar
@@ -28,6 +29,17 @@ def sample_seed(seed: int, key: str) -> int:
     """A 63-bit seed derived from the run seed and a sample key (stable across runs/processes)."""
     digest = hashlib.sha256(f"{seed}\x00{key}".encode("utf-8")).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def clip_arch_id(model_config: str | dict[str, Any]) -> str:
+    """The name of a CLIP architecture in fit and evaluation records: ``clip:NAME`` for an
+    open_clip model name, else ``clip:`` and a digest of the image tower's config and the
+    embedding width (what sees the noise), so equal towers get equal names."""
+    if isinstance(model_config, str):
+        return f"clip:{model_config}"
+    tower = {"embed_dim": model_config.get("embed_dim"), "vision_cfg": model_config.get("vision_cfg")}
+    digest = hashlib.sha256(json.dumps(tower, sort_keys=True, default=str).encode("utf-8")).hexdigest()[:12]
+    return f"clip:vision-{digest}"
 
 
 def given_options(config_cls: type, options: dict[str, Any], unknown_message: str) -> dict[str, Any]:
@@ -119,7 +131,14 @@ class ProtectionMethod(ABC):
 
     def config(self) -> dict[str, Any]:
         """Public parameters, recorded in ``protection.json`` (never secrets)."""
-        return {"method": self.name, "epsilon": self.epsilon}
+        return {"method": self.name, "epsilon": self.epsilon, "fit_architectures": self.fit_architectures()}
+
+    def fit_architectures(self) -> list[str]:
+        """The networks δ was fitted against (surrogates, students, feature networks), named as
+        ``eval`` names its rows: classifier architectures by name, a CLIP by :func:`clip_arch_id`.
+        ``eval`` marks a row of one of these "seen in fit" and judges protection on the others.
+        Empty for a method fitted against no network."""
+        return []
 
     def fingerprint(self) -> str | None:
         """A fingerprint of the artifact the method was loaded from, if any."""

@@ -133,6 +133,8 @@ class EMFitRecord:
     n_train: int | None = None
     rounds: int | None = None
     train_error: float | None = None
+    #: The networks δ was fitted against (written by the fit, for readers; loaders derive it).
+    fit_architectures: list[str] | None = None
     train_error_history: list[float] | None = None
     converged: bool | None = None
 
@@ -277,6 +279,7 @@ def fit_em(
         "train_error": history[-1],
         "train_error_history": history,
         "converged": history[-1] < cfg.stop_error,
+        "fit_architectures": [cfg.surrogate],
     }
     weights: dict[str, dict[str, torch.Tensor]] = {
         "surrogate": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
@@ -377,6 +380,10 @@ class ErrorMinimizing(ProtectionMethod):
         keep = ("mode", "step_size", "pgd_steps", "surrogate", "surrogate_width", "num_classes",
                 "fit_size", "rounds", "train_error")
         return {**super().config(), **{k: self._config.get(k) for k in keep}, "apply_chunk": APPLY_CHUNK}
+
+    def fit_architectures(self) -> list[str]:
+        """The surrogate classifier (any width counts as its architecture)."""
+        return [str(self._config["surrogate"])]
 
     def _labels(self, batch: ProtectBatch) -> torch.Tensor:
         bad = [lab for lab in batch.labels if lab is None or not 0 <= int(lab) < self.num_classes]

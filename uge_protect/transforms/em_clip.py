@@ -33,7 +33,8 @@ import torch.nn.functional as F
 from uge_protect.errors import UserError
 from uge_protect.transforms.em import EMFitRecord
 from uge_protect.transforms.artifact import check_fit_size
-from uge_protect.transforms.base import APPLY_CHUNK, ProtectBatch, ProtectionMethod, given_options, in_fixed_chunks
+from uge_protect.transforms.base import (APPLY_CHUNK, ProtectBatch, ProtectionMethod, clip_arch_id, given_options,
+                                         in_fixed_chunks)
 from uge_protect.transforms.budget import check_epsilon, pgd_minimize, seeded_uniform
 from uge_protect.transforms.clip_models import (
     TINY_CLIP_CONFIG,
@@ -243,6 +244,7 @@ def fit_em_clip(images: torch.Tensor, captions: list[str], cfg: EMClipConfig, pr
         "train_error_history": history,
         "converged": history[-1] < cfg.stop_error,
         "surrogate_trained": trainable,
+        "fit_architectures": [clip_arch_id(recorded_cfg)],
     }
     weights = {"surrogate": clip_state(bundle), "bank": {"tokens": bank.detach().cpu().clone()}}
     return config, weights
@@ -283,6 +285,10 @@ class ErrorMinimizingClip(ProtectionMethod):
 
     def fingerprint(self) -> str | None:
         return self._fingerprint
+
+    def fit_architectures(self) -> list[str]:
+        """The surrogate CLIP."""
+        return [clip_arch_id(self._config["clip_model"])]
 
     def config(self) -> dict[str, Any]:
         keep = ("mode", "step_size", "pgd_steps", "bank_size", "fit_size", "rounds", "train_error",

@@ -74,6 +74,77 @@ def mobilenet_v2(num_classes: int) -> nn.Module:
     return net
 
 
+def mlp(num_classes: int, hidden: int = 512) -> nn.Module:
+    """A three-layer perceptron on the flattened image (pooled to at most 32×32).
+
+    No convolution and no weight sharing across positions: the inductive bias furthest from a
+    CNN's."""
+    return nn.Sequential(
+        nn.AdaptiveAvgPool2d(32), nn.Flatten(),
+        nn.Linear(3 * 32 * 32, hidden), nn.LayerNorm(hidden), nn.GELU(),
+        nn.Linear(hidden, hidden), nn.LayerNorm(hidden), nn.GELU(),
+        nn.Linear(hidden, num_classes),
+    )
+
+
+class TinyViT(nn.Module):
+    """A small vision transformer: 4×4 patches (on the image pooled to at most 32×32), learned
+    position embeddings, ``depth`` pre-norm encoder blocks, a mean-pooled token head."""
+
+    def __init__(self, num_classes: int, dim: int = 128, depth: int = 4, heads: int = 4, patch: int = 4,
+                 side: int = 32):
+        super().__init__()
+        self.side = side
+        self.embed = nn.Conv2d(3, dim, patch, stride=patch)
+        self.pos = nn.Parameter(torch.zeros(1, (side // patch) ** 2, dim))
+        nn.init.trunc_normal_(self.pos, std=0.02)
+        layer = nn.TransformerEncoderLayer(dim, heads, dim_feedforward=2 * dim, dropout=0.0,
+                                           activation="gelu", batch_first=True, norm_first=True)
+        self.blocks = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.side or x.shape[-2] != self.side:
+            x = nn.functional.interpolate(x, size=(self.side, self.side), mode="bilinear", align_corners=False,
+                                          antialias=True)
+        tokens = self.embed(x).flatten(2).transpose(1, 2) + self.pos
+        return self.head(self.norm(self.blocks(tokens)).mean(1))
+
+
+def vit_tiny(num_classes: int) -> nn.Module:
+    """:class:`TinyViT` with its defaults (dim 128, depth 4, 4 heads, 4×4 patches)."""
+    return TinyViT(num_classes)
+
+
+class _Basic(nn.Module):
+    """A pre-activation-free basic residual block (two 3×3 conv-BN, identity or 1×1 shortcut)."""
+
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
+            nn.Conv2d(cout, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout))
+        self.short = (nn.Identity() if stride == 1 and cin == cout else
+                      nn.Sequential(nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.body(x) + self.short(x))
+
+
+def resnet_cifar(num_classes: int, width: int = 16, blocks: int = 2) -> nn.Module:
+    """A CIFAR-style residual network (He et al. 2016, §4.2): 3×3 stem at full resolution,
+    three stages of ``blocks`` basic blocks (widths w, 2w, 4w; strides 1, 2, 2), global pooling.
+    With the defaults it is ResNet-14 at width 16: the CIFAR stem without ResNet-18's CPU cost."""
+    layers: list[nn.Module] = [nn.Conv2d(3, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True)]
+    cin = width
+    for stage, cout in enumerate((width, 2 * width, 4 * width)):
+        for b in range(blocks):
+            layers.append(_Basic(cin, cout, 2 if stage > 0 and b == 0 else 1))
+            cin = cout
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, num_classes))
+
+
 def vgg11(num_classes: int) -> nn.Module:
     """A narrow VGG-11-style network (batch norm, 5 pooling stages → global pooling)."""
     cfg = [32, "M", 64, "M", 128, 128, "M", 256, 256, "M", 256, 256]
@@ -89,7 +160,10 @@ def vgg11(num_classes: int) -> nn.Module:
 
 
 ARCHITECTURES: dict[str, Callable[[int], nn.Module]] = {
+    "mlp": mlp,
+    "vit_tiny": vit_tiny,
     "small_cnn": small_cnn,
+    "resnet_cifar": resnet_cifar,
     "resnet18": resnet18,
     "resnet18_cifar": resnet18_cifar,
     "mobilenet_v2": mobilenet_v2,

@@ -43,6 +43,7 @@ from uge_protect.transforms.base import (
     APPLY_CHUNK,
     ProtectBatch,
     ProtectionMethod,
+    clip_arch_id,
     given_options,
     in_fixed_chunks,
     sample_seed,
@@ -155,6 +156,8 @@ class T2UEArtifact(T2UEConfig):
     """The schema of a T2UE artifact's ``config.json``: the fit's hyper-parameters and what
     the fit recorded (see :func:`artifact.check_config`)."""
 
+    #: The networks δ was fitted against (written by the fit, for readers; loaders derive it).
+    fit_architectures: list[str] | None = None
     text_dim: int | None = None
     token_dim: int | None = None
     context_length: int | None = None
@@ -464,6 +467,7 @@ def fit_t2ue(images: torch.Tensor, captions: list[str], cfg: T2UEConfig, progres
         "final_loss": history[-1]["loss"] if history else None,
         "surrogate_trained": not pretrained,
         "processes": world,
+        "fit_architectures": [clip_arch_id(recorded_cfg)],
     }
     weights = {
         "generator": {k: v.detach().cpu().clone() for k, v in generator.state_dict().items()},
@@ -561,6 +565,10 @@ class TextToUnlearnable(ProtectionMethod):
 
     def fingerprint(self) -> str | None:
         return self._fingerprint
+
+    def fit_architectures(self) -> list[str]:
+        """The surrogate CLIP whose loss the generator minimised."""
+        return [clip_arch_id(self._config["surrogate"])]
 
     def config(self) -> dict[str, Any]:
         keep = ("backbone", "noise_size", "z_dim", "width", "fit_size", "steps", "surrogate_trained",

@@ -47,7 +47,8 @@ from uge_protect.transforms.artifact import (
     load_artifact,
     loading,
 )
-from uge_protect.transforms.base import APPLY_CHUNK, ProtectBatch, ProtectionMethod, given_options, in_fixed_chunks
+from uge_protect.transforms.base import (APPLY_CHUNK, ProtectBatch, ProtectionMethod, clip_arch_id, given_options,
+                                         in_fixed_chunks)
 from uge_protect.transforms.budget import check_epsilon
 from uge_protect.transforms.clip_models import TINY_CLIP_CONFIG, build_clip_model, resolve_model_config
 from uge_protect.transforms.em import build_surrogate
@@ -205,6 +206,16 @@ class UGEConfig:
         """Whether L_gm can be non-zero: under the key projection δ is invisible to the
         authorized network, so its gradients on x + δ and x are the same."""
         return self.gm_weight > 0 and not self.key_projection
+
+
+def uge_fit_architectures(authorized: str, students: list[str], feature_model: str | dict | None,
+                          fd_weight: float) -> list[str]:
+    """What a UGE fit trains against: the authorized architecture, the L_ud students and,
+    when L_fd is on, the feature space's CLIP image tower."""
+    names = [authorized, *students]
+    if fd_weight > 0 and feature_model is not None:
+        names.append(clip_arch_id(feature_model))
+    return list(dict.fromkeys(names))
 
 
 class FeatureSpace(nn.Module):
@@ -527,6 +538,7 @@ def fit_uge(images: torch.Tensor, labels: torch.Tensor, cfg: UGEConfig, progress
                                                  lambda xx, yy: make_delta(xx, generator(xx, cond(yy)), cfg.epsilon,
                                                                            direction)),
         "fit_seconds": round(time.perf_counter() - started, 1),
+        "fit_architectures": uge_fit_architectures(cfg.authorized, cfg.students, feature_cfg, cfg.fd_weight),
     }
     weights = {"generator": {k: v.detach().cpu().clone() for k, v in generator.state_dict().items()}}
     return config, weights
@@ -578,6 +590,8 @@ class UGEArtifact(UGEConfig):
     among them) and what the fit recorded (see :func:`artifact.check_config`)."""
 
     num_classes: int | None = None
+    #: The networks δ was fitted against (written by the fit, for readers; loaders derive it).
+    fit_architectures: list[str] | None = None
     gm_active: bool | None = None
     key_fingerprint: str | None = None
     authorized_init_fingerprint: str | None = None
@@ -665,6 +679,13 @@ class Ungeneralizable(ProtectionMethod):
 
     def fingerprint(self) -> str | None:
         return self._fingerprint
+
+    def fit_architectures(self) -> list[str]:
+        """The authorized architecture, the students and the L_fd feature space."""
+        c = self._config
+        student = str(c.get("student") or "")
+        students = list(AUTO_STUDENTS) if student.strip() == "auto" else [x.strip() for x in student.split(",") if x.strip()]
+        return uge_fit_architectures(c["authorized"], students, c.get("feature_model"), float(c.get("fd_weight") or 0))
 
     def config(self) -> dict[str, Any]:
         """Public parameters only: the key and authorized weights appear as fingerprints."""

@@ -1,0 +1,157 @@
+"""The efficacy protocol: which rows judge a protection, and the report's headline.
+
+Noise fitted against some networks can leave data unlearnable for those networks and fully
+learnable for others, so a row only counts when its network was *held out* of the fit:
+
+* every classifier row (and the CLIP run) gets a **role**: ``owner`` (the authorized network,
+  which should learn), ``seen in fit`` (its architecture is among the networks the method's
+  fit used, as its ``protection.json`` records them), ``held out``, or ``fit not recorded``
+  (the protected directory does not say what the fit used);
+* a row whose clean-trained accuracy is under half of the best clean row of its defense
+  **did not learn** within the evaluation's budget: it says nothing about the protection and
+  is left out of every summary;
+* the **headline** is the worst case over held-out rows that learned: the highest accuracy any
+  held-out hacker reached on the clean test set after training on protected data (under any
+  defense evaluated), next to its clean-trained accuracy.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+OWNER = "owner"
+SEEN = "seen in fit"
+HELD_OUT = "held out"
+UNRECORDED = "fit not recorded"
+
+#: A row learned when its clean-trained accuracy is at least this fraction of the best one.
+LEARNED_FRACTION = 0.5
+#: A CLIP run learned when its clean-trained Recall@10 is at least this multiple of chance.
+CLIP_LEARNED_OVER_CHANCE = 2.0
+#: At most this many names are read from a protection record's ``fit_architectures``.
+MAX_FIT_ARCHITECTURES = 64
+
+
+def fit_architectures(method: Any) -> list[str] | None:
+    """The networks a protection's fit used, from its ``protection.json`` method record:
+    a list of names, ``[]`` for a method fitted against none, ``None`` when not recorded
+    (or not a list of short strings: the record is read as data, never trusted further)."""
+    names = method.get("fit_architectures") if isinstance(method, dict) else None
+    if not isinstance(names, list) or len(names) > MAX_FIT_ARCHITECTURES:
+        return None
+    if not all(isinstance(n, str) and 0 < len(n) <= 200 for n in names):
+        return None
+    return list(dict.fromkeys(names))
+
+
+def role(arch: str, fit: list[str] | None, *, owner: bool = False) -> str:
+    """The role of a row whose network has architecture ``arch`` (see the module docstring)."""
+    if owner:
+        return OWNER
+    if fit is None:
+        return UNRECORDED
+    return SEEN if arch in fit else HELD_OUT
+
+
+def mark_classifier_rows(summary: list[dict[str, Any]], roles: dict[str, str]) -> None:
+    """Add ``role`` and ``learned`` to every summary row (in place): a row learned when its
+    clean final accuracy is at least :data:`LEARNED_FRACTION` of its defense's best clean row."""
+    best: dict[str, float] = {}
+    for row in summary:
+        acc = row["clean"]["final_test_acc"]["mean"]
+        best[row["defense"]] = max(best.get(row["defense"], 0.0), acc)
+    for row in summary:
+        row["role"] = roles.get(row["arch"], UNRECORDED)
+        row["learned"] = row["clean"]["final_test_acc"]["mean"] >= LEARNED_FRACTION * best[row["defense"]]
+
+
+def _judging(rows: Iterable[dict[str, Any]]) -> tuple[list[dict[str, Any]], str]:
+    """The rows a headline is taken over, and what they are: the held-out rows that learned;
+    without a record of the fit, every non-owner row that learned (said so in ``basis``)."""
+    rows = list(rows)
+    learned = [r for r in rows if r["learned"] and r["role"] != OWNER]
+    held = [r for r in learned if r["role"] == HELD_OUT]
+    if held:
+        return held, "held-out architectures"
+    if any(r["role"] == UNRECORDED for r in learned):
+        return [r for r in learned if r["role"] == UNRECORDED], "all architectures (the fit's networks are not recorded)"
+    if any(r["role"] == HELD_OUT for r in rows):
+        return [], "no held-out architecture learned clean data"
+    return [], "no held-out architecture was evaluated (every one was seen in the fit)"
+
+
+def classifier_headline(summary: list[dict[str, Any]]) -> dict[str, Any]:
+    """The worst case over held-out classifier rows that learned (rows marked by
+    :func:`mark_classifier_rows`); ``worst`` is None when there is none."""
+    rows, basis = _judging(summary)
+    out: dict[str, Any] = {
+        "basis": basis,
+        "held_out": sorted({r["arch"] for r in summary if r["role"] == HELD_OUT}),
+        "seen_in_fit": sorted({r["arch"] for r in summary if r["role"] == SEEN}),
+        "owner": sorted({r["arch"] for r in summary if r["role"] == OWNER}),
+        "did_not_learn": sorted({f"{r['arch']} ({r['defense']})" for r in summary if not r["learned"]}),
+        "worst": None,
+    }
+    if rows:
+        w = max(rows, key=lambda r: (r["protected"]["final_test_acc"]["mean"], r["clean"]["final_test_acc"]["mean"]))
+        clean, prot = w["clean"]["final_test_acc"]["mean"], w["protected"]["final_test_acc"]["mean"]
+        out["worst"] = {"arch": w["arch"], "defense": w["defense"], "protected_acc": prot, "clean_acc": clean,
+                        "ratio": prot / clean if clean > 0 else None}
+    owners = [r for r in summary if r["role"] == OWNER]
+    if owners:
+        o = min(owners, key=lambda r: r["protected"]["final_test_acc"]["mean"])
+        out["owner_worst"] = {"arch": o["arch"], "defense": o["defense"],
+                              "protected_acc": o["protected"]["final_test_acc"]["mean"],
+                              "clean_acc": o["clean"]["final_test_acc"]["mean"]}
+    return out
+
+
+def clip_recall(result: dict[str, Any]) -> float:
+    """A CLIP run's Recall@10 on the clean test pairs: the better of its two directions."""
+    return max(float(result["i2t"]["R@10"]), float(result["t2i"]["R@10"]))
+
+
+def clip_headline(runs: list[dict[str, Any]], arch: str, fit: list[str] | None) -> dict[str, Any]:
+    """Mark every CLIP run with ``role`` and ``learned`` (in place) and return the worst
+    case over held-out runs that learned: the highest protected Recall@10 (either direction)."""
+    row_role = role(arch, fit)
+    for run in runs:
+        chance = float(run.get("settings", {}).get("chance_R@10") or 0.0)
+        run["role"] = row_role
+        run["learned"] = clip_recall(run["clean"]) >= min(1.0, CLIP_LEARNED_OVER_CHANCE * chance)
+    rows = [{"learned": r["learned"], "role": r["role"], "run": r} for r in runs]
+    judged, basis = _judging(rows)
+    out: dict[str, Any] = {"basis": basis, "arch": arch, "role": row_role, "worst": None,
+                           "did_not_learn": sorted({r["defense"] for r in runs if not r["learned"]})}
+    if judged:
+        w = max((j["run"] for j in judged), key=lambda r: clip_recall(r["protected"]))
+        out["worst"] = {"defense": w["defense"], "seed": w["seed"], "protected_R@10": clip_recall(w["protected"]),
+                        "clean_R@10": clip_recall(w["clean"]),
+                        "chance_R@10": w.get("settings", {}).get("chance_R@10")}
+    return out
+
+
+def headline_text(report: dict[str, Any]) -> str:
+    """The report's first line: the worst held-out case (classifier, then CLIP) next to clean."""
+    parts = []
+    head = report.get("headline") or {}
+    cls = head.get("classify")
+    if cls is not None:
+        w = cls["worst"]
+        if w is None:
+            parts.append(f"classifiers: {cls['basis']}")
+        else:
+            parts.append(f"worst case over {cls['basis']}: {w['arch']} reached {100 * w['protected_acc']:.1f}% "
+                         f"trained on protected data ({w['defense']}), {100 * w['clean_acc']:.1f}% trained on clean")
+        if cls.get("owner_worst"):
+            o = cls["owner_worst"]
+            parts.append(f"owner {o['arch']} {100 * o['protected_acc']:.1f}% (clean {100 * o['clean_acc']:.1f}%)")
+    clip = head.get("clip")
+    if clip is not None:
+        w = clip["worst"]
+        if w is None:
+            parts.append(f"CLIP: {clip['basis']}")
+        else:
+            parts.append(f"CLIP ({clip['role']}): Recall@10 {100 * w['protected_R@10']:.1f}% trained on protected "
+                         f"data ({w['defense']}), {100 * w['clean_R@10']:.1f}% on clean")
+    return "; ".join(parts) if parts else "no results"
