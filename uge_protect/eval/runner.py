@@ -34,7 +34,8 @@ from uge_protect.shards.dataset import InMemoryDataset, load_shards
 from uge_protect.transforms.base import clip_arch_id
 from uge_protect.transforms.networks import ARCHITECTURES
 
-DEFAULT_ARCHS = ("small_cnn", "vgg11", "resnet18")
+#: Hacker architectures of different inductive biases, each learning clean data in 8 CPU epochs.
+DEFAULT_ARCHS = ("mlp", "vit_tiny", "small_cnn", "resnet_cifar", "vgg11", "mobilenet_v2")
 DEFAULT_DEFENSES = ("none",)
 TASKS = ("classify", "clip", "both")
 

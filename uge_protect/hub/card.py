@@ -217,13 +217,23 @@ def _eval_section(plan: "UploadPlan", eval_dir: str) -> list[str]:
              "tested on **clean** held-out data (from `uge-protect eval`). "
              f"Full report: [`{eval_dir}/report.md`]({eval_dir}/report.md), numbers in "
              f"[`{eval_dir}/report.json`]({eval_dir}/report.json).", ""]
+    if isinstance(r.get("headline"), dict):
+        from uge_protect.eval.protocol import headline_text
+
+        try:
+            lines += [f"**{headline_text(r)}**", ""]
+        except (KeyError, TypeError, ValueError):
+            pass  # a report without a well-formed headline: the table below still says it all
     cls = (r.get("tasks") or {}).get("classify")
     if cls and cls.get("summary"):
-        lines += ["| defense | model | trained on clean | trained on protected | drop |", "|---|---|---:|---:|---:|"]
+        lines += ["| defense | model | role | trained on clean | trained on protected | drop |",
+                  "|---|---|---|---:|---:|---:|"]
         for row in cls["summary"]:
             c = row["clean"]["final_test_acc"]["mean"]
             p = row["protected"]["final_test_acc"]["mean"]
-            lines.append(f"| {row['defense']} | {row['arch']} | {100 * c:.1f}% | {100 * p:.1f}% | {100 * (c - p):.1f} |")
+            role = str(row.get("role", "–")) + ("" if row.get("learned", True) else ", did not learn")
+            lines.append(f"| {row['defense']} | {row['arch']} | {role} | {100 * c:.1f}% | {100 * p:.1f}% | "
+                         f"{100 * (c - p):.1f} |")
         lines.append("")
         if any("+key" in row["arch"] for row in cls["summary"]):
             lines += ["`ARCH+key` is the owner's authorized network; `ARCH+key:N` the same architecture with "

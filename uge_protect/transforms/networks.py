@@ -87,9 +87,29 @@ def mlp(num_classes: int, hidden: int = 512) -> nn.Module:
     )
 
 
+class _Block(nn.Module):
+    """A pre-norm transformer encoder block (multi-head self-attention, then a GELU MLP)."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: int = 2):
+        super().__init__()
+        self.heads = heads
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, mlp_ratio * dim), nn.GELU(), nn.Linear(mlp_ratio * dim, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+        q, k, v = self.qkv(self.norm1(x)).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        att = nn.functional.scaled_dot_product_attention(q, k, v)
+        x = x + self.proj(att.transpose(1, 2).reshape(b, n, d))
+        return x + self.mlp(self.norm2(x))
+
+
 class TinyViT(nn.Module):
-    """A small vision transformer: 4×4 patches (on the image pooled to at most 32×32), learned
-    position embeddings, ``depth`` pre-norm encoder blocks, a mean-pooled token head."""
+    """A small vision transformer: ``patch``×``patch`` patches of the image resized to
+    ``side``×``side``, learned position embeddings, ``depth`` pre-norm blocks, a mean-pooled
+    token head (no class token)."""
 
     def __init__(self, num_classes: int, dim: int = 128, depth: int = 4, heads: int = 4, patch: int = 4,
                  side: int = 32):
@@ -98,9 +118,7 @@ class TinyViT(nn.Module):
         self.embed = nn.Conv2d(3, dim, patch, stride=patch)
         self.pos = nn.Parameter(torch.zeros(1, (side // patch) ** 2, dim))
         nn.init.trunc_normal_(self.pos, std=0.02)
-        layer = nn.TransformerEncoderLayer(dim, heads, dim_feedforward=2 * dim, dropout=0.0,
-                                           activation="gelu", batch_first=True, norm_first=True)
-        self.blocks = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
+        self.blocks = nn.Sequential(*(_Block(dim, heads) for _ in range(depth)))
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, num_classes)
 

@@ -208,11 +208,12 @@ class UGEConfig:
         return self.gm_weight > 0 and not self.key_projection
 
 
-def uge_fit_architectures(authorized: str, students: list[str], feature_model: str | dict | None,
-                          fd_weight: float) -> list[str]:
-    """What a UGE fit trains against: the authorized architecture, the L_ud students and,
-    when L_fd is on, the feature space's CLIP image tower."""
-    names = [authorized, *students]
+def uge_fit_architectures(students: list[str], feature_model: str | dict | None, fd_weight: float) -> list[str]:
+    """What a UGE fit trains δ against: the L_ud students and, when L_fd is on, the feature
+    space's CLIP image tower. The authorized architecture is not among them unless it is a
+    student: the noise is not fitted against it (under the key projection it never sees δ),
+    so its key-less copy is a hacker like any other."""
+    names = list(students)
     if fd_weight > 0 and feature_model is not None:
         names.append(clip_arch_id(feature_model))
     return list(dict.fromkeys(names))
@@ -538,7 +539,7 @@ def fit_uge(images: torch.Tensor, labels: torch.Tensor, cfg: UGEConfig, progress
                                                  lambda xx, yy: make_delta(xx, generator(xx, cond(yy)), cfg.epsilon,
                                                                            direction)),
         "fit_seconds": round(time.perf_counter() - started, 1),
-        "fit_architectures": uge_fit_architectures(cfg.authorized, cfg.students, feature_cfg, cfg.fd_weight),
+        "fit_architectures": uge_fit_architectures(cfg.students, feature_cfg, cfg.fd_weight),
     }
     weights = {"generator": {k: v.detach().cpu().clone() for k, v in generator.state_dict().items()}}
     return config, weights
@@ -681,11 +682,11 @@ class Ungeneralizable(ProtectionMethod):
         return self._fingerprint
 
     def fit_architectures(self) -> list[str]:
-        """The authorized architecture, the students and the L_fd feature space."""
+        """The students and the L_fd feature space (see :func:`uge_fit_architectures`)."""
         c = self._config
         student = str(c.get("student") or "")
         students = list(AUTO_STUDENTS) if student.strip() == "auto" else [x.strip() for x in student.split(",") if x.strip()]
-        return uge_fit_architectures(c["authorized"], students, c.get("feature_model"), float(c.get("fd_weight") or 0))
+        return uge_fit_architectures(students, c.get("feature_model"), float(c.get("fd_weight") or 0))
 
     def config(self) -> dict[str, Any]:
         """Public parameters only: the key and authorized weights appear as fingerprints."""
