@@ -4,8 +4,10 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= demo_output
+PHOTOS_DIR ?= .cache/photos
+PHOTO_PACKAGES ?= mate-backgrounds lomiri-wallpapers-16.04
 
-.PHONY: install test demo bench clean
+.PHONY: install test demo bench clean photos
 
 install: $(STAMP)
 
@@ -14,8 +16,12 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[test]"
 	touch $(STAMP)
 
-test: $(STAMP)
+test: $(STAMP) photos
 	$(PY) -m pytest -q
+
+# The photographs of `uge-protect photo-data` (Debian packages, unpacked, never installed).
+photos:
+	bash scripts/fetch_photos.sh $(PHOTOS_DIR) $(PHOTO_PACKAGES)
 
 demo: $(STAMP)
 	DEMO_DIR=$(DEMO_DIR) VENV=$(VENV) bash scripts/demo.sh

@@ -261,6 +261,40 @@ def demo_data(
     )
 
 
+@app.command("photo-data")
+def photo_data(
+    directory: Path = typer.Argument(..., help="Where to write train/ and test/ shards, classes.json and photos.json."),
+    train_per_class: int = typer.Option(200, "--train-per-class", help="Training crops per photograph (class)."),
+    test_per_class: int = typer.Option(80, "--test-per-class", help="Test crops per photograph (class)."),
+    image_size: int = typer.Option(32, "--image-size", help="Image side in pixels."),
+    per_shard: int = typer.Option(1000, "--per-shard", "--shard-size", help="Samples per shard."),
+    seed: int = typer.Option(0, "--seed", help="Generator seed."),
+    photos: Optional[List[Path]] = typer.Option(None, "--photos", help="Directory holding the photographs (usr/share/backgrounds or a root above it; repeatable). Default: /usr/share/backgrounds, then .cache/photos (`make photos`)."),
+) -> None:
+    """Write the benchmark of real photographs with captions (crops of Debian wallpapers; test crops from regions never used in training)."""
+    from uge_protect.shards.photos import write_photo_dataset
+
+    try:
+        summary = write_photo_dataset(
+            directory, train_per_class=train_per_class, test_per_class=test_per_class,
+            image_size=image_size, samples_per_shard=per_shard, seed=seed,
+            photo_dirs=list(photos) if photos else None,
+        )
+    except (UserError, ValueError) as exc:
+        fail(str(exc))
+        return
+    except OSError as exc:
+        fail(f"{exc.strerror or exc}{f': {exc.filename}' if exc.filename else ''}")
+        return
+    for name, counts in summary["counts"].items():
+        typer.echo(f"{name:>16}: {counts['train']} train, {counts['test']} test")
+    splits = summary["splits"]
+    typer.echo(
+        f"wrote {splits['train']['n']} train and {splits['test']['n']} test samples "
+        f"({len(summary['classes'])} classes, {image_size}x{image_size}) to {directory}/train and {directory}/test"
+    )
+
+
 from uge_protect.cli.eval_cmd import eval_command  # noqa: E402
 
 app.command("eval")(eval_command)
