@@ -37,7 +37,7 @@ def test_dry_run_stages_exactly_the_public_files(output_copy, tmp_path):
     assert result.exit_code == 0, result.output
     assert "nothing was uploaded" in result.output and "other.tar" in result.output  # warned
     expected = {"README.md", "run.json", "protection.json", "shards/sizes.json",
-                "eval/report.json", "eval/report.md", "eval/accuracy_per_epoch.png",
+                "eval/report.json", "eval/report.md", "eval/headline.png", "eval/accuracy_per_epoch.png",
                 "eval/clean_vs_protected.png", "eval/samples_grid.png"}
     for s in SHARDS:
         expected |= {f"shards/{s}.tar", f"manifests/{s}.parquet", f"stats/{s}.json"}
@@ -59,7 +59,8 @@ def test_dry_run_stages_exactly_the_public_files(output_copy, tmp_path):
     assert "data/shards/demo-train-{000000..000001}.tar" in card  # open_clip and PyTorch recipes
     assert 'load_dataset("me/demo", split="train")' in card
     # the evaluation: its main table and a figure, linked relatively
-    assert "| none | small_cnn |" in card and "](eval/clean_vs_protected.png)" in card
+    assert "| none | small_cnn | held out |" in card and "](eval/headline.png)" in card
+    assert "**worst case over held-out architectures: small_cnn reached" in card
     # a staged copy verifies on its own
     result = runner.invoke(app, ["inspect", str(stage), "--no-sources"])
     assert result.exit_code == 0, result.output

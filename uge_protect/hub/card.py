@@ -251,7 +251,7 @@ def _eval_section(plan: "UploadPlan", eval_dir: str) -> list[str]:
         lines.append("")
     figures = report.figures
     if figures:
-        fig = "clean_vs_protected.png" if "clean_vs_protected.png" in figures else figures[0]
+        fig = next((f for f in ("headline.png", "clean_vs_protected.png") if f in figures), figures[0])
         lines += [f"![{Path(fig).stem}]({eval_dir}/{fig})", ""]
     return lines
 
