@@ -57,7 +57,7 @@ def test_headline_is_the_worst_held_out_row_that_learned():
         _row("mlp", 0.85, 0.70, defense="grayscale"),  # the same network under a defense: worse still
     ]
     roles = {"small_cnn": SEEN, "vgg11": HELD_OUT, "mlp": HELD_OUT, "vit_tiny": HELD_OUT, "resnet18": OWNER}
-    mark_classifier_rows(summary, roles)
+    mark_classifier_rows(summary, roles, num_classes=10)
     assert [r["learned"] for r in summary] == [True, True, True, False, True, True]
     head = classifier_headline(summary)
     assert head["basis"] == "held-out architectures"
@@ -70,12 +70,46 @@ def test_headline_is_the_worst_held_out_row_that_learned():
 
 def test_headline_without_held_out_rows_says_so():
     summary = [_row("small_cnn", 0.9, 0.1), _row("vgg11", 0.9, 0.2)]
-    mark_classifier_rows(summary, {"small_cnn": SEEN, "vgg11": SEEN})
+    mark_classifier_rows(summary, {"small_cnn": SEEN, "vgg11": SEEN}, num_classes=10)
     head = classifier_headline(summary)
     assert head["worst"] is None and "seen in the fit" in head["basis"]
-    mark_classifier_rows(summary, {})  # nothing recorded: every row counts, and the basis says so
+    mark_classifier_rows(summary, {}, num_classes=10)  # nothing recorded: every row counts, and the basis says so
     head = classifier_headline(summary)
     assert head["worst"]["arch"] == "vgg11" and "not recorded" in head["basis"]
+
+
+def test_rows_at_chance_did_not_learn_and_an_owner_alone_is_no_headline():
+    summary = [_row("mlp", 0.12, 0.11), _row("small_cnn", 0.13, 0.10)]  # 10 classes: both near chance
+    mark_classifier_rows(summary, {"mlp": HELD_OUT, "small_cnn": HELD_OUT}, num_classes=10)
+    assert not any(r["learned"] for r in summary)
+    head = classifier_headline(summary)
+    assert head["worst"] is None and head["basis"] == "no held-out architecture learned clean data"
+    owner = [_row("resnet18+key", 0.9, 0.9)]
+    mark_classifier_rows(owner, {"resnet18+key": OWNER}, num_classes=10)
+    head = classifier_headline(owner)
+    assert head["worst"] is None and "no hacker architecture was evaluated" in head["basis"]
+
+
+def test_a_control_and_a_malformed_record_read_safely():
+    assert fit_architectures({"protects": False, "fit_architectures": ["small_cnn", "vgg11"]}) == []
+    assert fit_architectures({"fit_architectures": ["<b>x</b>"]}) is None
+
+
+def test_headline_text_refuses_a_stranger_s_malformed_headline():
+    from uge_protect.eval.protocol import headline_text
+
+    good = {"headline": {"classify": {"basis": "held-out architectures", "worst": {
+        "arch": "vgg11", "defense": "none", "protected_acc": 0.2, "clean_acc": 0.9}}}}
+    assert headline_text(good).startswith("worst case over held-out architectures: vgg11 reached 20.0%")
+    for bad in ({"arch": "<img src=x>"}, {"protected_acc": [1] * 10}, {"clean_acc": 3.0}):
+        report = json.loads(json.dumps(good))
+        report["headline"]["classify"]["worst"].update(bad)
+        with pytest.raises(ValueError):
+            headline_text(report)
+    report = json.loads(json.dumps(good))
+    report["headline"]["classify"]["basis"] = "**click** <a href=x>"
+    with pytest.raises(ValueError):
+        headline_text(report)
 
 
 def test_clip_headline_marks_seen_and_held_out():
@@ -95,8 +129,14 @@ def test_clip_arch_id_names_the_image_tower():
     a = {"embed_dim": 64, "vision_cfg": {"layers": 2, "width": 64}, "text_cfg": {"layers": 2}}
     b = {**a, "text_cfg": {"layers": 4}}
     c = {**a, "vision_cfg": {"layers": 3, "width": 64}}
-    assert clip_arch_id(a) == clip_arch_id(b) != clip_arch_id(c)
+    wide = {**a, "vision_cfg": {"layers": 2, "width": 128}}
+    assert clip_arch_id(a) == clip_arch_id(b) == clip_arch_id(wide) == "clip:vit-p16-l2" != clip_arch_id(c)
     assert clip_arch_id("ViT-B-32") == "clip:ViT-B-32"
+    from uge_protect.eval.clip import DEFAULT_MODEL_CONFIG
+    from uge_protect.transforms.clip_models import TINY_CLIP_CONFIG
+
+    # the evaluation's CLIP is the fits' default surrogate at another width: the same family, seen
+    assert clip_arch_id(DEFAULT_MODEL_CONFIG) == clip_arch_id(TINY_CLIP_CONFIG)
 
 
 @pytest.fixture(scope="module")
@@ -142,6 +182,7 @@ def test_a_row_seen_in_the_fit_is_left_out_of_the_headline(data, tmp_path):
     shutil.copytree(data / "prot", edited)
     protection = json.loads((edited / "protection.json").read_text())
     protection["method"]["fit_architectures"] = ["small_cnn"]
+    del protection["method"]["protects"]  # as a protecting method's record would read
     (edited / "protection.json").write_text(json.dumps(protection))
     report = run_evaluation(EvalConfig(protected=str(edited), clean_train=[str(data / "train" / "*.tar")],
                                        test=[str(data / "test" / "*.tar")], output=str(tmp_path / "r"),
@@ -154,6 +195,21 @@ def test_a_row_seen_in_the_fit_is_left_out_of_the_headline(data, tmp_path):
         assert head["worst"]["arch"] == "mlp"
     md = (tmp_path / "r" / "report.md").read_text()
     assert "| none | small_cnn | seen in fit" in md and "`small_cnn`" in md.splitlines()[4]
+    # a record naming every evaluated architecture leaves no row to judge: eval says so
+    protection["method"]["fit_architectures"] = ["small_cnn", "mlp"]
+    (edited / "protection.json").write_text(json.dumps(protection))
+    report = run_evaluation(EvalConfig(protected=str(edited), clean_train=[str(data / "train" / "*.tar")],
+                                       test=[str(data / "test" / "*.tar")], output=str(tmp_path / "r2"),
+                                       archs=["small_cnn", "mlp"], epochs=1, batch_size=16, quiet=True))
+    assert report["headline"]["classify"]["worst"] is None
+    assert any("names every evaluated architecture" in n for n in report["notes"])
+    # a malformed record is no record: every row counts, and the report says so
+    (edited / "protection.json").write_text(json.dumps({**protection, "method": "uge"}))
+    report = run_evaluation(EvalConfig(protected=str(edited), clean_train=[str(data / "train" / "*.tar")],
+                                       test=[str(data / "test" / "*.tar")], output=str(tmp_path / "r3"),
+                                       archs=["small_cnn"], epochs=1, batch_size=16, quiet=True))
+    assert report["protection"]["fit_architectures"] is None
+    assert {r["role"] for r in report["tasks"]["classify"]["summary"]} == {UNRECORDED}
 
 
 def test_every_architecture_builds_and_trains_on_small_images():
@@ -186,3 +242,31 @@ def test_methods_record_what_they_were_fitted_against(tmp_path):
     del config["fit_architectures"]  # an artifact older than the field: derived from the surrogate
     save_artifact(tmp_path / "old", config, weights)
     assert make("em", str(tmp_path / "old")).config()["fit_architectures"] == ["vgg11"]
+
+
+def test_a_last_batch_of_one_sample_and_too_small_images():
+    from uge_protect.eval.classify import TrainSettings, fit_classifier
+
+    x = (torch.rand(65, 3, 16, 16) * 255).to(torch.uint8)
+    y = torch.arange(65) % 3
+    _, r = fit_classifier(x, y, x[:8], y[:8], 3, TrainSettings(arch="mobilenet_v2", epochs=1, batch_size=64))
+    assert r["per_epoch"][0]["train_acc"] >= 0  # trained on the 64 and skipped the lone 65th
+
+
+def test_vgg_on_images_too_small_is_one_user_error(data, tmp_path):
+    from uge_protect.errors import UserError
+
+    with pytest.raises(UserError, match="vgg11 needs images of at least 16 pixels"):
+        run_evaluation(EvalConfig(protected=str(data / "prot"), clean_train=[str(data / "train" / "*.tar")],
+                                  test=[str(data / "test" / "*.tar")], output=str(tmp_path / "r"),
+                                  archs=["vgg11"], epochs=1, image_size=8, quiet=True))
+
+
+def test_uge_records_its_students_feature_space_and_the_network_l_gm_fits_through():
+    from uge_protect.transforms.uge import uge_fit_architectures
+
+    assert uge_fit_architectures(["small_cnn", "vgg11"], None, 1.0) == ["small_cnn", "vgg11"]
+    tiny = {"embed_dim": 8, "vision_cfg": {"layers": 1, "width": 8, "patch_size": 4}}
+    assert uge_fit_architectures(["small_cnn"], tiny, 1.0) == ["small_cnn", "clip:vit-p4-l1"]
+    assert uge_fit_architectures(["small_cnn"], tiny, 0.0) == ["small_cnn"]
+    assert uge_fit_architectures(["vgg11"], None, 0.0, "resnet18") == ["vgg11", "resnet18"]

@@ -18,7 +18,7 @@ def eval_command(
     test: List[str] = typer.Option(..., "--test", help="Clean test shards (pattern; repeatable)."),
     output: Path = typer.Option(..., "--output", "-o", help="Report directory (report.json, report.md, PNG figures)."),
     task: str = typer.Option("classify", "--task", help="classify | clip | both."),
-    arch: Optional[List[str]] = typer.Option(None, "--arch", help="Hacker architecture (repeatable): mlp, vit_tiny, small_cnn, resnet_cifar, vgg11, mobilenet_v2, resnet18, resnet18_cifar. Default: the first six (none with --authorized)."),
+    arch: Optional[List[str]] = typer.Option(None, "--arch", help="Hacker architecture (repeatable): mlp, vit_tiny, small_cnn, resnet_cifar, vgg11, mobilenet_v2, resnet18, resnet18_cifar. Default: the first six."),
     defense: Optional[List[str]] = typer.Option(None, "--defense", help="Defense (repeatable): none, grayscale, jpeg:Q, cutout, mixup, strong-aug, adv-train. Default: none."),
     epochs: int = typer.Option(8, "--epochs", help="Training epochs per classifier."),
     batch_size: int = typer.Option(64, "--batch-size", help="Training batch size."),
@@ -45,7 +45,7 @@ def eval_command(
 
     cfg = EvalConfig(
         protected=str(protected), clean_train=list(clean_train), test=list(test), output=str(output), task=task,
-        archs=list(arch) if arch else ([] if authorized else list(DEFAULT_ARCHS)), defenses=list(defense) if defense else list(DEFAULT_DEFENSES),
+        archs=list(arch) if arch else list(DEFAULT_ARCHS), defenses=list(defense) if defense else list(DEFAULT_DEFENSES),
         epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, flip=not no_flip, seed=seed,
         repeats=repeats, clean_fraction=clean_fraction, adv_epsilon=adv_epsilon, adv_steps=adv_steps,
         image_size=image_size, clip_epochs=clip_epochs, device=device, quiet=quiet,

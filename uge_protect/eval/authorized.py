@@ -43,6 +43,8 @@ class ModelEntry:
     teacher: "ModelEntry | None" = None
     #: The authorized network trained with the artifact's own key (the owner's row).
     owner: bool = False
+    #: The authorized architecture behind another key (``--other-key``).
+    other_key: bool = False
     #: The artifact's confidence gate the network carries (None: no gate); buffers only, so
     #: every model built shares it.
     gate: ConfidenceGate | None = field(default=None, compare=False)
@@ -87,7 +89,7 @@ def authorized_entries(artifact: str | None, other_keys: list[int], distill: lis
     for other in other_keys:
         if str(other) == key:
             raise UserError("--other-key must differ from the artifact's key")
-        entries.append(ModelEntry(f"{arch}+key:{other}", arch, other, projection))
+        entries.append(ModelEntry(f"{arch}+key:{other}", arch, other, projection, other_key=True))
     for student in distill:
         if student not in ARCHITECTURES:
             raise UserError(f"unknown --distill architecture {student!r}; choose {', '.join(ARCHITECTURES)}")

@@ -157,6 +157,8 @@ def fit_classifier(
         seen = 0
         for i in range(0, n, s.batch_size):
             idx = order[i:i + s.batch_size]
+            if idx.numel() == 1 and n > 1:
+                continue  # a last batch of one sample: batch norm cannot train on it
             x = _to_float(epoch_images[idx], device)
             y = labels[idx].to(device)
             x = random_crop_flip(x, s.crop_padding, s.flip, g)

@@ -164,7 +164,7 @@ def plot_headline(report: dict[str, Any], path: Path) -> None:
     for i, arch in enumerate(archs):
         rows = [r for r in summary if r["arch"] == arch]
         worst = max(rows, key=lambda r: r["protected"]["final_test_acc"]["mean"])
-        held = worst.get("role") == "held out"
+        held = worst.get("role") in ("held out", "fit not recorded")
         colour = "tab:red" if held else "0.6"
         ax.bar(i - 0.2, 100 * worst["clean"]["final_test_acc"]["mean"], 0.4, color="tab:blue" if held else "0.8",
                edgecolor="black", linewidth=0.4, label="trained on clean" if i == 0 else None)
@@ -173,8 +173,9 @@ def plot_headline(report: dict[str, Any], path: Path) -> None:
                label="trained on protected (best defense)" if i == 0 else None)
     worst = ((report.get("headline") or {}).get("classify") or {}).get("worst")
     if worst:
+        basis = report["headline"]["classify"]["basis"]
         ax.axhline(100 * worst["protected_acc"], color="tab:red", linestyle="--", linewidth=1,
-                   label=f"worst held-out: {100 * worst['protected_acc']:.1f}%")
+                   label=f"worst case over {basis}: {100 * worst['protected_acc']:.1f}%")
     ax.set_xticks(range(len(archs)))
     ax.set_xticklabels([f"{a}\n({next(r for r in summary if r['arch'] == a).get('role', '')})" for a in archs],
                        fontsize=7)
@@ -182,7 +183,8 @@ def plot_headline(report: dict[str, Any], path: Path) -> None:
     ax.set_ylim(0, 100)
     ax.set_title("held-out architectures (colour) vs seen in fit / owner (grey)", fontsize=9)
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=3)
+    if archs:
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -29,10 +29,17 @@ from uge_protect.eval.classify import TrainSettings, fit_classifier
 from uge_protect.eval.defenses import Defense, apply_data_defense, parse_defense, partial_protection
 from uge_protect.eval.metrics import summarize
 from uge_protect.eval.parallel import run_spread, start_workers
-from uge_protect.eval.protocol import classifier_headline, clip_headline, fit_architectures, mark_classifier_rows, role
+from uge_protect.eval.protocol import (
+    classifier_headline,
+    clip_headline,
+    covers_every_row,
+    fit_architectures,
+    mark_classifier_rows,
+    role,
+)
 from uge_protect.shards.dataset import InMemoryDataset, load_shards
 from uge_protect.transforms.base import clip_arch_id
-from uge_protect.transforms.networks import ARCHITECTURES
+from uge_protect.transforms.networks import ARCHITECTURES, MIN_SIDE
 
 #: Hacker architectures of different inductive biases, each learning clean data in 8 CPU epochs.
 DEFAULT_ARCHS = ("mlp", "vit_tiny", "small_cnn", "resnet_cifar", "vgg11", "mobilenet_v2")
@@ -135,6 +142,10 @@ def _protected_shards(directory: str) -> tuple[str, dict[str, Any] | None]:
             info = json.loads(pj.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             info = None
+    if not isinstance(info, dict):
+        return pattern, None
+    if not isinstance(info.get("method"), dict):  # read as data: a malformed record is no record
+        info = {k: v for k, v in info.items() if k != "method"}
     return pattern, info
 
 
@@ -227,6 +238,11 @@ def run_evaluation(cfg: EvalConfig, *, log: Callable[[str], None] | None = None)
                 raise UserError(f"{missing} of {len(ds)} {name} samples have no class label (cls field); "
                                 "classification needs one per sample (use --task clip for caption-only data)")
     num_classes = max(prot.num_classes, clean.num_classes, test.num_classes)
+    side = min(prot.images.shape[-2:])
+    for entry in models.values():
+        if side < MIN_SIDE.get(entry.arch, 1):
+            raise UserError(f"{entry.arch} needs images of at least {MIN_SIDE[entry.arch]} pixels, these are {side}; "
+                            "pass --image-size or leave it out")
 
     # Partial protection: a seeded fraction of the protected samples replaced by their clean versions.
     mixed_images, clean_mask = partial_protection(prot.images, prot.keys, clean.images, clean.keys,
@@ -274,6 +290,15 @@ def run_evaluation(cfg: EvalConfig, *, log: Callable[[str], None] | None = None)
     fit = fit_architectures(method)
     report["protection"]["fit_architectures"] = fit
     report["headline"] = {}
+    if fit is None:
+        report["notes"].append("protection.json does not record the networks the fit used: every row counts "
+                               "in the headline (none is known to be held out).")
+    hackers = [m.arch for m in models.values() if not m.owner and not m.other_key]
+    if covers_every_row(fit, hackers):
+        warning = (f"protection.json names every evaluated architecture ({', '.join(sorted(set(hackers)))}) as "
+                   "seen in the fit, so no row judges the protection; evaluate architectures it does not name.")
+        report["notes"].append(warning)
+        say("warning: " + warning)
     if method.get("protects") is False:
         report["notes"].append(f"The protection method {method.get('method')!r} is a non-protecting control.")
 
@@ -314,7 +339,8 @@ def run_evaluation(cfg: EvalConfig, *, log: Callable[[str], None] | None = None)
     if cfg.task in ("classify", "both"):
         runs = [r for job, r in zip(jobs, results) if job.task == "classify"]
         summary = _classify_summary(list(models), defenses, runs)
-        mark_classifier_rows(summary, {label: role(m.arch, fit, owner=m.owner) for label, m in models.items()})
+        roles = {label: role(m.arch, fit, owner=m.owner, other_key=m.other_key) for label, m in models.items()}
+        mark_classifier_rows(summary, roles, num_classes)
         report["tasks"]["classify"] = {"runs": runs, "summary": summary}
         report["headline"]["classify"] = classifier_headline(summary)
     if clip_mod is not None:

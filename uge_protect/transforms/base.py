@@ -32,13 +32,21 @@ def sample_seed(seed: int, key: str) -> int:
 
 
 def clip_arch_id(model_config: str | dict[str, Any]) -> str:
-    """The name of a CLIP architecture in fit and evaluation records: ``clip:NAME`` for an
-    open_clip model name, else ``clip:`` and a digest of the image tower's config and the
-    embedding width (what sees the noise), so equal towers get equal names."""
+    """The name of a CLIP architecture in fit and evaluation records, by its image tower's
+    family (what sees the noise), whatever its width, as a classifier counts as its
+    architecture at any width: ``clip:NAME`` for an open_clip model name, ``clip:vit-pP-lL``
+    for a ViT tower (patch P, L layers), ``clip:resnet-A-B-C-D`` for a modified-ResNet tower,
+    else ``clip:vision-`` and a digest of the tower's config."""
     if isinstance(model_config, str):
         return f"clip:{model_config}"
-    tower = {"embed_dim": model_config.get("embed_dim"), "vision_cfg": model_config.get("vision_cfg")}
-    digest = hashlib.sha256(json.dumps(tower, sort_keys=True, default=str).encode("utf-8")).hexdigest()[:12]
+    vision = model_config.get("vision_cfg")
+    if isinstance(vision, dict):
+        layers = vision.get("layers")
+        if isinstance(layers, int) and not vision.get("timm_model_name"):
+            return f"clip:vit-p{vision.get('patch_size', 16)}-l{layers}"
+        if isinstance(layers, (list, tuple)) and all(isinstance(n, int) for n in layers):
+            return "clip:resnet-" + "-".join(str(n) for n in layers)
+    digest = hashlib.sha256(json.dumps(vision, sort_keys=True, default=str).encode("utf-8")).hexdigest()[:12]
     return f"clip:vision-{digest}"
 
 

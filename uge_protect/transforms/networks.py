@@ -75,7 +75,8 @@ def mobilenet_v2(num_classes: int) -> nn.Module:
 
 
 def mlp(num_classes: int, hidden: int = 512) -> nn.Module:
-    """A three-layer perceptron on the flattened image (pooled to at most 32×32).
+    """A three-layer perceptron on the flattened image, adaptively average-pooled to 32×32
+    (larger images are averaged down, smaller ones repeated up).
 
     No convolution and no weight sharing across positions: the inductive bias furthest from a
     CNN's."""
@@ -107,8 +108,8 @@ class _Block(nn.Module):
 
 
 class TinyViT(nn.Module):
-    """A small vision transformer: ``patch``×``patch`` patches of the image resized to
-    ``side``×``side``, learned position embeddings, ``depth`` pre-norm blocks, a mean-pooled
+    """A small vision transformer: ``patch``×``patch`` patches of the image resized
+    (antialiased) to ``side``×``side``, learned position embeddings, ``depth`` pre-norm blocks, a mean-pooled
     token head (no class token)."""
 
     def __init__(self, num_classes: int, dim: int = 128, depth: int = 4, heads: int = 4, patch: int = 4,
@@ -187,6 +188,10 @@ ARCHITECTURES: dict[str, Callable[[int], nn.Module]] = {
     "mobilenet_v2": mobilenet_v2,
     "vgg11": vgg11,
 }
+
+
+#: The least image side an architecture takes (VGG-11's four poolings need 16 pixels).
+MIN_SIDE: dict[str, int] = {"vgg11": 16}
 
 
 def build_classifier(name: str, num_classes: int, seed: int | None = None) -> nn.Module:

@@ -208,12 +208,14 @@ class UGEConfig:
         return self.gm_weight > 0 and not self.key_projection
 
 
-def uge_fit_architectures(students: list[str], feature_model: str | dict | None, fd_weight: float) -> list[str]:
-    """What a UGE fit trains δ against: the L_ud students and, when L_fd is on, the feature
-    space's CLIP image tower. The authorized architecture is not among them unless it is a
-    student: the noise is not fitted against it (under the key projection it never sees δ),
-    so its key-less copy is a hacker like any other."""
-    names = list(students)
+def uge_fit_architectures(students: list[str], feature_model: str | dict | None, fd_weight: float,
+                          authorized: str | None = None) -> list[str]:
+    """What a UGE fit trains δ against: the L_ud students, the feature space's CLIP image
+    tower when L_fd is on, and ``authorized`` when given (L_gm fits δ through the authorized
+    network: without the key projection). Under the key projection the authorized network
+    never sees δ, so it is not among them unless it is a student: its key-less copy is a
+    hacker like any other."""
+    names = list(students) + ([authorized] if authorized else [])
     if fd_weight > 0 and feature_model is not None:
         names.append(clip_arch_id(feature_model))
     return list(dict.fromkeys(names))
@@ -539,7 +541,8 @@ def fit_uge(images: torch.Tensor, labels: torch.Tensor, cfg: UGEConfig, progress
                                                  lambda xx, yy: make_delta(xx, generator(xx, cond(yy)), cfg.epsilon,
                                                                            direction)),
         "fit_seconds": round(time.perf_counter() - started, 1),
-        "fit_architectures": uge_fit_architectures(cfg.students, feature_cfg, cfg.fd_weight),
+        "fit_architectures": uge_fit_architectures(cfg.students, feature_cfg, cfg.fd_weight,
+                                                   cfg.authorized if cfg.gm_active else None),
     }
     weights = {"generator": {k: v.detach().cpu().clone() for k, v in generator.state_dict().items()}}
     return config, weights
@@ -686,7 +689,9 @@ class Ungeneralizable(ProtectionMethod):
         c = self._config
         student = str(c.get("student") or "")
         students = list(AUTO_STUDENTS) if student.strip() == "auto" else [x.strip() for x in student.split(",") if x.strip()]
-        return uge_fit_architectures(students, c.get("feature_model"), float(c.get("fd_weight") or 0))
+        gm_active = not c.get("key_projection", True) and float(c.get("gm_weight") or 0) > 0
+        return uge_fit_architectures(students, c.get("feature_model"), float(c.get("fd_weight") or 0),
+                                     c["authorized"] if gm_active else None)
 
     def config(self) -> dict[str, Any]:
         """Public parameters only: the key and authorized weights appear as fingerprints."""
