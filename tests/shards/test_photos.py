@@ -156,3 +156,25 @@ def test_cli_writes_shards_that_load(photo_dir, tmp_path):
     errors = [line for line in result.output.splitlines() if line.startswith("error:")]
     assert result.exit_code == 2 and len(errors) == 1 and "make photos" in errors[0], result.output
     assert "Traceback" not in result.output
+
+
+def test_the_protocol_runs_on_the_photographs_in_small(built, tmp_path):
+    """The photo benchmark and every default hacker architecture, in small: one epoch each on
+    the tiny build, protected with `random`; every row gets its role and the report its headline."""
+    from uge_protect.eval.runner import DEFAULT_ARCHS, EvalConfig, run_evaluation
+    from uge_protect.pipeline import ShardJobConfig, run_shard_job
+    from uge_protect.transforms.registry import create_method
+
+    out, _ = built
+    run_shard_job(ShardJobConfig(inputs=[str(out / "train" / "*.tar")], output=str(tmp_path / "prot"),
+                                 num_workers=0, encode_threads=0, quiet=True), create_method("random"))
+    report = run_evaluation(EvalConfig(protected=str(tmp_path / "prot"), clean_train=[str(out / "train" / "*.tar")],
+                                       test=[str(out / "test" / "*.tar")], output=str(tmp_path / "report"),
+                                       archs=list(DEFAULT_ARCHS), epochs=1, batch_size=16, quiet=True,
+                                       figures=False))
+    rows = report["tasks"]["classify"]["summary"]
+    assert [r["arch"] for r in rows] == list(DEFAULT_ARCHS) and len(DEFAULT_ARCHS) >= 6
+    assert {"mlp", "vit_tiny", "resnet_cifar", "vgg11", "small_cnn"} <= set(DEFAULT_ARCHS)
+    assert {r["role"] for r in rows} == {"held out"}  # random noise is fitted against nothing
+    assert report["data"]["num_classes"] == len(CLASS_NAMES)
+    assert "basis" in report["headline"]["classify"]
