@@ -113,6 +113,13 @@ def test_eval_authorized_other_key_and_distilled_student(data, artifact, tmp_pat
     summary = {r["arch"]: r for r in report["tasks"]["classify"]["summary"]}
     owner = summary["small_cnn+key"]
     assert owner["protected"]["final_test_acc"]["mean"] == owner["clean"]["final_test_acc"]["mean"]
+    # the fit's student (vgg11) and feature space are recorded; the owner has its own role; the
+    # authorized architecture without the key, another key and the distilled student are held out
+    fitted = json.loads((artifact / "config.json").read_text())["fit_architectures"]
+    assert report["protection"]["fit_architectures"] == fitted
+    assert fitted[0] == "vgg11" and fitted[1].startswith("clip:vit-") and len(fitted) == 2
+    assert summary["small_cnn+key"]["role"] == "owner"
+    assert {summary[a]["role"] for a in ("small_cnn", "small_cnn+key:7", "small_cnn<-small_cnn+key")} == {"held out"}
 
 
 def test_fit_uge_errors(data, tmp_path):
