@@ -58,17 +58,20 @@ def _data(work: Path, dataset: str) -> Path:
     return data
 
 
-def _protect(work: Path, data: Path, method: str, seed: int, timings: dict[str, float]) -> tuple[Path, Path | None]:
-    """Fit (with the default options) and shard; returns the protected directory and the artifact."""
+def _protect(work: Path, data: Path, method: str, seed: int, timings: dict[str, float], authorized: str,
+             fit_args: dict[str, list[str]]) -> tuple[Path, Path | None]:
+    """Fit (with the default options and ``fit_args[method]``) and shard; returns the
+    protected directory and the artifact."""
     train = str(data / "train" / "*.tar")
     out = work / method
     art = None if method == "random" else work / f"{method}-artifact"
     if art is not None and not (art / "config.json").is_file():
         start = time.perf_counter()
+        extra = fit_args.get(method, [])
         if method.startswith("em-"):
-            sh("fit", "em", train, "-o", str(art), "--mode", method[3:], "--seed", str(seed))
+            sh("fit", "em", train, "-o", str(art), "--mode", method[3:], "--seed", str(seed), *extra)
         else:
-            sh("fit", "uge", train, "-o", str(art), "--seed", str(seed))
+            sh("fit", "uge", train, "-o", str(art), "--authorized", authorized, "--seed", str(seed), *extra)
         timings[f"fit {method}"] = time.perf_counter() - start
     if not (out / "protection.json").is_file():
         start = time.perf_counter()
@@ -140,17 +143,21 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--processes", type=int, default=1, help="evaluate under accelerate launch with N CPU processes")
     p.add_argument("--docs", default="docs/efficacy", help="where the tables go")
+    p.add_argument("--authorized", default="small_cnn", help="UGE's authorized architecture")
+    p.add_argument("--fit-args", nargs="*", default=[], metavar="METHOD=ARGS",
+                   help="extra fit options of a method, e.g. 'em-class=--pattern-size 8' (for trials)")
     a = p.parse_args()
     from uge_protect.eval.runner import DEFAULT_ARCHS
 
     archs = list(a.archs) if a.archs else list(DEFAULT_ARCHS)
+    fit_args = {m: v.split() for m, v in (item.split("=", 1) for item in a.fit_args)}
     for dataset in a.datasets:
         work = Path(a.workdir) / dataset
         data = _data(Path(a.workdir), dataset)
         timings: dict[str, float] = {}
         results: dict[str, dict] = {}
         for method in a.methods:
-            out, art = _protect(work, data, method, a.seed, timings)
+            out, art = _protect(work, data, method, a.seed, timings, a.authorized, fit_args)
             extra = ["--authorized", str(art)] if method == "uge" and art else []
             start = time.perf_counter()
             report = evaluate(out, data, work / "reports" / method, archs=archs, defenses=["none"], epochs=a.epochs,

@@ -42,6 +42,8 @@ def em(
     stop_error: Optional[float] = typer.Option(None, "--stop-error", help="Stop when the surrogate's train error on x+δ is below this (default 0.01)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Batch size (default 128)."),
     lr: Optional[float] = typer.Option(None, "--lr", help="Surrogate learning rate (default 0.1 SGD; clip 2e-3 AdamW)."),
+    pattern_size: Optional[int] = typer.Option(None, "--pattern-size", help="class: fit δ on an N×N grid of blocks, upsampled to the image (default: full resolution)."),
+    em_augment: Optional[bool] = typer.Option(None, "--augment/--no-augment", help="sample/class: random shifts and flips of x+δ in the surrogate's steps (class: also in the PGD steps)."),
     image_size: Optional[int] = typer.Option(None, "--image-size", help="Centre-crop training images to this side first."),
     seed: int = typer.Option(0, "--seed", help="Seed of the fit (initial noise, surrogate, batch order)."),
     device: str = typer.Option("auto", "--device", help="auto (CUDA when available), cpu, cuda, cuda:N."),
@@ -58,6 +60,7 @@ def em(
         "stop_error": stop_error, "batch_size": batch_size, "lr": lr, "image_size": image_size,
         "seed": seed, "surrogate_width": surrogate_width, "device": device,
         "clip_model": clip_model, "clip_pretrained": clip_pretrained, "bank_size": bank_size,
+        "pattern_size": pattern_size, "augment": em_augment,
     }
     try:
         fit_from_shards("em", list(train), str(output), options, quiet=quiet)

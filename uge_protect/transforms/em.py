@@ -38,7 +38,7 @@ from uge_protect.transforms.artifact import (
 from uge_protect.transforms.base import APPLY_CHUNK, ProtectBatch, ProtectionMethod, given_options, in_fixed_chunks
 from uge_protect.transforms.budget import check_epsilon, pgd_minimize, seeded_uniform
 from uge_protect.transforms.networks import ARCHITECTURES, Normalized, build_classifier, set_frozen, small_cnn
-from uge_protect.transforms.training import pick_device
+from uge_protect.transforms.training import pick_device, shift_flip
 
 MODES = ("sample", "class")
 DEFAULT_EPSILON = 8 / 255
@@ -78,6 +78,12 @@ class EMConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     seed: int = 0
+    #: Class mode: δ is fitted on a ``pattern_size``×``pattern_size`` grid of blocks and
+    #: upsampled (nearest) to the image (None: at full resolution). Coarse patterns survive the
+    #: shifts, flips and pooling of other architectures' training.
+    pattern_size: int | None = None
+    #: Random shifts (up to 4 px) and flips of x + δ in the fit's surrogate steps and PGD steps.
+    augment: bool = False
     #: Informational: the side the training images were brought to (None: as stored).
     image_size: int | None = None
     #: Where to fit: "auto" (CUDA when available, else CPU), "cpu", "cuda", "cuda:1", ...
@@ -108,6 +114,8 @@ class EMConfig:
             raise UserError(f"stop error must be in [0, 1), got {self.stop_error}")
         if self.lr <= 0:
             raise UserError(f"learning rate must be > 0, got {self.lr}")
+        if self.pattern_size is not None and self.pattern_size < 1:
+            raise UserError(f"pattern size must be >= 1, got {self.pattern_size}")
 
     @classmethod
     def from_options(cls, options: dict[str, Any]) -> "EMConfig":
@@ -175,6 +183,17 @@ def pgd_min(
                         epsilon, step_size, steps)
 
 
+def _class_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, delta: torch.Tensor,
+                up: Callable[[torch.Tensor], torch.Tensor], view: Callable[[torch.Tensor], torch.Tensor],
+                epsilon: float, step_size: float) -> torch.Tensor:
+    """One signed-gradient step per sample that *decreases* the cross-entropy of
+    ``view(x + up(δ))`` (δ on its grid), projected to ``‖δ‖∞ ≤ ε``."""
+    d = delta.detach().clone().requires_grad_(True)
+    loss = F.cross_entropy(model(view((x + up(d)).clamp(0.0, 1.0))), y, reduction="sum")
+    (grad,) = torch.autograd.grad(loss, d)
+    return (d.detach() - step_size * grad.sign()).clamp_(-epsilon, epsilon)
+
+
 @torch.no_grad()
 def _error(model: nn.Module, x: torch.Tensor, delta_of: Callable[[torch.Tensor], torch.Tensor],
            y: torch.Tensor, batch_size: int) -> float:
@@ -218,12 +237,15 @@ def fit_em(
     images, labels = images.to(device), labels.to(device)
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     eps = cfg.epsilon
+    grid = (min(cfg.pattern_size, h), min(cfg.pattern_size, w)) if cfg.mode == "class" and cfg.pattern_size else (h, w)
+    up = (lambda d: d) if grid == (h, w) else (lambda d: F.interpolate(d, size=(h, w), mode="nearest"))  # noqa: E731
+    view = (lambda x: shift_flip(x, gen)) if cfg.augment else (lambda x: x)  # noqa: E731
     if cfg.mode == "sample":
         delta = ((torch.rand((n, 3, h, w), generator=gen) * 2 - 1) * eps).to(device)
         delta_of = lambda idx: delta[idx]  # noqa: E731
     else:
-        delta = ((torch.rand((num_classes, 3, h, w), generator=gen) * 2 - 1) * eps).to(device)
-        delta_of = lambda idx: delta[labels[idx]]  # noqa: E731
+        delta = ((torch.rand((num_classes, 3, *grid), generator=gen) * 2 - 1) * eps).to(device)
+        delta_of = lambda idx: up(delta)[labels[idx]]  # noqa: E731
 
     order = torch.randperm(n, generator=gen)
     cursor = 0
@@ -239,7 +261,7 @@ def fit_em(
             idx = order[cursor : cursor + cfg.batch_size].to(device)
             cursor += cfg.batch_size
             xb = images[idx].float().div_(255.0)
-            loss = F.cross_entropy(model((xb + delta_of(idx)).clamp_(0.0, 1.0)), labels[idx])
+            loss = F.cross_entropy(model(view((xb + delta_of(idx)).clamp_(0.0, 1.0))), labels[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -253,7 +275,7 @@ def fit_em(
             if cfg.mode == "sample":
                 delta[idx] = pgd_min(model, xb, yb, delta[idx], eps, cfg.step_size, cfg.pgd_steps)
             else:
-                moved = pgd_min(model, xb, yb, delta[yb], eps, cfg.step_size, 1)
+                moved = _class_step(model, xb, yb, delta[yb], up, view, eps, cfg.step_size)
                 sums = torch.zeros_like(delta).index_add_(0, yb, moved)
                 counts = torch.bincount(yb, minlength=num_classes)
                 present = counts > 0
@@ -285,7 +307,7 @@ def fit_em(
         "surrogate": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     }
     if cfg.mode == "class":
-        weights["class_noise"] = {"delta": delta.cpu().clone()}
+        weights["class_noise"] = {"delta": up(delta).cpu().clone()}  # at the fit's resolution
     return config, weights
 
 
