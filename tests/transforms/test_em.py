@@ -182,3 +182,16 @@ def test_bad_options_are_user_errors():
         fit_em(images, torch.zeros(8, dtype=torch.int64), EMConfig(**TINY))
     cfg = EMConfig.from_options({"surrogate": "vgg11"})
     assert cfg.surrogate_width is None
+
+
+def test_class_mode_on_a_coarse_grid_with_augmentation_gives_block_patterns():
+    from uge_protect.transforms.em import EMConfig, fit_em
+
+    x = (torch.rand(24, 3, 16, 16) * 255).to(torch.uint8)
+    y = torch.arange(24) % 3
+    config, weights = fit_em(x, y, EMConfig(mode="class", max_rounds=2, pattern_size=4, augment=True))
+    delta = weights["class_noise"]["delta"]
+    assert delta.shape == (3, 3, 16, 16) and config["pattern_size"] == 4 and config["augment"] is True
+    blocks = delta.view(3, 3, 4, 4, 4, 4)  # (class, channel, row block, row, column block, column)
+    assert torch.equal(blocks, blocks[:, :, :, :1, :, :1].expand_as(blocks))  # constant on each 4×4 block
+    assert delta.abs().max() <= 8 / 255 + 1e-6 and delta.abs().max() > 0

@@ -187,7 +187,8 @@ def _class_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, delta: torch
                 up: Callable[[torch.Tensor], torch.Tensor], view: Callable[[torch.Tensor], torch.Tensor],
                 epsilon: float, step_size: float) -> torch.Tensor:
     """One signed-gradient step per sample that *decreases* the cross-entropy of
-    ``view(x + up(δ))`` (δ on its grid), projected to ``‖δ‖∞ ≤ ε``."""
+    ``view(x + up(δ))`` (each sample's class δ on its grid), projected to ``‖δ‖∞ ≤ ε``; the
+    caller averages the steps over each class's samples."""
     d = delta.detach().clone().requires_grad_(True)
     loss = F.cross_entropy(model(view((x + up(d)).clamp(0.0, 1.0))), y, reduction="sum")
     (grad,) = torch.autograd.grad(loss, d)
@@ -275,7 +276,10 @@ def fit_em(
             if cfg.mode == "sample":
                 delta[idx] = pgd_min(model, xb, yb, delta[idx], eps, cfg.step_size, cfg.pgd_steps)
             else:
-                moved = _class_step(model, xb, yb, delta[yb], up, view, eps, cfg.step_size)
+                if grid == (h, w) and not cfg.augment:  # the reference update
+                    moved = pgd_min(model, xb, yb, delta[yb], eps, cfg.step_size, 1)
+                else:
+                    moved = _class_step(model, xb, yb, delta[yb], up, view, eps, cfg.step_size)
                 sums = torch.zeros_like(delta).index_add_(0, yb, moved)
                 counts = torch.bincount(yb, minlength=num_classes)
                 present = counts > 0
