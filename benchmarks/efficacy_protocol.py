@@ -81,9 +81,11 @@ def _protect(work: Path, data: Path, method: str, seed: int, timings: dict[str, 
     return out, art
 
 
-def _verdict(dataset: str, head: dict) -> str:
+def _verdict(dataset: str, head: dict, method: str) -> str:
     """Whether the worst held-out case meets the protocol's target, and by how much."""
     w = head.get("worst")
+    if method == "random":
+        return "control: protects nothing (expected near clean)"
     if w is None:
         return head.get("basis", "no held-out row")
     if dataset == "photos":
@@ -107,7 +109,8 @@ def _markdown(dataset: str, results: dict[str, dict], meta: dict) -> str:
         "",
         "Accuracy on the clean test set (%). *Worst held-out*: the highest accuracy any architecture the "
         "fit did not use reached after training on the protected data. Rows that did not learn clean data "
-        "(clean accuracy under half of the best clean row) are left out of it.",
+        "(clean accuracy under half of the best clean row, or not clearly above chance) are left out of it. "
+        f"Hacker architectures: {', '.join(meta['archs'])}.",
         "",
         "| method | fit used | worst held-out (protected / clean) | verdict | owner (protected / clean) |",
         "|---|---|---|---|---|",
@@ -167,9 +170,9 @@ def main() -> None:
             rows = [{"arch": r["arch"], "role": r["role"], "learned": r["learned"],
                      "clean": r["clean"]["final_test_acc"]["mean"], "protected": r["protected"]["final_test_acc"]["mean"]}
                     for r in report["tasks"]["classify"]["summary"]]
-            results[method] = {"headline": head, "verdict": _verdict(dataset, head), "rows": rows,
+            results[method] = {"headline": head, "verdict": _verdict(dataset, head, method), "rows": rows,
                                "fit_architectures": report["protection"]["fit_architectures"]}
-            print(f"[{dataset}] {method}: {report['headline'] and _verdict(dataset, head)}", flush=True)
+            print(f"[{dataset}] {method}: {_verdict(dataset, head, method)}", flush=True)
         meta = {"date": time.strftime("%Y-%m-%d"), "commit": _git("rev-parse", "--short", "HEAD"),
                 "hardware": _hardware(), "epochs": a.epochs, "seed": a.seed, "archs": archs, "timings": timings}
         docs = Path(a.docs)
