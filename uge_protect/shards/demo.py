@@ -329,7 +329,8 @@ def render_sample(rng: np.random.Generator,
     return image, label, caption, attrs
 
 
-def _check_int(name: str, value: Any, minimum: int) -> int:
+def check_int(name: str, value: Any, minimum: int) -> int:
+    """``value`` as an int (a bool or non-integer is a ValueError), at least ``minimum``."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise ValueError(f"{name} must be an integer, got {value!r}")
     if value < minimum:
@@ -337,7 +338,8 @@ def _check_int(name: str, value: Any, minimum: int) -> int:
     return int(value)
 
 
-def _encode_png(image: Image.Image) -> bytes:
+def encode_png(image: Image.Image) -> bytes:
+    """PNG bytes of ``image`` (zlib level 6: byte-identical for equal pixels)."""
     buf = io.BytesIO()
     image.save(buf, format="PNG", compress_level=6)
     return buf.getvalue()
@@ -359,11 +361,11 @@ def write_demo_dataset(out_dir: str | os.PathLike, *, n_train: int = 5000, n_tes
     Returns a summary: ``out_dir``, ``classes``, ``classes_path``, ``image_size``, ``seed``
     and per split ``{"n": count, "shards": [paths]}`` under ``splits``.
     """
-    n_train = _check_int("n_train", n_train, 1)
-    n_test = _check_int("n_test", n_test, 1)
-    image_size = _check_int("image_size", image_size, 16)
-    samples_per_shard = _check_int("samples_per_shard", samples_per_shard, 1)
-    seed = _check_int("seed", seed, 0)
+    n_train = check_int("n_train", n_train, 1)
+    n_test = check_int("n_test", n_test, 1)
+    image_size = check_int("image_size", image_size, 16)
+    samples_per_shard = check_int("samples_per_shard", samples_per_shard, 1)
+    seed = check_int("seed", seed, 0)
 
     root = Path(out_dir)
     train_ss, test_ss = np.random.SeedSequence(seed).spawn(2)
@@ -381,7 +383,7 @@ def write_demo_dataset(out_dir: str | os.PathLike, *, n_train: int = 5000, n_tes
                 key = f"{split}-{index:06d}"
                 meta = {"label": label, "class_name": CLASS_NAMES[label], "attrs": attrs}
                 members += [
-                    (f"{key}.png", _encode_png(image)),
+                    (f"{key}.png", encode_png(image)),
                     (f"{key}.txt", caption.encode("utf-8")),
                     (f"{key}.cls", str(label).encode("ascii")),
                     (f"{key}.json", json.dumps(meta, sort_keys=True).encode("utf-8")),

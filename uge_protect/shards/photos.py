@@ -32,6 +32,7 @@ import numpy as np
 from PIL import Image
 
 from uge_protect.errors import UserError
+from uge_protect.shards.demo import check_int, encode_png
 from uge_protect.shards.tario import write_tar_atomic
 
 __all__ = [
@@ -327,20 +328,6 @@ def _caption(rng: np.random.Generator, photo: Photo, crop: dict[str, Any],
     return caption, {"band": _BANDS[band], "view": view, "template": template}
 
 
-def _check_int(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise ValueError(f"{name} must be an integer, got {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return int(value)
-
-
-def _encode_png(image: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG", compress_level=6)
-    return buf.getvalue()
-
-
 def _write_json(path: Path, obj: Any) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
@@ -365,11 +352,11 @@ def write_photo_dataset(out_dir: str | os.PathLike, *, train_per_class: int = 20
     Returns ``out_dir``, ``classes``, ``classes_path``, ``photos_path``, ``image_size``,
     ``seed``, ``samples_per_shard``, ``counts`` (per class and split) and ``splits``.
     """
-    per_split = {"train": _check_int("train_per_class", train_per_class, 1),
-                 "test": _check_int("test_per_class", test_per_class, 1)}
-    image_size = _check_int("image_size", image_size, 8)
-    samples_per_shard = _check_int("samples_per_shard", samples_per_shard, 1)
-    seed = _check_int("seed", seed, 0)
+    per_split = {"train": check_int("train_per_class", train_per_class, 1),
+                 "test": check_int("test_per_class", test_per_class, 1)}
+    image_size = check_int("image_size", image_size, 8)
+    samples_per_shard = check_int("samples_per_shard", samples_per_shard, 1)
+    seed = check_int("seed", seed, 0)
 
     sources = find_photos(photo_dirs)
     decoded = [_decode(path, data) for _, path, data in sources]
@@ -396,7 +383,7 @@ def write_photo_dataset(out_dir: str | os.PathLike, *, train_per_class: int = 20
                 meta = {"label": label, "class_name": photo.name,
                         "attrs": {"photo": photo.file, **crop, **words}}
                 members += [
-                    (f"{key}.png", _encode_png(image)),
+                    (f"{key}.png", encode_png(image)),
                     (f"{key}.txt", caption.encode("utf-8")),
                     (f"{key}.cls", str(label).encode("ascii")),
                     (f"{key}.json", json.dumps(meta, sort_keys=True).encode("utf-8")),
