@@ -105,7 +105,8 @@ def _markdown(dataset: str, results: dict[str, dict], meta: dict) -> str:
         "",
         f"Measured {meta['date']} at commit `{meta['commit']}` on {meta['hardware']}; written by "
         f"`benchmarks/efficacy_protocol.py` ({meta['epochs']} epochs per classifier, seed {meta['seed']}, "
-        "defense none, each method with its default fit options).",
+        "defense none, each method with its default fit options unless the method's name says otherwise; "
+        "UGE's owner is `--authorized " + meta["authorized"] + "`).",
         "",
         "Accuracy on the clean test set (%). *Worst held-out*: the highest accuracy any architecture the "
         "fit did not use reached after training on the protected data. Rows that did not learn clean data "
@@ -170,11 +171,13 @@ def main() -> None:
             rows = [{"arch": r["arch"], "role": r["role"], "learned": r["learned"],
                      "clean": r["clean"]["final_test_acc"]["mean"], "protected": r["protected"]["final_test_acc"]["mean"]}
                     for r in report["tasks"]["classify"]["summary"]]
-            results[method] = {"headline": head, "verdict": _verdict(dataset, head, method), "rows": rows,
+            label = method + (f" ({' '.join(fit_args[method])})" if fit_args.get(method) else "")
+            results[label] = {"headline": head, "verdict": _verdict(dataset, head, method), "rows": rows,
                                "fit_architectures": report["protection"]["fit_architectures"]}
             print(f"[{dataset}] {method}: {_verdict(dataset, head, method)}", flush=True)
         meta = {"date": time.strftime("%Y-%m-%d"), "commit": _git("rev-parse", "--short", "HEAD"),
-                "hardware": _hardware(), "epochs": a.epochs, "seed": a.seed, "archs": archs, "timings": timings}
+                "hardware": _hardware(), "epochs": a.epochs, "seed": a.seed, "archs": archs, "timings": timings,
+                "authorized": a.authorized}
         docs = Path(a.docs)
         docs.mkdir(parents=True, exist_ok=True)
         (docs / f"{dataset}.md").write_text(_markdown(dataset, results, meta), encoding="utf-8")
