@@ -36,6 +36,12 @@ METHODS = ("random", "em-class", "em-sample", "uge")
 PHOTO_RATIO, DEMO_ABSOLUTE, OWNER_GAP = 0.5, 0.25, 0.03
 
 
+def _order(arch: str) -> tuple[int, str]:
+    from uge_protect.eval.runner import DEFAULT_ARCHS
+
+    return (DEFAULT_ARCHS.index(arch) if arch in DEFAULT_ARCHS else len(DEFAULT_ARCHS), arch)
+
+
 def _git(*args: str) -> str:
     try:
         return subprocess.run(["git", *args], capture_output=True, text=True, check=True).stdout.strip()
@@ -164,7 +170,9 @@ def main() -> None:
             out, art = _protect(work, data, method, a.seed, timings, a.authorized, fit_args)
             extra = ["--authorized", str(art)] if method == "uge" and art else []
             start = time.perf_counter()
-            report = evaluate(out, data, work / "reports" / method, archs=archs, defenses=["none"], epochs=a.epochs,
+            # the control runs on every default hacker, to show which ones learn this data at all
+            report = evaluate(out, data, work / "reports" / method, defenses=["none"], epochs=a.epochs,
+                              archs=sorted(set(archs) | set(DEFAULT_ARCHS), key=_order) if method == "random" else archs,
                               seed=a.seed, cache=work / "run-cache", processes=a.processes, extra=extra)
             timings.setdefault(f"eval {method}", time.perf_counter() - start)
             head = report["headline"]["classify"]
