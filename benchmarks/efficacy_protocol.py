@@ -164,7 +164,9 @@ def main() -> None:
     for dataset in a.datasets:
         work = Path(a.workdir) / dataset
         data = _data(Path(a.workdir), dataset)
-        timings: dict[str, float] = {}
+        # timings of earlier, resumed invocations are kept beside the runs
+        timing_file = work / "timings.json"
+        timings: dict[str, float] = json.loads(timing_file.read_text()) if timing_file.is_file() else {}
         results: dict[str, dict] = {}
         for method in a.methods:
             out, art = _protect(work, data, method, a.seed, timings, a.authorized, fit_args)
@@ -175,6 +177,8 @@ def main() -> None:
                               archs=sorted(set(archs) | set(DEFAULT_ARCHS), key=_order) if method == "random" else archs,
                               seed=a.seed, cache=work / "run-cache", processes=a.processes, extra=extra)
             timings.setdefault(f"eval {method}", time.perf_counter() - start)
+            work.mkdir(parents=True, exist_ok=True)
+            timing_file.write_text(json.dumps(timings, indent=2))
             head = report["headline"]["classify"]
             rows = [{"arch": r["arch"], "role": r["role"], "learned": r["learned"],
                      "clean": r["clean"]["final_test_acc"]["mean"], "protected": r["protected"]["final_test_acc"]["mean"]}
