@@ -176,7 +176,8 @@ def main() -> None:
             report = evaluate(out, data, work / "reports" / method, defenses=["none"], epochs=a.epochs,
                               archs=sorted(set(archs) | set(DEFAULT_ARCHS), key=_order) if method == "random" else archs,
                               seed=a.seed, cache=work / "run-cache", processes=a.processes, extra=extra)
-            timings.setdefault(f"eval {method}", time.perf_counter() - start)
+            if report.get("cached_runs", 0) < len(report["tasks"]["classify"]["runs"]):  # some runs trained now
+                timings.setdefault(f"eval {method}", time.perf_counter() - start)
             work.mkdir(parents=True, exist_ok=True)
             timing_file.write_text(json.dumps(timings, indent=2))
             head = report["headline"]["classify"]
