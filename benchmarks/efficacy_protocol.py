@@ -117,7 +117,8 @@ def _markdown(dataset: str, results: dict[str, dict], meta: dict) -> str:
         "Accuracy on the clean test set (%). *Worst held-out*: the highest accuracy any architecture the "
         "fit did not use reached after training on the protected data. Rows that did not learn clean data "
         "(clean accuracy under half of the best clean row, or not clearly above chance) are left out of it. "
-        f"Hacker architectures: {', '.join(meta['archs'])}.",
+        f"Hacker architectures: {', '.join(meta['archs'])} (the `random` control: every default one, to show "
+        "which learn this data).",
         "",
         "| method | fit used | worst held-out (protected / clean) | verdict | owner (protected / clean) |",
         "|---|---|---|---|---|",
