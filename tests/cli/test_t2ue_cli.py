@@ -48,7 +48,7 @@ def data(tmp_path_factory):
 
 
 def _tiny_args(cfg):
-    return ["--surrogate", str(cfg), "--noise-size", "16", "--width", "8", "--z-dim", "8", "--steps", "20",
+    return ["--objective", "infonce", "--surrogate", str(cfg), "--noise-size", "16", "--width", "8", "--z-dim", "8", "--steps", "20",
             "--warmup-steps", "5", "--batch-size", "8", "--quiet"]
 
 
@@ -137,7 +137,7 @@ def test_noise_and_apply_noise_reproduce_shard(data, artifact, tmp_path):
 
 def test_interrupted_fit_resumes_to_the_same_artifact(data, artifact, tmp_path):
     root, shard, cfg = data
-    options = {"surrogate": str(cfg), "noise_size": 16, "width": 8, "z_dim": 8, "steps": 20, "warmup_steps": 5,
+    options = {"objective": "infonce", "surrogate": str(cfg), "noise_size": 16, "width": 8, "z_dim": 8, "steps": 20, "warmup_steps": 5,
                "batch_size": 8, "epsilon": 8 / 255, "seed": 0, "device": "auto"}
     out = tmp_path / "art"
 

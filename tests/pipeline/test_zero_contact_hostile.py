@@ -178,7 +178,7 @@ def test_apply_noise_decodes_the_image_as_shard_does(case, tmp_path):
 def artifact(tmp_path_factory) -> Path:
     images, _ = stripes(8)
     config, weights = fit_t2ue(images, [f"caption {i}" for i in range(8)], T2UEConfig(
-        surrogate=TINY_CLIP, noise_size=16, width=8, z_dim=8, steps=1, warmup_steps=1, batch_size=8, device="cpu"))
+        objective="infonce", surrogate=TINY_CLIP, noise_size=16, width=8, z_dim=8, steps=1, warmup_steps=1, batch_size=8, device="cpu"))
     return save_artifact(tmp_path_factory.mktemp("zc") / "art", config, weights)
 
 

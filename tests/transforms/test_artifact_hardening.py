@@ -53,7 +53,7 @@ def artifacts(tmp_path_factory):
         "em_clip": lambda: fit_em_clip(images, captions, EMClipConfig(
             clip_model=TINY_CLIP, train_batches=1, max_rounds=1, pgd_steps=1, batch_size=8, bank_size=4, device="cpu")),
         "t2ue": lambda: fit_t2ue(images, captions, T2UEConfig(
-            surrogate=TINY_CLIP, noise_size=16, width=8, z_dim=8, steps=2, warmup_steps=1, batch_size=8, device="cpu")),
+            objective="infonce", surrogate=TINY_CLIP, noise_size=16, width=8, z_dim=8, steps=2, warmup_steps=1, batch_size=8, device="cpu")),
         "uge": lambda: fit_uge(images, labels, tiny_uge(steps=1)),
     }
     out = {}

@@ -94,7 +94,7 @@ def fitted(tmp_path_factory):
     images, labels = stripes(8)
     captions = [f"a {'red' if int(y) else 'blue'} thing number {i}" for i, y in enumerate(labels.tolist())]
     t2ue = save_artifact(root / "t2ue", *fit_t2ue(images, captions, T2UEConfig(
-        surrogate=TINY_CLIP, noise_size=16, width=8, z_dim=8, steps=1, warmup_steps=1, batch_size=8, device="cpu")))
+        objective="infonce", surrogate=TINY_CLIP, noise_size=16, width=8, z_dim=8, steps=1, warmup_steps=1, batch_size=8, device="cpu")))
     em = save_artifact(root / "em", *fit_em_clip(images, captions, EMClipConfig(
         clip_model=TINY_CLIP, train_batches=1, max_rounds=1, pgd_steps=1, batch_size=8, bank_size=4, device="cpu")))
     local = root / "local-model"
@@ -190,7 +190,7 @@ def test_a_t2ue_fit_on_a_local_dir_surrogate_loads_from_its_own_files(fitted, tm
     shutil.copytree(fitted["local"], local)
     images, _ = stripes(8)
     config, weights = fit_t2ue(images, [f"caption {i}" for i in range(8)], T2UEConfig(
-        surrogate=f"local-dir:{local}", noise_size=16, width=8, z_dim=8, steps=1, warmup_steps=1,
+        objective="infonce", surrogate=f"local-dir:{local}", noise_size=16, width=8, z_dim=8, steps=1, warmup_steps=1,
         batch_size=8, device="cpu"))
     assert isinstance(config["surrogate"], dict) and config["surrogate"]["text_cfg"] == TINY_CLIP["text_cfg"]
     art = save_artifact(tmp_path / "art", config, weights)

