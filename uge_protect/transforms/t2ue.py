@@ -129,10 +129,14 @@ class T2UEConfig:
     text_encoder: str = "minilm"
     #: em objective: concept names; each caption's concept is the nearest prompt of one.
     concepts: list[str] | None = None
-    #: em objective, captions without labels or concepts: caption clusters (cosine k-means).
-    clusters: int = 10
+    #: em objective: concepts are this many caption clusters (cosine k-means), even where labels
+    #: exist (None: the labels, or 10 clusters of captions without them).
+    clusters: int | None = None
     #: em objective: rounds of the class-wise EM fit (None: EM's default).
     em_rounds: int | None = None
+    #: em objective: EM stops when its surrogate's train error is below this (None: EM's 0.01;
+    #: 0: always ``em_rounds`` rounds).
+    em_stop_error: float | None = None
     seed: int = 0
     image_size: int | None = None
     device: str = "auto"
@@ -144,10 +148,12 @@ class T2UEConfig:
             raise UserError(f"unknown T2UE backbone {self.backbone!r}; choose ssa, unet or mlp")
         if self.objective == "em" and self.backbone == "unet":
             raise UserError("the em objective conditions on one caption embedding: choose the mlp or ssa backbone")
-        if self.clusters < 2:
+        if self.clusters is not None and self.clusters < 2:
             raise UserError(f"clusters must be >= 2, got {self.clusters}")
         if self.em_rounds is not None and self.em_rounds < 1:
             raise UserError(f"EM rounds must be >= 1, got {self.em_rounds}")
+        if self.em_stop_error is not None and not 0 <= self.em_stop_error < 1:
+            raise UserError(f"EM stop error must be in [0, 1), got {self.em_stop_error}")
         if self.concepts is not None and (len(self.concepts) < 2 or len(set(self.concepts)) != len(self.concepts)
                                           or not all(isinstance(c, str) and c.strip() for c in self.concepts)):
             raise UserError("concepts must be at least two distinct, non-empty names")
@@ -375,7 +381,8 @@ def _fit_em_objective(images: torch.Tensor, captions: list[str], cfg: T2UEConfig
         encoder = CachedEncoder(sentence)
         identity = sentence.identity
         extra.update(surrogate=None, text_dim=sentence.dim, token_dim=1, context_length=sentence.max_length)
-    em_options = {"max_rounds": cfg.em_rounds} if cfg.em_rounds is not None else {}
+    em_options = {k: v for k, v in (("max_rounds", cfg.em_rounds), ("stop_error", cfg.em_stop_error))
+                  if v is not None}
     record, tensors, generator = fit_amortised(
         images, labels, captions, encoder, epsilon=cfg.epsilon, noise_size=cfg.noise_size, z_dim=cfg.z_dim,
         width=cfg.width, backbone=cfg.backbone, steps=int(cfg.steps), batch_size=cfg.batch_size,

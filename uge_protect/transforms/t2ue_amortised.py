@@ -75,14 +75,21 @@ def kmeans(x: torch.Tensor, k: int, seed: int, iters: int = 50) -> torch.Tensor:
     return assign
 
 
+DEFAULT_CLUSTERS = 10
+
+
 def concepts_of(emb: torch.Tensor, labels: torch.Tensor | None, concept_emb: torch.Tensor | None,
-                clusters: int, seed: int) -> tuple[torch.Tensor, str]:
-    """Each sample's concept (N,) and where it came from: ``concepts``, ``labels`` or ``clusters``."""
+                clusters: int | None, seed: int) -> tuple[torch.Tensor, str]:
+    """Each sample's concept (N,) and where it came from: ``concepts`` (nearest concept prompt),
+    ``clusters`` (when ``clusters`` is given, or without labels), else ``labels``."""
     if concept_emb is not None:
         return (emb @ concept_emb.T).argmax(1), "concepts"
-    if labels is not None and len(labels) and bool((labels >= 0).all()) and int(labels.max()) >= 1:
+    labelled = labels is not None and len(labels) and bool((labels >= 0).all()) and int(labels.max()) >= 1
+    if clusters is None and labelled:
+        assert labels is not None
         return labels.long(), "labels"
-    return kmeans(emb, clusters, seed), "clusters"
+    k = DEFAULT_CLUSTERS if clusters is None else clusters
+    return kmeans(emb, min(k, len(emb)), seed), "clusters"
 
 
 def regress_generator(emb: torch.Tensor, targets: torch.Tensor, *, backbone: str, z_dim: int, width: int,
@@ -128,7 +135,7 @@ def regress_generator(emb: torch.Tensor, targets: torch.Tensor, *, backbone: str
 def fit_amortised(images: torch.Tensor, labels: torch.Tensor | None, captions: list[str], encoder: CaptionEncoder,
                   *, epsilon: float, noise_size: int, z_dim: int, width: int, backbone: str, steps: int,
                   batch_size: int, lr: float, weight_decay: float, seed: int, device: str,
-                  clusters: int, concept_names: list[str] | None, class_names: list[str] | None, template: str,
+                  clusters: int | None, concept_names: list[str] | None, class_names: list[str] | None, template: str,
                   em_options: dict[str, Any] | None = None, progress: Progress | None = None
                   ) -> tuple[dict[str, Any], dict[str, torch.Tensor], torch.nn.Module]:
     """Fit the ``em`` objective; returns (record, concept tensors, generator).
