@@ -214,6 +214,7 @@ class T2UEArtifact(T2UEConfig):
     text_encoder_identity: dict | None = None
     concept_source: str | None = None
     num_concepts: int | None = None
+    concept_counts: list[int] | None = None
     regression: dict | None = None
     em: dict | None = None
 
@@ -399,6 +400,7 @@ def _fit_em_objective(images: torch.Tensor, captions: list[str], cfg: T2UEConfig
         "text_encoder_identity": identity,
         "concept_source": record["concept_source"],
         "num_concepts": record["num_concepts"],
+        "concept_counts": record["concept_counts"],
         "regression": record["regression"],
         "em": record["em"],
         "final_loss": record["regression"]["mse"],
