@@ -154,6 +154,10 @@ def test_concepts_from_clusters_or_from_a_concepts_file(data, tmp_path):
     assert config["concept_counts"] == [10, 10, 10, 10]
     bad = runner.invoke(app, ["fit", "t2ue", str(shard), "-o", str(tmp_path / "bad"), "--concepts", "red", *FAST])
     assert bad.exit_code == 2 and _errors(bad) == ["error: concepts must be at least two distinct, non-empty names"]
+    bad = runner.invoke(app, ["fit", "t2ue", str(shard), "-o", str(tmp_path / "bad2"), "--clusters", "3",
+                              "--class-names", ",".join(COLOURS), *FAST])
+    assert bad.exit_code == 2 and _errors(bad) == [
+        "error: class names need the labels as T2UE's concepts: drop --clusters, or give the names as --concepts"]
 
 
 def test_an_edited_artifact_is_one_error_line(data, artifact, tmp_path):

@@ -152,6 +152,9 @@ def fit_amortised(images: torch.Tensor, labels: torch.Tensor | None, captions: l
     if concept_names:
         concept_emb = encoder.encode([template.format(c) for c in concept_names])
     concepts, source = concepts_of(emb, labels, concept_emb, clusters, seed)
+    if class_names and source == "clusters":
+        raise UserError("class names need the labels as T2UE's concepts: drop --clusters, or give the "
+                        "names as --concepts")
     k = int(concepts.max()) + 1
     counts = torch.bincount(concepts, minlength=k)
     if int((counts > 0).sum()) < 2:
@@ -176,7 +179,7 @@ def fit_amortised(images: torch.Tensor, labels: torch.Tensor | None, captions: l
     noise = noise.clamp(-epsilon, epsilon)
 
     inputs, goals = [emb], [noise[concepts]]
-    prompt_names = concept_names or (class_names if source == "labels" else None)
+    prompt_names = concept_names or class_names
     if prompt_names:
         if source == "labels" and len(prompt_names) < k:
             raise UserError(f"label {k - 1} has no class name ({len(prompt_names)} given)")
