@@ -359,7 +359,8 @@ def _state_sha256(state: dict[str, torch.Tensor]) -> str:
 def _fit_em_objective(images: torch.Tensor, captions: list[str], cfg: T2UEConfig, progress: Progress | None,
                       labels: torch.Tensor | None) -> tuple[dict[str, Any], dict[str, dict[str, torch.Tensor]]]:
     from uge_protect.transforms.t2ue_amortised import fit_amortised
-    from uge_protect.transforms.text_encoders import CachedEncoder, load_text_encoder
+    from uge_protect.transforms.text_encoders import (
+        MINILM, MINILM_SHA256, CachedEncoder, SentenceEncoder, encoder_files, files_as_tensors)
 
     n, _, h, w = images.shape
     extra: dict[str, Any] = {}
@@ -378,8 +379,12 @@ def _fit_em_objective(images: torch.Tensor, captions: list[str], cfg: T2UEConfig
         extra.update(surrogate=recorded_cfg, text_dim=encoder.dim, token_dim=1,
                      context_length=int(bundle.tokenize(["x"]).shape[1]))
     else:
-        sentence = load_text_encoder(cfg.text_encoder)
+        files, name, where = encoder_files(cfg.text_encoder)
+        sentence = SentenceEncoder(files, name=name, where=where,
+                                   expected_sha256=MINILM_SHA256 if name == MINILM else None)
         encoder = CachedEncoder(sentence)
+        if name != MINILM:  # the artifact carries its encoder: loading it reads nothing outside it
+            weights["text_encoder"] = files_as_tensors(files)
         identity = sentence.identity
         extra.update(surrogate=None, text_dim=sentence.dim, token_dim=1, context_length=sentence.max_length)
     em_options = {k: v for k, v in (("max_rounds", cfg.em_rounds), ("stop_error", cfg.em_stop_error))
@@ -689,11 +694,22 @@ class TextToUnlearnable(ProtectionMethod):
         if self.objective == "em" and config.get("text_encoder") != "open_clip":
             if "generator" not in weights:
                 raise UserError("T2UE artifact lacks its generator weights")
-            from uge_protect.transforms.text_encoders import CachedEncoder, load_text_encoder
+            from uge_protect.transforms.text_encoders import (
+                MINILM, CachedEncoder, encoder_from_tensors, load_text_encoder)
 
             ident = config["text_encoder_identity"]
-            self.sentence_encoder = CachedEncoder(load_text_encoder(str(ident["name"]),
-                                                                    expected_sha256=str(ident["sha256"])))
+            # the installed MiniLM package, or the encoder's files the artifact carries: never a
+            # path or a Hub name read from the (untrusted) artifact
+            if ident["name"] == MINILM:
+                sentence = load_text_encoder(MINILM, expected_sha256=str(ident["sha256"]))
+            elif "text_encoder" in weights:
+                sentence = encoder_from_tensors(weights["text_encoder"], name=str(ident["name"]),
+                                                where="T2UE artifact's caption encoder",
+                                                expected_sha256=str(ident["sha256"]))
+            else:
+                raise UserError("T2UE artifact names a caption encoder other than minilm but does not carry "
+                                "its files (text_encoder.safetensors); refit it")
+            self.sentence_encoder = CachedEncoder(sentence)
             if self.sentence_encoder.encoder.dim != int(config["text_dim"]):
                 raise UserError("T2UE artifact's caption encoder does not have the recorded dimension")
             self.encoder = None
@@ -715,10 +731,20 @@ class TextToUnlearnable(ProtectionMethod):
         self._build_generator(config, weights)
 
     def _build_generator(self, config: dict[str, Any], weights: dict[str, dict[str, torch.Tensor]]) -> None:
-        self.generator = build_generator(
-            config["backbone"], text_dim=int(config["text_dim"]), token_dim=int(config["token_dim"]),
-            z_dim=self.z_dim, size=int(config["noise_size"]), width=int(config["width"]),
-            epsilon=float(config["epsilon"]))
+        def build() -> torch.nn.Module:
+            return build_generator(
+                config["backbone"], text_dim=int(config["text_dim"]), token_dim=int(config["token_dim"]),
+                z_dim=self.z_dim, size=int(config["noise_size"]), width=int(config["width"]),
+                epsilon=float(config["epsilon"]))
+
+        with torch.device("meta"):  # shapes first: sizes in the config never allocate beyond the weights
+            shapes = {k: tuple(v.shape) for k, v in build().state_dict().items()}
+        given = {k: tuple(v.shape) for k, v in weights["generator"].items()}
+        if shapes != given:
+            wrong = sorted(set(shapes) ^ set(given)) or sorted(k for k in shapes if shapes[k] != given[k])
+            raise UserError(f"T2UE artifact's generator does not load: its weights do not fit its config "
+                            f"(first mismatch: {wrong[0]})")
+        self.generator = build()
         try:
             self.generator.load_state_dict(weights["generator"], strict=True)
         except RuntimeError as exc:

@@ -49,6 +49,11 @@ LENGTH_STEP = 8
 MAX_FILE_BYTES = 2 << 30          # a model file larger than 2 GiB is refused
 MAX_JSON_BYTES = 32 << 20
 _NEEDED = ("config.json", "model.safetensors", "tokenizer.json")
+_OPTIONAL = ("sentence_bert_config.json", "1_Pooling/config.json")
+#: the encoder-only text models sentence-transformers uses: their classes build from the config
+#: alone (no backbone or sub-model that transformers would fetch or read from elsewhere)
+MODEL_TYPES = ("bert", "roberta", "xlm-roberta", "mpnet", "distilbert", "camembert", "electra", "albert",
+               "deberta", "deberta-v2")
 
 
 def _sha256(data: bytes) -> str:
@@ -70,7 +75,7 @@ def _read_zip(path: Path) -> dict[str, bytes]:
     try:
         with zipfile.ZipFile(path) as zf:
             out = {}
-            for name in (*_NEEDED, "sentence_bert_config.json", "1_Pooling/config.json"):
+            for name in (*_NEEDED, *_OPTIONAL):
                 try:
                     info = zf.getinfo(name)
                 except KeyError:
@@ -85,7 +90,7 @@ def _read_zip(path: Path) -> dict[str, bytes]:
 
 def _read_dir(path: Path) -> dict[str, bytes]:
     out = {}
-    for name in (*_NEEDED, "sentence_bert_config.json", "1_Pooling/config.json"):
+    for name in (*_NEEDED, *_OPTIONAL):
         p = path / name
         if not p.is_file():
             continue
@@ -104,6 +109,18 @@ def _json(files: Mapping[str, bytes], name: str, where: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise UserError(f"{where}: {name} must hold a JSON object")
     return value
+
+
+def _check_state(state: Mapping[str, torch.Tensor], shapes: Mapping[str, tuple[int, ...]], where: str) -> None:
+    """``state`` holds every weight of ``shapes`` (bar position ids and the unused pooler), each of its shape."""
+    missing_keys = [k for k in shapes if k not in state and not k.endswith("position_ids")
+                    and not k.startswith("pooler.")]  # the pooler is never used
+    if missing_keys:
+        raise UserError(f"{where}: model.safetensors lacks {len(missing_keys)} weights of its config "
+                        f"(e.g. {missing_keys[0]})")
+    bad = [k for k in shapes if k in state and tuple(state[k].shape) != shapes[k]]
+    if bad:
+        raise UserError(f"{where}: weight {bad[0]} has the wrong shape for its config")
 
 
 class SentenceEncoder:
@@ -131,26 +148,25 @@ class SentenceEncoder:
 
             self.tokenizer = Tokenizer.from_str(files["tokenizer.json"].decode("utf-8"))
             model_type = config.get("model_type")
-            if not isinstance(model_type, str):
-                raise UserError(f"{where}: config.json names no model_type")
-            hf_config = AutoConfig.for_model(**config)
-            self.model = AutoModel.from_config(hf_config, trust_remote_code=False)
+            if model_type not in MODEL_TYPES:
+                raise UserError(f"{where}: config.json's model_type {model_type!r} is not a text encoder "
+                                f"this loader builds ({', '.join(MODEL_TYPES)})")
             state = load_safetensors(files["model.safetensors"])
+            layers = config.get("num_hidden_layers", 0)
+            if not isinstance(layers, int) or not 0 <= layers <= len(state):
+                raise UserError(f"{where}: config.json's num_hidden_layers does not fit model.safetensors")
+            hf_config = AutoConfig.for_model(**config)
+            with torch.device("meta"):  # shapes first: a config's sizes never allocate beyond its file
+                meta = AutoModel.from_config(hf_config, trust_remote_code=False)
+            prefix = getattr(meta, "base_model_prefix", "")
+            state = {k[len(prefix) + 1:] if prefix and k.startswith(prefix + ".") else k: v for k, v in state.items()}
+            _check_state(state, {k: tuple(v.shape) for k, v in meta.state_dict().items()}, where)
+            self.model = AutoModel.from_config(hf_config, trust_remote_code=False)
         except UserError:
             raise
         except Exception as exc:  # noqa: BLE001 - any malformed model file is one user error
             raise UserError(f"{where}: cannot build the caption encoder: {str(exc).splitlines()[0]}") from None
-        prefix = getattr(self.model, "base_model_prefix", "")
-        state = {k[len(prefix) + 1:] if prefix and k.startswith(prefix + ".") else k: v for k, v in state.items()}
         own = self.model.state_dict()
-        missing_keys = [k for k in own if k not in state and not k.endswith("position_ids")
-                        and not k.startswith("pooler.")]  # the pooler is never used
-        if missing_keys:
-            raise UserError(f"{where}: model.safetensors lacks {len(missing_keys)} weights of its config "
-                            f"(e.g. {missing_keys[0]})")
-        bad = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
-        if bad:
-            raise UserError(f"{where}: weight {bad[0]} has the wrong shape for its config")
         self.model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
         self.model.eval()
         for p in self.model.parameters():
@@ -217,28 +233,49 @@ def _hub_dir(repo: str) -> Path:
         raise UserError(f"cannot download the caption encoder {repo!r} from the Hub: {str(exc).splitlines()[0]}") from None
 
 
+def encoder_files(spec: str = MINILM) -> tuple[dict[str, bytes], str, str]:
+    """The model files of the caption encoder ``spec`` names (``minilm``, a local directory or a
+    Hub repository, downloaded), with its recorded name and a description for messages."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise UserError("the caption encoder must be named (minilm, a directory or a Hub name)")
+    if spec == MINILM:
+        path = minilm_zip()
+        return _read_zip(path), MINILM, f"caption encoder {path}"
+    local = Path(os.path.expanduser(spec))
+    if local.is_dir():
+        resolved = local.resolve()
+        return _read_dir(resolved), str(resolved), f"caption encoder {resolved}"
+    if spec.count("/") == 1 and not spec.startswith((".", "/", "~")) and not local.exists():
+        return _read_dir(_hub_dir(spec)), spec, f"caption encoder {spec}"
+    raise UserError(f"unknown caption encoder {spec!r}: give minilm, a sentence-transformers "
+                    f"directory or a Hub repository name (org/name)")
+
+
 def load_text_encoder(spec: str = MINILM, *, expected_sha256: str | None = None) -> SentenceEncoder:
     """The caption encoder ``spec`` names: ``minilm``, a local directory, or a Hub repository.
 
     With ``expected_sha256`` (an artifact's record) the weights must match it.
     """
-    if not isinstance(spec, str) or not spec.strip():
-        raise UserError("the caption encoder must be named (minilm, a directory or a Hub name)")
-    if spec == MINILM:
-        path = minilm_zip()
-        return SentenceEncoder(_read_zip(path), name=MINILM, where=f"caption encoder {path}",
-                               expected_sha256=expected_sha256 or MINILM_SHA256)
-    local = Path(os.path.expanduser(spec))
-    if local.is_dir():
-        resolved = local.resolve()
-        return SentenceEncoder(_read_dir(resolved), name=str(resolved), where=f"caption encoder {resolved}",
-                               expected_sha256=expected_sha256)
-    if spec.count("/") == 1 and not spec.startswith((".", "/", "~")) and not local.exists():
-        directory = _hub_dir(spec)
-        return SentenceEncoder(_read_dir(directory), name=spec, where=f"caption encoder {spec}",
-                               expected_sha256=expected_sha256)
-    raise UserError(f"unknown caption encoder {spec!r}: give minilm, a sentence-transformers "
-                    f"directory or a Hub repository name (org/name)")
+    files, name, where = encoder_files(spec)
+    if name == MINILM:
+        expected_sha256 = expected_sha256 or MINILM_SHA256
+    return SentenceEncoder(files, name=name, where=where, expected_sha256=expected_sha256)
+
+
+def files_as_tensors(files: Mapping[str, bytes]) -> dict[str, torch.Tensor]:
+    """An encoder's files as uint8 tensors, byte for byte, for an artifact to carry."""
+    return {name: torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.zeros(0, dtype=torch.uint8)
+            for name, data in files.items()}
+
+
+def encoder_from_tensors(tensors: Mapping[str, torch.Tensor], *, name: str, where: str,
+                         expected_sha256: str | None) -> SentenceEncoder:
+    """The encoder whose files :func:`files_as_tensors` stored (an artifact's own copy)."""
+    known = (*_NEEDED, *_OPTIONAL)
+    if any(k not in known or v.dtype != torch.uint8 or v.ndim != 1 for k, v in tensors.items()):
+        raise UserError(f"{where} holds something other than a caption encoder's files")
+    files = {k: v.numpy().tobytes() for k, v in tensors.items()}
+    return SentenceEncoder(files, name=name, where=where, expected_sha256=expected_sha256)
 
 
 class CachedEncoder:
@@ -253,7 +290,8 @@ class CachedEncoder:
     def encode(self, texts: list[str]) -> torch.Tensor:
         """Embeddings (N, dim) of ``texts``; each unique uncached caption is encoded once."""
         todo = list(dict.fromkeys(t for t in texts if t not in self._cache))
-        fresh = dict(zip(todo, self.encoder.encode(todo))) if todo else {}
+        # each row its own copy: a cached view would keep its whole batch's tensor alive
+        fresh = {t: e.clone() for t, e in zip(todo, self.encoder.encode(todo))} if todo else {}
         rows = []
         for t in texts:
             if t in fresh:
