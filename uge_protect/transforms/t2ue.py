@@ -439,7 +439,12 @@ def fit_t2ue(images: torch.Tensor, captions: list[str], cfg: T2UEConfig, progres
         raise ValueError(f"{len(labels)} labels for {len(images)} images")
     if len(captions) != len(images) or len(images) < 2:
         raise UserError("T2UE needs at least two captioned training images")
-    return _fit_em_objective(images, captions, cfg, progress, labels)
+    if state is not None:
+        raise UserError("the checkpoint was written by a fit with the infonce objective; give --objective "
+                        "infonce to resume it, or delete it")
+    config, weights = _fit_em_objective(images, captions, cfg, progress, labels)
+    config["processes"] = world  # each process ran the same fit; the main one writes it
+    return config, weights
 
 
 def fit_t2ue_infonce(images: torch.Tensor, captions: list[str], cfg: T2UEConfig, progress: Progress | None = None,
@@ -784,6 +789,8 @@ class TextToUnlearnable(ProtectionMethod):
         super().to(device)
         if self.encoder is not None:
             self.encoder.model.to(self.device)
+        if self.sentence_encoder is not None:
+            self.sentence_encoder.encoder.to(self.device)
         self.generator.to(self.device)
         return self
 

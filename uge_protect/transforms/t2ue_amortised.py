@@ -89,7 +89,8 @@ def concepts_of(emb: torch.Tensor, labels: torch.Tensor | None, concept_emb: tor
         assert labels is not None
         return labels.long(), "labels"
     k = DEFAULT_CLUSTERS if clusters is None else clusters
-    return kmeans(emb, min(k, len(emb)), seed), "clusters"
+    distinct = len(torch.unique(emb, dim=0))
+    return kmeans(emb, min(k, distinct), seed), "clusters"
 
 
 def regress_generator(emb: torch.Tensor, targets: torch.Tensor, *, backbone: str, z_dim: int, width: int,
