@@ -60,6 +60,7 @@ def main() -> None:
     p.add_argument("--defense-archs", nargs="+", default=["small_cnn"])
     p.add_argument("--defenses", nargs="*", default=DEFENSES)
     p.add_argument("--clean-fraction", type=float, default=0.2)
+    p.add_argument("--clip-defenses", nargs="*", default=["grayscale", "jpeg:10"])
     p.add_argument("--processes", type=int, default=1)
     p.add_argument("--docs", default="docs/efficacy")
     a = p.parse_args()
@@ -77,32 +78,41 @@ def main() -> None:
         "t2ue-clusters": (["t2ue", "--clusters", str(a.clusters)], "t2ue"),
     }
     common = dict(epochs=a.epochs, seed=a.seed, cache=work / "run-cache", processes=a.processes)
-    results: dict[str, dict] = {}
-    for name, (fit, method) in configs.items():
-        out = _protect(work, data, name, fit, method, a.seed, timings)
-        reports = work / "reports-t2ue" / name
+    results: dict[str, dict] = {name: {"clip": {}, "defenses": {}} for name in configs}
+    protected = {name: _protect(work, data, name, fit, method, a.seed, timings)
+                 for name, (fit, method) in configs.items()}
+    # the headline figures first (CLIP without a defense), then the defense grid, then CLIP's defenses
+    for name, out in protected.items():
         start = time.perf_counter()
-        clip_defenses = ["none", "grayscale", "jpeg:10"] if name == "t2ue-sample" else ["none"]
-        clip = _clip(evaluate(out, data, reports / "clip", archs=["small_cnn"], defenses=clip_defenses,
-                              task="clip", **common))
-        grid: dict[str, dict[str, dict[str, float]]] = {}
-        if name in ("t2ue-sample", "em-class"):
-            report = evaluate(out, data, reports / "defenses", archs=a.defense_archs, defenses=a.defenses, **common)
+        results[name]["clip"].update(_clip(evaluate(out, data, work / "reports-t2ue" / name / "clip", archs=["small_cnn"],
+                                                    defenses=["none"], task="clip", **common)))
+        timings.setdefault(f"eval clip {name}", time.perf_counter() - start)
+        timing_file.write_text(json.dumps(timings, indent=2))
+        print(f"[t2ue] {name} clip: {json.dumps(results[name]['clip'])}", flush=True)
+    for name in ("t2ue-sample", "em-class"):
+        out, reports, grid = protected[name], work / "reports-t2ue" / name, results[name]["defenses"]
+        start = time.perf_counter()
+        report = evaluate(out, data, reports / "defenses", archs=a.defense_archs, defenses=a.defenses, **common)
+        for row in report["tasks"]["classify"]["summary"]:
+            grid.setdefault(row["defense"], {})[row["arch"]] = {
+                "clean": row["clean"]["final_test_acc"]["mean"], "protected": row["protected"]["final_test_acc"]["mean"]}
+        if a.clean_fraction:
+            report = evaluate(out, data, reports / f"clean-{a.clean_fraction:g}", archs=a.defense_archs,
+                              defenses=["none"], clean_fraction=a.clean_fraction, **common)
             for row in report["tasks"]["classify"]["summary"]:
-                grid.setdefault(row["defense"], {})[row["arch"]] = {
+                grid.setdefault(f"{100 * a.clean_fraction:g}% left clean", {})[row["arch"]] = {
                     "clean": row["clean"]["final_test_acc"]["mean"],
                     "protected": row["protected"]["final_test_acc"]["mean"]}
-            if a.clean_fraction:
-                report = evaluate(out, data, reports / f"clean-{a.clean_fraction:g}", archs=a.defense_archs,
-                                  defenses=["none"], clean_fraction=a.clean_fraction, **common)
-                for row in report["tasks"]["classify"]["summary"]:
-                    grid.setdefault(f"{100 * a.clean_fraction:g}% left clean", {})[row["arch"]] = {
-                        "clean": row["clean"]["final_test_acc"]["mean"],
-                        "protected": row["protected"]["final_test_acc"]["mean"]}
-        timings.setdefault(f"eval {name}", time.perf_counter() - start)
+        timings.setdefault(f"eval defenses {name}", time.perf_counter() - start)
         timing_file.write_text(json.dumps(timings, indent=2))
-        results[name] = {"clip": clip, "defenses": grid}
-        print(f"[t2ue] {name}: {json.dumps(clip)}", flush=True)
+        print(f"[t2ue] {name} defenses: {json.dumps(grid)}", flush=True)
+    if a.clip_defenses:
+        start = time.perf_counter()
+        results["t2ue-sample"]["clip"].update(_clip(evaluate(
+            protected["t2ue-sample"], data, work / "reports-t2ue" / "t2ue-sample" / "clip-defenses",
+            archs=["small_cnn"], defenses=a.clip_defenses, task="clip", **common)))
+        timings.setdefault("eval clip defenses t2ue-sample", time.perf_counter() - start)
+        timing_file.write_text(json.dumps(timings, indent=2))
 
     meta = {"date": time.strftime("%Y-%m-%d"), "commit": _git("rev-parse", "--short", "HEAD"),
             "hardware": _hardware(), "epochs": a.epochs, "seed": a.seed, "clusters": a.clusters,
