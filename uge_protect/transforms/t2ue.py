@@ -419,6 +419,15 @@ def _fit_em_objective(images: torch.Tensor, captions: list[str], cfg: T2UEConfig
     return config, weights
 
 
+def _check_fit_inputs(images: torch.Tensor, captions: list[str], labels: torch.Tensor | None) -> None:
+    if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"images must be uint8 (N, 3, H, W), got {images.dtype} {tuple(images.shape)}")
+    if labels is not None and len(labels) != len(images):
+        raise ValueError(f"{len(labels)} labels for {len(images)} images")
+    if len(captions) != len(images) or len(images) < 2:
+        raise UserError("T2UE needs at least two captioned training images")
+
+
 def fit_t2ue(images: torch.Tensor, captions: list[str], cfg: T2UEConfig, progress: Progress | None = None,
              *, labels: torch.Tensor | None = None, state: dict[str, Any] | None = None,
              checkpoint: Callable[[dict[str, Any]], None] | None = None, checkpoint_every: int = 0,
@@ -433,12 +442,7 @@ def fit_t2ue(images: torch.Tensor, captions: list[str], cfg: T2UEConfig, progres
     if cfg.objective == "infonce":
         return fit_t2ue_infonce(images, captions, cfg, progress, labels=labels, state=state,
                                 checkpoint=checkpoint, checkpoint_every=checkpoint_every, rank=rank, world=world)
-    if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
-        raise ValueError(f"images must be uint8 (N, 3, H, W), got {images.dtype} {tuple(images.shape)}")
-    if labels is not None and len(labels) != len(images):
-        raise ValueError(f"{len(labels)} labels for {len(images)} images")
-    if len(captions) != len(images) or len(images) < 2:
-        raise UserError("T2UE needs at least two captioned training images")
+    _check_fit_inputs(images, captions, labels)
     if state is not None:
         raise UserError("the checkpoint was written by a fit with the infonce objective; give --objective "
                         "infonce to resume it, or delete it")
@@ -462,12 +466,7 @@ def fit_t2ue_infonce(images: torch.Tensor, captions: list[str], cfg: T2UEConfig,
     """
     cfg.validate()
     cfg = cfg.resolved()
-    if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
-        raise ValueError(f"images must be uint8 (N, 3, H, W), got {images.dtype} {tuple(images.shape)}")
-    if labels is not None and len(labels) != len(images):
-        raise ValueError(f"{len(labels)} labels for {len(images)} images")
-    if len(captions) != len(images) or len(images) < 2:
-        raise UserError("T2UE needs at least two captioned training images")
+    _check_fit_inputs(images, captions, labels)
     if min(cfg.batch_size, len(images)) < 2 * world:
         raise UserError(f"batch size {cfg.batch_size} is too small for {world} processes (at least 2 each)")
     started = time.perf_counter()
