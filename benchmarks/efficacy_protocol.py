@@ -14,6 +14,7 @@ row, to ``docs/efficacy/<dataset>.md`` and ``.json``, labelled by date, commit a
 
     .venv/bin/python benchmarks/efficacy_protocol.py [--datasets demo photos] [--methods ...]
         [--workdir bench_output/efficacy_protocol] [--epochs 8] [--processes 1] [--docs docs/efficacy]
+        [--fit-args METHOD=ARGS ...] [--tag NAME]
 
 Everything finished is kept under --workdir (fits, protected shards, reports, a run cache
 shared by the clean-trained models), so an interrupted run resumes where it stopped.
@@ -164,6 +165,8 @@ def main() -> None:
     p.add_argument("--authorized", default="small_cnn", help="UGE's authorized architecture")
     p.add_argument("--fit-args", nargs="*", default=[], metavar="METHOD=ARGS",
                    help="extra fit options of a method, e.g. 'em-class=--pattern-size 8' (for trials)")
+    p.add_argument("--tag", default=None,
+                   help="write <dataset>-<tag>.md/.json (a trial or a subset of methods) instead of <dataset>.md")
     a = p.parse_args()
     from uge_protect.eval.runner import DEFAULT_ARCHS
 
@@ -201,9 +204,10 @@ def main() -> None:
                 "authorized": a.authorized}
         docs = Path(a.docs)
         docs.mkdir(parents=True, exist_ok=True)
-        (docs / f"{dataset}.md").write_text(_markdown(dataset, results, meta), encoding="utf-8")
-        (docs / f"{dataset}.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2), encoding="utf-8")
-        print((docs / f"{dataset}.md").read_text(encoding="utf-8"))
+        name = f"{dataset}-{a.tag}" if a.tag else dataset
+        (docs / f"{name}.md").write_text(_markdown(dataset, results, meta), encoding="utf-8")
+        (docs / f"{name}.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2), encoding="utf-8")
+        print((docs / f"{name}.md").read_text(encoding="utf-8"))
 
 
 if __name__ == "__main__":

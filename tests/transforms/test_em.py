@@ -195,3 +195,11 @@ def test_class_mode_on_a_coarse_grid_with_augmentation_gives_block_patterns():
     blocks = delta.view(3, 3, 4, 4, 4, 4)  # (class, channel, row block, row, column block, column)
     assert torch.equal(blocks, blocks[:, :, :, :1, :, :1].expand_as(blocks))  # constant on each 4×4 block
     assert delta.abs().max() <= 8 / 255 + 1e-6 and delta.abs().max() > 0
+
+
+def test_sample_mode_fits_with_augmentation_by_default_and_class_mode_without():
+    """The default that transfers (docs/efficacy): shifts and flips on in sample mode, off in class mode."""
+    assert EMConfig(mode="sample").augment is True
+    assert EMConfig(mode="class").augment is False
+    assert EMConfig.from_options({"mode": "sample", "augment": False}).augment is False
+    assert EMConfig.from_options({"mode": "class", "augment": True}).augment is True

@@ -43,7 +43,7 @@ def em(
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Batch size (default 128)."),
     lr: Optional[float] = typer.Option(None, "--lr", help="Surrogate learning rate (default 0.1 SGD; clip 2e-3 AdamW)."),
     pattern_size: Optional[int] = typer.Option(None, "--pattern-size", help="class: fit δ on an N×N grid of blocks, upsampled to the image (default: full resolution)."),
-    em_augment: Optional[bool] = typer.Option(None, "--augment/--no-augment", help="sample/class: random shifts and flips of x+δ in the surrogate's steps (class: also in the PGD steps)."),
+    em_augment: Optional[bool] = typer.Option(None, "--augment/--no-augment", help="sample/class: random shifts and flips of x+δ in the surrogate's and PGD steps (default: on in sample mode, off in class mode)."),
     image_size: Optional[int] = typer.Option(None, "--image-size", help="Centre-crop training images to this side first."),
     seed: int = typer.Option(0, "--seed", help="Seed of the fit (initial noise, surrogate, batch order)."),
     device: str = typer.Option("auto", "--device", help="auto (CUDA when available), cpu, cuda, cuda:N."),

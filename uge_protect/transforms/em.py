@@ -52,7 +52,9 @@ class EMConfig:
 
     Defaults follow the paper for the noise (ε 8/255, step 0.8/255, 20 PGD steps, 10 surrogate
     batches per round, stop below 1% train error) and are sized for a CPU for the surrogate: a
-    ``small_cnn`` of width 8, at most 3 rounds (sample) or 30 (class). On an accelerator, a wider or bigger
+    ``small_cnn`` of width 8, at most 20 rounds (sample) or 30 (class). Sample mode fits with
+    random shifts and flips by default (``augment``): on the demo shapes that lowers the worst
+    held-out architecture from 37.8% to 27.1% for about the same fit time (docs/efficacy). On an accelerator, a wider or bigger
     surrogate (``surrogate_width=None`` or ``surrogate="resnet18"``) and more rounds are cheap.
     (One sample-mode round on the 5000 32×32 demo images is 100k PGD image-steps: ≈ 1-3 min
     for a width-8 ``small_cnn`` on 2 CPU cores.)
@@ -83,7 +85,9 @@ class EMConfig:
     #: shifts, flips and pooling of other architectures' training.
     pattern_size: int | None = None
     #: Random shifts (up to 4 px) and flips of x + δ in the fit's surrogate steps and PGD steps.
-    augment: bool = False
+    #: None: on in sample mode (the noise then transfers to other architectures), off in class
+    #: mode (where it did not help, and the reference update needs it off).
+    augment: bool | None = None
     #: Informational: the side the training images were brought to (None: as stored).
     image_size: int | None = None
     #: Where to fit: "auto" (CUDA when available, else CPU), "cpu", "cuda", "cuda:1", ...
@@ -93,6 +97,8 @@ class EMConfig:
         if self.max_rounds is None:
             # Demo data: sample mode stops (train error < 1%) after 9 rounds, ≈ 4 min on 2 CPU cores.
             self.max_rounds = 20 if self.mode == "sample" else 30
+        if self.augment is None:
+            self.augment = self.mode == "sample"
 
     def validate(self) -> None:
         if self.mode not in MODES:
