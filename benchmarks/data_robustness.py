@@ -23,7 +23,6 @@ Reads the protocol's data (``<workdir>/{demo,photos}/data``, written if missing)
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import time
 from pathlib import Path
@@ -31,12 +30,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from efficacy_common import sh
+from efficacy_common import protocol_data
 from efficacy_protocol import _git, _hardware
 
 from uge_protect.eval.classify import TrainSettings, fit_classifier
 from uge_protect.eval.defenses import pgd_attack
-from uge_protect.shards.dataset import load_shards
 
 
 def colour_statistics(images: torch.Tensor) -> torch.Tensor:
@@ -92,11 +90,7 @@ def main() -> None:
     a = p.parse_args()
     rows = []
     for dataset in a.datasets:
-        data = Path(a.workdir) / dataset / "data"
-        if not (data / "classes.json").is_file():
-            sh("demo-data" if dataset == "demo" else "photo-data", str(data))
-        train = load_shards(sorted(glob.glob(str(data / "train" / "*.tar"))))
-        test = load_shards(sorted(glob.glob(str(data / "test" / "*.tar"))))
+        train, test = protocol_data(a.workdir, dataset)
         k = train.num_classes
         probe = colour_probe(train.images, train.labels, test.images, test.labels, k)
         print(f"[{dataset}] linear probe on 6 colour statistics: {100 * probe:.1f}%", flush=True)

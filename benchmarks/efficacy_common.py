@@ -18,6 +18,19 @@ def sh(*args: str) -> None:
     subprocess.run([*CLI, *args], check=True)
 
 
+def protocol_data(workdir: str | Path, dataset: str):
+    """The protocol's ``demo`` or ``photos`` data under ``workdir`` (written if missing): (train, test) in memory."""
+    import glob
+
+    from uge_protect.shards.dataset import load_shards
+
+    data = Path(workdir) / dataset / "data"
+    if not (data / "classes.json").is_file():
+        sh("demo-data" if dataset == "demo" else "photo-data", str(data))
+    return (load_shards(sorted(glob.glob(str(data / "train" / "*.tar")))),
+            load_shards(sorted(glob.glob(str(data / "test" / "*.tar")))))
+
+
 def evaluate(protected: Path, data: Path, out: Path, *, archs: list[str], defenses: list[str], epochs: int,
              seed: int, cache: Path, processes: int = 1, clean_fraction: float = 0.0,
              task: str = "classify", extra: list[str] | tuple[str, ...] = ()) -> dict:

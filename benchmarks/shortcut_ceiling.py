@@ -18,7 +18,6 @@ Reads the protocol's data (``<workdir>/{demo,photos}/data``, written if missing)
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import time
 from pathlib import Path
@@ -26,11 +25,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from efficacy_common import sh
+from efficacy_common import protocol_data
 from efficacy_protocol import _git, _hardware
 
 from uge_protect.eval.classify import TrainSettings, train_classifier
-from uge_protect.shards.dataset import load_shards
 
 
 def shortcut(labels: torch.Tensor, classes: int, side: int, epsilon: float, block: int, seed: int) -> torch.Tensor:
@@ -54,11 +52,7 @@ def main() -> None:
     a = p.parse_args()
     rows = []
     for dataset in a.datasets:
-        data = Path(a.workdir) / dataset / "data"
-        if not (data / "classes.json").is_file():
-            sh("demo-data" if dataset == "demo" else "photo-data", str(data))
-        train = load_shards(sorted(glob.glob(str(data / "train" / "*.tar"))))
-        test = load_shards(sorted(glob.glob(str(data / "test" / "*.tar"))))
+        train, test = protocol_data(a.workdir, dataset)
         k, side = train.num_classes, train.images.shape[-1]
         for arch in a.archs:
             s = TrainSettings(arch=arch, epochs=a.epochs, seed=a.seed)
