@@ -23,14 +23,12 @@ Reads the protocol's data (``<workdir>/{demo,photos}/data``, written if missing)
 from __future__ import annotations
 
 import argparse
-import json
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from efficacy_common import protocol_data
+from efficacy_common import protocol_data, write_table
 from efficacy_protocol import _git, _hardware
 
 from uge_protect.eval.classify import TrainSettings, fit_classifier
@@ -119,11 +117,7 @@ def main() -> None:
     for r in rows:
         lines.append(f"| {r['dataset']} | {r['classes']} | {100 * r['colour_probe']:.1f} | {r['arch']} | "
                      f"{100 * r['clean']:.1f} | " + " | ".join(f"{100 * r['robust'][e]:.1f}" for e in eps_cols) + " |")
-    docs = Path(a.docs)
-    docs.mkdir(parents=True, exist_ok=True)
-    (docs / "data-robustness.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    (docs / "data-robustness.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2), encoding="utf-8")
-    print("\n".join(lines))
+    write_table(a.docs, "data-robustness", lines, {"meta": meta, "rows": rows})
 
 
 if __name__ == "__main__":

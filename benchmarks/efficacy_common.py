@@ -31,6 +31,15 @@ def protocol_data(workdir: str | Path, dataset: str):
             load_shards(sorted(glob.glob(str(data / "test" / "*.tar")))))
 
 
+def write_table(docs: str | Path, name: str, lines: list[str], payload: dict) -> None:
+    """Write ``<docs>/<name>.md`` (the lines) and ``<name>.json`` (the payload), and print the table."""
+    docs = Path(docs)
+    docs.mkdir(parents=True, exist_ok=True)
+    (docs / f"{name}.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    (docs / f"{name}.json").write_text(json.dumps(payload, indent=2), encoding="utf-8")
+    print("\n".join(lines))
+
+
 def evaluate(protected: Path, data: Path, out: Path, *, archs: list[str], defenses: list[str], epochs: int,
              seed: int, cache: Path, processes: int = 1, clean_fraction: float = 0.0,
              task: str = "classify", extra: list[str] | tuple[str, ...] = ()) -> dict:
