@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from tests.helpers import png_bytes, random_image, write_shard
@@ -61,12 +62,44 @@ def _pixels(out):
 def test_the_default_fit_records_its_encoder_concepts_and_surrogate(artifact):
     config = json.loads((artifact / "config.json").read_text())
     assert (config["objective"], config["backbone"], config["text_encoder"]) == ("em", "mlp", "minilm")
-    assert config["text_encoder_identity"] == {"name": "minilm", "sha256": MINILM_SHA256, "dim": 384, "pooling": "mean"}
+    ident = config["text_encoder_identity"]
+    assert config["text_encoding"] == "static"
+    assert {k: ident[k] for k in ("name", "sha256", "dim", "pooling")} == {
+        "name": "minilm", "sha256": MINILM_SHA256, "dim": 384, "pooling": "static-mean"}
     assert (config["concept_source"], config["num_concepts"], config["n_train"]) == ("labels", 4, 40)
     assert config["fit_architectures"] == ["small_cnn"] and config["em"]["rounds"] == 2
     assert 0 <= config["regression"]["mse"] < 1 and config["steps"] == 60
     assert not (artifact / "checkpoint.pt").exists()
-    assert not list(artifact.glob("text_encoder*"))  # the encoder is named by its hash, not copied
+    # the artifact carries the token table and the tokenizer, never the encoder's weights
+    tensors = load_file(artifact / "text_encoder.safetensors")
+    assert set(tensors) == {"static_table", "tokenizer.json"} and tensors["static_table"].shape == (30522, 384)
+
+
+def test_a_static_artifact_applies_without_the_encoder_package(data, artifact, tmp_path, monkeypatch):
+    import importlib.util
+
+    _, shard = data
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "all_minilm_l6_v2" else real(name, *a))
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["shard", str(shard), "-o", str(out), "-m", "t2ue", "--artifact", str(artifact),
+                                 "--workers", "0", "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert len(_pixels(out)) == 40
+
+
+def test_a_contextual_fit_names_the_package_encoder_by_its_hash_and_copies_nothing(data, tmp_path):
+    _, shard = data
+    art = tmp_path / "ctx"
+    result = runner.invoke(app, ["fit", "t2ue", str(shard), "-o", str(art), "--text-encoding", "contextual", *FAST])
+    assert result.exit_code == 0, result.output
+    config = json.loads((art / "config.json").read_text())
+    assert config["text_encoder_identity"] == {"name": "minilm", "sha256": MINILM_SHA256, "dim": 384, "pooling": "mean"}
+    assert not list(art.glob("text_encoder*"))
+    errors = _errors(runner.invoke(app, ["fit", "t2ue", str(shard), "-o", str(tmp_path / "bad"),
+                                         "--text-encoding", "static", "--text-encoder", "open_clip", *FAST]))
+    assert errors == ["error: the open_clip caption encoder is contextual only: drop --text-encoding static"]
 
 
 def test_shard_from_captions_records_missing_captions_and_stays_in_budget(data, artifact, tmp_path):
@@ -174,11 +207,14 @@ def test_an_edited_artifact_is_one_error_line(data, artifact, tmp_path):
         assert result.exit_code == 2, result.output
         return _errors(result)
 
-    errors = edited(lambda c: c["text_encoder_identity"].update(sha256="0" * 64))
+    errors = edited(lambda c: c["text_encoder_identity"].update(table_sha256="0" * 64))
+    assert len(errors) == 1 and "does not match its recorded sha256" in errors[0]
+    # the table is the artifact's own: a path recorded as the encoder's name is never read
+    errors = edited(lambda c: (c["text_encoder_identity"].update(name="/nonexistent/encoder"),
+                               c.update(weights=["concepts", "generator"])))
+    assert len(errors) == 1 and "does not carry it" in errors[0]
+    errors = edited(lambda c: c["text_encoder_identity"].update(pooling="mean", sha256="0" * 64))
     assert len(errors) == 1 and "not the one recorded" in errors[0]
-    # a path recorded in an artifact is never read: only minilm or the artifact's own copy loads
-    errors = edited(lambda c: c["text_encoder_identity"].update(name="/nonexistent/encoder"))
-    assert len(errors) == 1 and "does not carry its files" in errors[0]
     errors = edited(lambda c: c.update(text_dim=128))
     assert len(errors) == 1 and "dimension" in errors[0]
     errors = edited(lambda c: c.pop("text_encoder_identity"))

@@ -47,14 +47,15 @@ def local_model(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def local_fit(tmp_path_factory, local_model):
-    """A tiny em artifact fitted with a local encoder directory (then moved away), and its noise."""
+    """A tiny em artifact fitted with a local encoder directory run as such at apply
+    (``contextual``; then the directory is moved away), and its noise."""
     root = tmp_path_factory.mktemp("em-local")
     model = root / "model"
     shutil.copytree(local_model, model)
     images, labels = stripes(16)
     captions = [f"a {'red' if int(y) else 'blue'} thing {i}" for i, y in enumerate(labels.tolist())]
     art = save_artifact(root / "art", *fit_t2ue(images, captions, T2UEConfig(
-        text_encoder=str(model), steps=5, em_rounds=1, noise_size=16, width=2, z_dim=4, device="cpu"),
+        text_encoder=str(model), text_encoding="contextual", steps=5, em_rounds=1, noise_size=16, width=2, z_dim=4, device="cpu"),
         labels=labels))
     z = torch.zeros((2, 4))
     before = TextToUnlearnable.from_artifact(str(art)).noise(TEXTS, z)

