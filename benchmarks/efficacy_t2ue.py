@@ -120,7 +120,7 @@ def main() -> None:
     lines = [
         "# T2UE on the demo shapes: CLIP from scratch and the defense grid", "",
         f"Measured {meta['date']} at commit `{meta['commit']}` on {meta['hardware']}; written by "
-        f"`benchmarks/efficacy_t2ue.py` ({a.epochs} epochs, seed {a.seed}). `t2ue-sample`: `fit t2ue` with no "
+        f"`benchmarks/efficacy_t2ue.py` ({a.epochs} epochs per classifier, the CLIP for eval's default of 4, seed {a.seed}). `t2ue-sample`: `fit t2ue` with no "
         f"options, noise from each caption; `t2ue-clusters`: `fit t2ue --clusters {a.clusters}` (concepts from "
         "caption clusters, as for a corpus without labels). The headline figures under the protocol (held-out "
         "architectures) are in [demo.md](demo.md) and [photos.md](photos.md).", "",
