@@ -19,7 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from uge_protect.pipeline import ShardJobConfig, run_shard_job  # noqa: E402
-from uge_protect.transforms.registry import create_method  # noqa: E402
+from uge_protect.methods.registry import create_method  # noqa: E402
 
 
 def timed(inputs: list[str], out: Path, method: str, artifact: str | None) -> float:

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import make_jpeg_shards, workdir  # noqa: E402
 
 from uge_protect.pipeline import ShardJobConfig, run_shard_job  # noqa: E402
-from uge_protect.transforms.registry import create_method  # noqa: E402
+from uge_protect.methods.registry import create_method  # noqa: E402
 
 
 def timed_run(shards: list[Path], out: Path, method: str, **kw) -> float:

@@ -22,9 +22,9 @@ from tests.helpers import png_bytes, random_image, write_shard
 from uge_protect.cli.app import app
 from uge_protect.pipeline.inspect import inspect_output
 from uge_protect.shards.tario import iter_tar_samples
-from uge_protect.transforms.base import ProtectBatch
-from uge_protect.transforms.t2ue import TextToUnlearnable
-from uge_protect.transforms.text_encoders import MINILM_SHA256
+from uge_protect.methods.base import ProtectBatch
+from uge_protect.methods.t2ue.method import TextToUnlearnable
+from uge_protect.models.text_encoders import MINILM_SHA256
 
 runner = CliRunner()
 COLOURS = ["red", "green", "blue", "yellow"]

@@ -13,10 +13,10 @@ import pytest
 from typer.testing import CliRunner
 
 from tests.helpers import png_bytes, write_shard
-from tests.transforms.test_uge import TINY_FEATURES, stripes
+from tests.methods.test_uge import TINY_FEATURES, stripes
 from uge_protect.cli.app import app
 from uge_protect.pipeline.inspect import inspect_output
-from uge_protect.transforms.uge_key import build_authorized
+from uge_protect.methods.uge.key import build_authorized
 
 runner = CliRunner()
 KEY = "b7e15163a9d2f4c08e6b1a3d5c7f9e20"

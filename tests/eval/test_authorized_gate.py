@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import torch
 
-from tests.transforms.test_uge import EPS, KEY, _patterned
+from tests.methods.test_uge import EPS, KEY, _patterned
 from uge_protect.eval.authorized import authorized_entries, authorized_summary
-from uge_protect.transforms.artifact import save_artifact
-from uge_protect.transforms.uge_key import key_fingerprint
+from uge_protect.methods.artifact import save_artifact
+from uge_protect.methods.uge.key import key_fingerprint
 
 
 def _artifact(path, gate: bool, patterns: torch.Tensor):

@@ -11,7 +11,7 @@ from tests.eval.test_eval_run import _cfg, data  # noqa: F401  (module-scoped fi
 from uge_protect.eval.cache import RunCache
 from uge_protect.eval.runner import run_evaluation
 from uge_protect.pipeline import ShardJobConfig, run_shard_job
-from uge_protect.transforms.registry import create_method
+from uge_protect.methods.registry import create_method
 
 
 def _finals(report: dict) -> list[tuple]:

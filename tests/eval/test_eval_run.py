@@ -14,7 +14,7 @@ from uge_protect.cli.app import app
 from uge_protect.errors import UserError
 from uge_protect.eval.runner import EvalConfig, run_evaluation
 from uge_protect.pipeline import ShardJobConfig, run_shard_job
-from uge_protect.transforms.registry import create_method
+from uge_protect.methods.registry import create_method
 
 runner = CliRunner()
 

@@ -22,8 +22,8 @@ from uge_protect.eval.protocol import (
 )
 from uge_protect.eval.runner import EvalConfig, run_evaluation
 from uge_protect.pipeline import ShardJobConfig, run_shard_job
-from uge_protect.transforms.base import clip_arch_id
-from uge_protect.transforms.registry import create_method
+from uge_protect.methods.base import clip_arch_id
+from uge_protect.methods.registry import create_method
 
 
 def _row(arch: str, clean: float, protected: float, defense: str = "none") -> dict:
@@ -133,7 +133,7 @@ def test_clip_arch_id_names_the_image_tower():
     assert clip_arch_id(a) == clip_arch_id(b) == clip_arch_id(wide) == "clip:vit-p16-l2" != clip_arch_id(c)
     assert clip_arch_id("ViT-B-32") == "clip:ViT-B-32"
     from uge_protect.eval.clip import DEFAULT_MODEL_CONFIG
-    from uge_protect.transforms.clip_models import TINY_CLIP_CONFIG
+    from uge_protect.models.clip import TINY_CLIP_CONFIG
 
     # the evaluation's CLIP is the fits' default surrogate at another width: the same family, seen
     assert clip_arch_id(DEFAULT_MODEL_CONFIG) == clip_arch_id(TINY_CLIP_CONFIG)
@@ -214,7 +214,7 @@ def test_a_row_seen_in_the_fit_is_left_out_of_the_headline(data, tmp_path):
 
 def test_every_architecture_builds_and_trains_on_small_images():
     from uge_protect.eval.classify import TrainSettings, fit_classifier
-    from uge_protect.transforms.networks import ARCHITECTURES, build_classifier
+    from uge_protect.models.classifiers import ARCHITECTURES, build_classifier
 
     for name in ("mlp", "vit_tiny", "small_cnn", "resnet_cifar", "vgg11", "mobilenet_v2"):
         assert name in ARCHITECTURES
@@ -229,9 +229,10 @@ def test_every_architecture_builds_and_trains_on_small_images():
 
 
 def test_methods_record_what_they_were_fitted_against(tmp_path):
-    from uge_protect.transforms.artifact import save_artifact
-    from uge_protect.transforms.em import EMConfig, fit_em
-    from uge_protect.transforms.registry import create_method as make
+    from uge_protect.methods.artifact import save_artifact
+    from uge_protect.methods.em.method import fit_em
+    from uge_protect.methods.em.config import EMConfig
+    from uge_protect.methods.registry import create_method as make
 
     x = (torch.rand(16, 3, 16, 16) * 255).to(torch.uint8)
     y = torch.arange(16) % 2
@@ -263,7 +264,7 @@ def test_vgg_on_images_too_small_is_one_user_error(data, tmp_path):
 
 
 def test_uge_records_its_students_feature_space_and_the_network_l_gm_fits_through():
-    from uge_protect.transforms.uge import uge_fit_architectures
+    from uge_protect.methods.uge.method import uge_fit_architectures
 
     assert uge_fit_architectures(["small_cnn", "vgg11"], None, 1.0) == ["small_cnn", "vgg11"]
     tiny = {"embed_dim": 8, "vision_cfg": {"layers": 1, "width": 8, "patch_size": 4}}

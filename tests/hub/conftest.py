@@ -10,7 +10,7 @@ import pytest
 from uge_protect.eval.runner import EvalConfig, run_evaluation
 from uge_protect.pipeline import ShardJobConfig, run_shard_job
 from uge_protect.shards.demo import write_demo_dataset
-from uge_protect.transforms.registry import create_method
+from uge_protect.methods.registry import create_method
 
 
 @pytest.fixture(scope="session")

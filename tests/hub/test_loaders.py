@@ -131,7 +131,7 @@ def test_failed_samples_are_counted_and_not_rows(tmp_path):
     """A sample that could not be protected is in the manifest and the card, not in the data."""
     from tests.helpers import simple_samples, write_shard
     from uge_protect.pipeline import ShardJobConfig, run_shard_job
-    from uge_protect.transforms.registry import create_method
+    from uge_protect.methods.registry import create_method
 
     samples = list(simple_samples("s", 8, size=(16, 16)))
     samples[3][1]["png"] = b"this is not an image"
@@ -157,7 +157,7 @@ def test_empty_shards_are_left_out(tmp_path):
     from tests.helpers import simple_samples, write_shard
     from uge_protect.cli.app import app
     from uge_protect.pipeline import ShardJobConfig, run_shard_job
-    from uge_protect.transforms.registry import create_method
+    from uge_protect.methods.registry import create_method
 
     write_shard(tmp_path / "in-000000.tar", [])
     write_shard(tmp_path / "in-000001.tar", simple_samples("s", 5, size=(16, 16)))

@@ -32,7 +32,7 @@ from uge_protect.pipeline.writer import reason_code
 from uge_protect.shards.layout import OutputLayout
 from uge_protect.shards.manifest import read_manifest
 from uge_protect.shards.tario import iter_tar_samples
-from uge_protect.transforms.registry import create_method
+from uge_protect.methods.registry import create_method
 
 runner = CliRunner()
 UGE_PROTECT = Path(sys.executable).with_name("uge-protect")

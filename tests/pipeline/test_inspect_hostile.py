@@ -26,7 +26,7 @@ from uge_protect.pipeline.inspect import NOT_LOCAL, NO_MATCH, inspect_output
 from uge_protect.shards.layout import OutputLayout, file_sha256
 from uge_protect.shards.manifest import read_manifest, write_manifest
 from uge_protect.shards.tario import iter_tar_samples, write_tar_atomic
-from uge_protect.transforms.registry import create_method
+from uge_protect.methods.registry import create_method
 
 runner = CliRunner()
 NAME = "data-000000.tar"

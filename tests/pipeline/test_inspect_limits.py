@@ -24,7 +24,7 @@ from uge_protect.pipeline.inspect import RUN_UNCHECKED, inspect_output
 from uge_protect.pipeline.untrusted import MAX_MANIFEST_DECODED_BYTES, MAX_MANIFEST_ROWS, stats_error
 from uge_protect.shards.layout import OutputLayout
 from uge_protect.shards.manifest import MANIFEST_SCHEMA, read_manifest, write_manifest
-from uge_protect.transforms.registry import create_method
+from uge_protect.methods.registry import create_method
 
 runner = CliRunner()
 NAME = "data-000000.tar"

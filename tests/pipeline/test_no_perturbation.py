@@ -15,10 +15,11 @@ from uge_protect.pipeline.inspect import inspect_output
 from uge_protect.pipeline.records import SampleRecord
 from uge_protect.pipeline.run import protect_records
 from uge_protect.shards.manifest import read_manifest
-from uge_protect.transforms import registry
-from uge_protect.transforms.base import ProtectBatch, ProtectionMethod
-from uge_protect.transforms.em import EMConfig, ErrorMinimizing, fit_em
-from uge_protect.transforms.random_noise import PassThrough, RandomNoise
+from uge_protect.methods import registry
+from uge_protect.methods.base import ProtectBatch, ProtectionMethod
+from uge_protect.methods.em.method import ErrorMinimizing, fit_em
+from uge_protect.methods.em.config import EMConfig
+from uge_protect.methods.random_noise import PassThrough, RandomNoise
 
 runner = CliRunner()
 

@@ -22,7 +22,7 @@ from uge_protect.pipeline.resume import is_complete
 from uge_protect.shards.layout import OutputLayout, read_json, temp_owner, temp_path
 from uge_protect.shards.manifest import read_manifest
 from uge_protect.shards.tario import TarReadError, iter_tar_samples
-from uge_protect.transforms.registry import create_method
+from uge_protect.methods.registry import create_method
 
 runner = CliRunner()
 
@@ -327,7 +327,7 @@ def test_failures_at_or_below_the_limit_pass(tmp_path):
 
 
 def test_cli_failure_rate_exit_1_with_one_line(make_shards, tmp_path, monkeypatch):
-    import uge_protect.transforms.registry as registry
+    import uge_protect.methods.registry as registry
 
     monkeypatch.setattr(registry, "create_method", lambda *a, **k: _caption_method())
     shards = make_shards(n_shards=1, per_shard=5)

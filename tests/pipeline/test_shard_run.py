@@ -16,7 +16,7 @@ from uge_protect.pipeline.resume import DirectoryLock
 from uge_protect.shards.layout import OutputLayout
 from uge_protect.shards.manifest import read_manifest
 from uge_protect.shards.tario import iter_tar_samples
-from uge_protect.transforms.registry import create_method
+from uge_protect.methods.registry import create_method
 
 
 def run(inputs, out, method="random", **kw):

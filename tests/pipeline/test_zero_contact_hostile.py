@@ -21,12 +21,13 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from tests.helpers import png_bytes, random_image
-from tests.transforms.test_t2ue import TINY_CLIP
-from tests.transforms.test_uge import stripes
+from tests.methods.test_t2ue import TINY_CLIP
+from tests.methods.test_uge import stripes
 from uge_protect.cli.app import app
 from uge_protect.pipeline.zero_contact import MAX_NOISE_PIXELS, MAX_TEXT_CHARS, META_KEY, read_noise
-from uge_protect.transforms.artifact import save_artifact
-from uge_protect.transforms.t2ue import T2UEConfig, fit_t2ue
+from uge_protect.methods.artifact import save_artifact
+from uge_protect.methods.t2ue.method import fit_t2ue
+from uge_protect.methods.t2ue.config import T2UEConfig
 
 runner = CliRunner()
 OK_META = {"method": "t2ue", "epsilon": 8 / 255, "budget_levels": 8}

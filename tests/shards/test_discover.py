@@ -8,7 +8,7 @@ from uge_protect.errors import UserError
 from uge_protect.pipeline import ShardJobConfig, run_shard_job
 from uge_protect.shards.discover import expand_inputs, shard_name
 from uge_protect.shards.layout import OutputLayout
-from uge_protect.transforms.registry import create_method
+from uge_protect.methods.registry import create_method
 
 
 def test_paths_globs_braces_and_directories(make_shards):

@@ -163,7 +163,7 @@ def test_the_protocol_runs_on_the_photographs_in_small(built, tmp_path):
     the tiny build, protected with `random`; every row gets its role and the report its headline."""
     from uge_protect.eval.runner import DEFAULT_ARCHS, EvalConfig, run_evaluation
     from uge_protect.pipeline import ShardJobConfig, run_shard_job
-    from uge_protect.transforms.registry import create_method
+    from uge_protect.methods.registry import create_method
 
     out, _ = built
     run_shard_job(ShardJobConfig(inputs=[str(out / "train" / "*.tar")], output=str(tmp_path / "prot"),

@@ -16,7 +16,7 @@ from uge_protect.pipeline import ShardJobConfig, run_shard_job
 from uge_protect.pipeline.inspect import inspect_output
 from uge_protect.shards.layout import OutputLayout
 from uge_protect.shards.tario import MemberCounts, iter_tar_samples
-from uge_protect.transforms.registry import create_method
+from uge_protect.methods.registry import create_method
 
 def special_tar(path: Path) -> Path:
     """A shard mixing files with every kind of non-file member; sample ``ghost`` consists only

@@ -67,7 +67,7 @@ def shard(
     """Protect every image of the input shards into OUTPUT (one output shard per input shard)."""
     from uge_protect.pipeline import ShardJobConfig, run_shard_job
     from uge_protect.pipeline.lifecycle import sigterm_stops_the_run, stop_point, stop_requested
-    from uge_protect.transforms.registry import create_method
+    from uge_protect.methods.registry import create_method
 
     # Until the run begins a stop signal raises at once; the run sets where it may raise.
     with sigterm_stops_the_run(at_once=True, ignore_when_done=_ENDS_WITH_THE_COMMAND):

@@ -21,11 +21,11 @@ from typing import Callable
 import torch
 
 from uge_protect.errors import UserError
-from uge_protect.transforms.artifact import loading
-from uge_protect.transforms.networks import ARCHITECTURES
-from uge_protect.transforms.uge import load_uge_artifact
-from uge_protect.transforms.uge_gate import ConfidenceGate, gate_from_artifact
-from uge_protect.transforms.uge_key import Key, build_authorized, key_id, state_fingerprint
+from uge_protect.methods.artifact import loading
+from uge_protect.models.classifiers import ARCHITECTURES
+from uge_protect.methods.uge.method import load_uge_artifact
+from uge_protect.methods.uge.gate import ConfidenceGate, gate_from_artifact
+from uge_protect.methods.uge.key import Key, build_authorized, key_id, state_fingerprint
 
 #: What ``--authorized`` reads of a UGE artifact's config.
 AUTHORIZED_FIELDS = ("authorized", "key_seed", "key_projection", "key_fingerprint", "epsilon")

@@ -22,7 +22,7 @@ import torch
 
 from uge_protect.shards.dataset import InMemoryDataset
 from uge_protect.shards.layout import read_json, write_json_atomic
-from uge_protect.transforms.artifact import json_type_matches
+from uge_protect.methods.artifact import json_type_matches
 
 _RUN = {"defense": str, "repeat": int, "seed": int, "train_data": str, "per_epoch": list[dict[str, Any]]}
 #: What the evaluation reads of a cached run, per task (see ``eval/runner.py`` and ``report.py``).

@@ -19,8 +19,8 @@ import torch.nn.functional as F
 
 from uge_protect.eval.defenses import Defense, cutout, mixup, parse_defense, pgd_attack, trivial_augment
 from uge_protect.eval.metrics import accuracy_from_confusion, confusion_matrix, per_class_accuracy
-from uge_protect.transforms.networks import build_classifier
-from uge_protect.transforms.uge_losses import distillation
+from uge_protect.models.classifiers import build_classifier
+from uge_protect.models.distill import distillation
 
 
 @dataclass

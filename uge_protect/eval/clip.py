@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from uge_protect.errors import UserError
 from uge_protect.shards.dataset import InMemoryDataset
-from uge_protect.transforms.clip_models import (
+from uge_protect.models.clip import (
     DEFAULT_MEAN,
     DEFAULT_STD,
     ClipBundle,

@@ -38,8 +38,8 @@ from uge_protect.eval.protocol import (
     role,
 )
 from uge_protect.shards.dataset import InMemoryDataset, load_shards
-from uge_protect.transforms.base import clip_arch_id
-from uge_protect.transforms.networks import ARCHITECTURES, MIN_SIDE
+from uge_protect.methods.base import clip_arch_id
+from uge_protect.models.classifiers import ARCHITECTURES, MIN_SIDE
 
 #: Hacker architectures of different inductive biases, each learning clean data in 8 CPU epochs.
 DEFAULT_ARCHS = ("mlp", "vit_tiny", "small_cnn", "resnet_cifar", "vgg11", "mobilenet_v2")

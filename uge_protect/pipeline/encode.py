@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from uge_protect.transforms.budget import difference_stats
+from uge_protect.methods.budget import difference_stats
 
 #: Output field extension per image format.
 FORMAT_EXTENSION = {"png": "png", "webp": "webp", "jpeg": "jpg"}

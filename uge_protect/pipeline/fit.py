@@ -1,7 +1,7 @@
 """``uge-protect fit METHOD``: load a (small) training set and save a method artifact.
 
 The fit itself lives in ``transforms`` (looked up by name through
-:func:`uge_protect.transforms.registry.get_fitter`); this module only reads the shards,
+:func:`uge_protect.methods.registry.get_fitter`); this module only reads the shards,
 checks them, reports progress and writes the artifact.
 """
 
@@ -18,8 +18,8 @@ import torch
 from uge_protect.errors import UserError
 from uge_protect.launch import is_launched, join_launch
 from uge_protect.shards.dataset import load_shards
-from uge_protect.transforms.artifact import artifact_fingerprint, save_artifact, write_private
-from uge_protect.transforms.registry import fit_needs, fitter_supports_checkpoints, get_fitter
+from uge_protect.methods.artifact import artifact_fingerprint, save_artifact, write_private
+from uge_protect.methods.registry import fit_needs, fitter_supports_checkpoints, get_fitter
 
 
 def _print_progress(event: dict[str, Any]) -> None:

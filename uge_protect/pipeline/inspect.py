@@ -52,7 +52,7 @@ from uge_protect.shards.layout import OutputLayout, file_sha256
 from uge_protect.shards.manifest import STATUS_OK
 from uge_protect.shards.members import IMAGE, OPAQUE, member_kind
 from uge_protect.shards.tario import MemberCounts, RawSample, TarReadError, iter_tar_samples
-from uge_protect.transforms.budget import linf_levels
+from uge_protect.methods.budget import linf_levels
 
 MAX_LISTED_PROBLEMS = 50
 #: Pillow format names of the output formats.

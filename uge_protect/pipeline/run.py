@@ -38,8 +38,8 @@ from uge_protect.pipeline.source import DecodeSettings, ShardSource
 from uge_protect.pipeline.writer import ShardWriter, reason_code
 from uge_protect.shards.discover import check_output_apart, expand_inputs, shard_name
 from uge_protect.shards.layout import OutputLayout
-from uge_protect.transforms.base import ProtectBatch, ProtectionMethod, sample_seed
-from uge_protect.transforms.budget import apply_perturbation, budget_levels
+from uge_protect.methods.base import ProtectBatch, ProtectionMethod, sample_seed
+from uge_protect.methods.budget import apply_perturbation, budget_levels
 
 
 def _identity(batch: ShardBatch) -> ShardBatch:

@@ -31,7 +31,7 @@ from uge_protect.pipeline.source import DecodeSettings
 from uge_protect.shards.decode import RESIZE_MODES
 from uge_protect.shards.layout import OutputLayout, outside_link, read_json
 from uge_protect.shards.manifest import MANIFEST_SCHEMA, STATUS_FAILED, STATUS_OK
-from uge_protect.transforms.budget import budget_levels
+from uge_protect.methods.budget import budget_levels
 
 #: JSON files of an output directory are small; larger ones are refused unread. ``sizes.json``
 #: and ``protection.json`` grow with the number of shards; a stats file is a few hundred bytes
@@ -171,7 +171,7 @@ def load_run(layout: OutputLayout) -> tuple[RunInfo | None, str]:
 def hidden_methods() -> set[str]:
     """Registered methods that are never offered to users (benchmark controls that write
     images unchanged): the only ones for which L∞ 0 is no problem."""
-    from uge_protect.transforms.registry import method_names
+    from uge_protect.methods.registry import method_names
 
     return set(method_names(include_hidden=True)) - set(method_names())
 

@@ -24,10 +24,10 @@ from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
 from uge_protect.errors import UserError
 from uge_protect.shards.decode import DEFAULT_MAX_PIXELS, DecodeError, decode_image
-from uge_protect.transforms.artifact import read_artifact_config
-from uge_protect.transforms.base import ProtectBatch, sample_seed
-from uge_protect.transforms.budget import apply_perturbation, budget_levels, delta_levels
-from uge_protect.transforms.registry import create_method
+from uge_protect.methods.artifact import read_artifact_config
+from uge_protect.methods.base import ProtectBatch, sample_seed
+from uge_protect.methods.budget import apply_perturbation, budget_levels, delta_levels
+from uge_protect.methods.registry import create_method
 
 OFFSET = 128
 META_KEY = "uge-protect-noise"

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from uge_protect.errors import UserError
-from uge_protect.transforms.text_encoders import (
+from uge_protect.models.text_encoders import (
     MINILM_SHA256,
     CachedEncoder,
     load_text_encoder,

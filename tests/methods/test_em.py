@@ -9,12 +9,13 @@ import torch
 import torch.nn.functional as F
 
 from uge_protect.errors import UserError
-from uge_protect.transforms.artifact import save_artifact
-from uge_protect.transforms.base import ProtectBatch, sample_seed
-from uge_protect.transforms.budget import apply_perturbation
-from uge_protect.transforms.em import EMConfig, ErrorMinimizing, fit_em
-from uge_protect.transforms.random_noise import RandomNoise
-from uge_protect.transforms.registry import create_method, get_fitter, method_names
+from uge_protect.methods.artifact import save_artifact
+from uge_protect.methods.base import ProtectBatch, sample_seed
+from uge_protect.methods.budget import apply_perturbation
+from uge_protect.methods.em.method import ErrorMinimizing, fit_em
+from uge_protect.methods.em.config import EMConfig
+from uge_protect.methods.random_noise import RandomNoise
+from uge_protect.methods.registry import create_method, get_fitter, method_names
 
 EPS = 8 / 255
 TINY = dict(surrogate_width=4, train_batches=3, max_rounds=2, pgd_steps=4, step_size=2 / 255, batch_size=16)
@@ -185,7 +186,8 @@ def test_bad_options_are_user_errors():
 
 
 def test_class_mode_on_a_coarse_grid_with_augmentation_gives_block_patterns():
-    from uge_protect.transforms.em import EMConfig, fit_em
+    from uge_protect.methods.em.method import fit_em
+    from uge_protect.methods.em.config import EMConfig
 
     x = (torch.rand(24, 3, 16, 16) * 255).to(torch.uint8)
     y = torch.arange(24) % 3

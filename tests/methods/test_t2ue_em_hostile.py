@@ -13,11 +13,12 @@ import zipfile
 import pytest
 import torch
 
-from tests.transforms.test_uge import stripes
+from tests.methods.test_uge import stripes
 from uge_protect.errors import UserError
-from uge_protect.transforms.artifact import save_artifact
-from uge_protect.transforms.t2ue import T2UEConfig, TextToUnlearnable, fit_t2ue
-from uge_protect.transforms.text_encoders import MINILM_SHA256, CachedEncoder, load_text_encoder, minilm_zip
+from uge_protect.methods.artifact import save_artifact
+from uge_protect.methods.t2ue.method import TextToUnlearnable, fit_t2ue
+from uge_protect.methods.t2ue.config import T2UEConfig
+from uge_protect.models.text_encoders import MINILM_SHA256, CachedEncoder, load_text_encoder, minilm_zip
 
 TEXTS = ["a red thing", "a blue thing"]
 

@@ -21,17 +21,19 @@ import pytest
 from typer.testing import CliRunner
 
 from tests.helpers import png_bytes, random_image, write_shard
-from tests.transforms.test_t2ue import TINY_CLIP
-from tests.transforms.test_uge import _tiny as tiny_uge
-from tests.transforms.test_uge import stripes
+from tests.methods.test_t2ue import TINY_CLIP
+from tests.methods.test_uge import _tiny as tiny_uge
+from tests.methods.test_uge import stripes
 from uge_protect.cli.app import app
 from uge_protect.errors import UserError
-from uge_protect.transforms.artifact import loading, save_artifact
-from uge_protect.transforms.clip_models import external_model_reference, recorded_model_config
-from uge_protect.transforms.em_clip import EMClipConfig, fit_em_clip
-from uge_protect.transforms.registry import create_method
-from uge_protect.transforms.t2ue import T2UEConfig, fit_t2ue
-from uge_protect.transforms.uge import fit_uge
+from uge_protect.methods.artifact import loading, save_artifact
+from uge_protect.models.clip import external_model_reference, recorded_model_config
+from uge_protect.methods.em.clip import fit_em_clip
+from uge_protect.methods.em.config import EMClipConfig
+from uge_protect.methods.registry import create_method
+from uge_protect.methods.t2ue.method import fit_t2ue
+from uge_protect.methods.t2ue.config import T2UEConfig
+from uge_protect.methods.uge.method import fit_uge
 
 runner = CliRunner()
 REFUSAL = "names a remote or external model"

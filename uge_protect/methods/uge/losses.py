@@ -9,7 +9,7 @@
 * :func:`feature_distance` — L_fd: in a frozen shared image-feature space, the cosine
   similarity of x + δ to x (to be *lowered*), minus, with misalignment, its similarity to the
   prototype of another class (to be raised).
-* :func:`distillation` — the loss of a student distilled from a teacher (Hinton et al.'s
+* :func:`uge_protect.models.distill.distillation` — the loss of a student distilled from a teacher (Hinton et al.'s
   temperature-softened KL); L_ud is this loss of a student trained alongside on x + δ, which
   the generator *minimizes*, as EM's min-min does: the student is then taught by an
   easy-to-read signal in δ instead of the image content, and does not generalize.
@@ -60,11 +60,3 @@ def feature_distance(encode: nn.Module, x: torch.Tensor, x_u: torch.Tensor,
     if targets is not None:
         loss = loss - (feats * targets).sum(1).mean()
     return loss
-
-
-def distillation(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 4.0
-                 ) -> torch.Tensor:
-    """KL(teacher ‖ student) on temperature-softened outputs, times T² (Hinton et al. 2015)."""
-    t = temperature
-    return F.kl_div(F.log_softmax(student_logits / t, dim=1), F.log_softmax(teacher_logits.detach() / t, dim=1),
-                    log_target=True, reduction="batchmean") * t * t

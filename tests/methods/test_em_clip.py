@@ -13,11 +13,11 @@ from tests.helpers import png_bytes, random_image, write_shard
 from uge_protect.cli.app import app
 from uge_protect.errors import UserError
 from uge_protect.pipeline.inspect import inspect_output
-from uge_protect.transforms.artifact import save_artifact
-from uge_protect.transforms.base import ProtectBatch, sample_seed
-from uge_protect.transforms.budget import apply_perturbation
-from uge_protect.transforms.clip_models import build_clip_model
-from uge_protect.transforms.em_clip import (
+from uge_protect.methods.artifact import save_artifact
+from uge_protect.methods.base import ProtectBatch, sample_seed
+from uge_protect.methods.budget import apply_perturbation
+from uge_protect.models.clip import build_clip_model
+from uge_protect.methods.em.clip import (
     EMClipConfig,
     ErrorMinimizingClip,
     _same_caption,
@@ -25,7 +25,7 @@ from uge_protect.transforms.em_clip import (
     pgd_min_clip,
     sample_loss,
 )
-from uge_protect.transforms.registry import create_method
+from uge_protect.methods.registry import create_method
 
 EPS = 8 / 255
 TINY_CLIP = {

@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 
 from uge_protect.errors import UserError
-from uge_protect.transforms import static_text
-from uge_protect.transforms.static_text import centred_static, distil, from_tensors
-from uge_protect.transforms.text_encoders import MINILM_SHA256, load_text_encoder
+from uge_protect.models import static_text
+from uge_protect.models.static_text import centred_static, distil, from_tensors
+from uge_protect.models.text_encoders import MINILM_SHA256, load_text_encoder
 
 CAPTIONS = ["a photo of a circle", "a small red square on a striped background", "a picture of a circle",
             "medium white ring at the top against a checkered black backdrop", ""]

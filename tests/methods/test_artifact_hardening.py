@@ -16,18 +16,22 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from tests.helpers import simple_samples, write_shard
-from tests.transforms.test_t2ue import TINY_CLIP
-from tests.transforms.test_uge import _tiny as tiny_uge
-from tests.transforms.test_uge import stripes
+from tests.methods.test_t2ue import TINY_CLIP
+from tests.methods.test_uge import _tiny as tiny_uge
+from tests.methods.test_uge import stripes
 from uge_protect.cli.app import app
 from uge_protect.errors import UserError
-from uge_protect.transforms.artifact import check_config, json_type_matches, load_artifact, save_artifact
-from uge_protect.transforms.base import ProtectBatch, sample_seed
-from uge_protect.transforms.em import EMArtifact, EMConfig, fit_em
-from uge_protect.transforms.em_clip import EMClipArtifact, EMClipConfig, fit_em_clip
-from uge_protect.transforms.registry import create_method
-from uge_protect.transforms.t2ue import T2UEArtifact, T2UEConfig, fit_t2ue
-from uge_protect.transforms.uge import UGEArtifact, UGEConfig, fit_uge
+from uge_protect.methods.artifact import check_config, json_type_matches, load_artifact, save_artifact
+from uge_protect.methods.base import ProtectBatch, sample_seed
+from uge_protect.methods.em.method import fit_em
+from uge_protect.methods.em.config import EMArtifact, EMConfig
+from uge_protect.methods.em.clip import fit_em_clip
+from uge_protect.methods.em.config import EMClipArtifact, EMClipConfig
+from uge_protect.methods.registry import create_method
+from uge_protect.methods.t2ue.method import fit_t2ue
+from uge_protect.methods.t2ue.config import T2UEArtifact, T2UEConfig
+from uge_protect.methods.uge.method import fit_uge
+from uge_protect.methods.uge.config import UGEArtifact, UGEConfig
 
 runner = CliRunner()
 #: What a damaged or hostile config.json may hold in place of any field.
@@ -150,7 +154,7 @@ def test_a_diverged_fit_saves_nothing(tmp_path):
 
 
 def test_fit_command_turns_a_diverged_fit_into_one_error_line(tmp_path, monkeypatch):
-    from uge_protect.transforms import registry
+    from uge_protect.methods import registry
 
     shard = write_shard(tmp_path / "in.tar", simple_samples("s", 8, size=(16, 16)))
     fitter, needs, ckpt = registry._FITTERS["em"]

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from uge_protect.transforms.uge_key import key_signs
+from uge_protect.methods.uge.key import key_signs
 
 #: The gate opens linearly between these scores (see the module docstring for the measured spread).
 GATE_LOW, GATE_HIGH = 0.25, 0.45

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from uge_protect.errors import UserError
-from uge_protect.transforms.networks import build_classifier
+from uge_protect.models.classifiers import build_classifier
 
 #: A key: the artifact's hex string, or a small integer for evaluation-only keys.
 Key = str | int

@@ -11,14 +11,15 @@ import torch
 from typer.testing import CliRunner
 
 from tests.helpers import simple_samples, write_shard
-from tests.transforms.test_uge import KEY, _tiny, stripes
+from tests.methods.test_uge import KEY, _tiny, stripes
 from uge_protect.cli.app import app
 from uge_protect.errors import UserError
 from uge_protect.pipeline.fit import _save_checkpoint
-from uge_protect.transforms.artifact import save_artifact
-from uge_protect.transforms.registry import create_method
-from uge_protect.transforms.uge import UGEConfig, fit_uge
-from uge_protect.transforms.uge_key import (
+from uge_protect.methods.artifact import save_artifact
+from uge_protect.methods.registry import create_method
+from uge_protect.methods.uge.method import fit_uge
+from uge_protect.methods.uge.config import UGEConfig
+from uge_protect.methods.uge.key import (
     fingerprint_matches,
     key_fingerprint,
     key_signs,

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -27,144 +26,30 @@ import torch.nn.functional as F
 from torch import nn
 
 from uge_protect.errors import UserError
-from uge_protect.transforms.artifact import (
+from uge_protect.methods.artifact import (
     artifact_fingerprint,
     check_config,
-    check_fit_size,
     check_fitted_epsilon,
     load_artifact,
     loading,
 )
-from uge_protect.transforms.base import APPLY_CHUNK, ProtectBatch, ProtectionMethod, given_options, in_fixed_chunks
-from uge_protect.transforms.budget import check_epsilon, pgd_minimize, seeded_uniform
-from uge_protect.transforms.networks import ARCHITECTURES, Normalized, build_classifier, set_frozen, small_cnn
-from uge_protect.transforms.training import pick_device, shift_flip
-
-MODES = ("sample", "class")
-DEFAULT_EPSILON = 8 / 255
+from uge_protect.methods.base import (
+    APPLY_CHUNK,
+    ProtectBatch,
+    ProtectionMethod,
+    in_fixed_chunks,
+)
+from uge_protect.methods.budget import pgd_minimize, seeded_uniform
+from uge_protect.methods.em.config import MODES, EMArtifact, EMConfig
+from uge_protect.models.classifiers import (
+    Normalized,
+    build_classifier,
+    set_frozen,
+    small_cnn,
+)
+from uge_protect.models.training import pick_device, shift_flip
 
 Progress = Callable[[dict[str, Any]], None]
-
-
-@dataclass
-class EMConfig:
-    """Hyper-parameters of an EM fit.
-
-    Defaults follow the paper for the noise (ε 8/255, step 0.8/255, 20 PGD steps, 10 surrogate
-    batches per round, stop below 1% train error) and are sized for a CPU for the surrogate: a
-    ``small_cnn`` of width 8, at most 20 rounds (sample) or 30 (class). Sample mode fits with
-    random shifts and flips by default (``augment``): on the demo shapes that lowers the worst
-    held-out architecture from 37.8% to 27.1% for about the same fit time (docs/efficacy). On an accelerator, a wider or bigger
-    surrogate (``surrogate_width=None`` or ``surrogate="resnet18"``) and more rounds are cheap.
-    (One sample-mode round on the 5000 32×32 demo images is 100k PGD image-steps: ≈ 1-3 min
-    for a width-8 ``small_cnn`` on 2 CPU cores.)
-    ``pgd_steps`` is the number of steps per batch of a sample-mode sweep and of apply; the
-    class-mode sweep takes one step per batch (as in the reference).
-    """
-
-    mode: str = "sample"
-    epsilon: float = 8 / 255
-    step_size: float = 0.8 / 255
-    pgd_steps: int = 20
-    surrogate: str = "small_cnn"
-    #: Channel width of ``small_cnn`` (None: the architecture's default, 32); other
-    #: architectures take None.
-    surrogate_width: int | None = 8
-    train_batches: int = 10
-    #: None: 3 rounds in sample mode (each sweeps every image with ``pgd_steps`` steps), 30 in
-    #: class mode (each sweep is one step per batch, so rounds are ~20x cheaper).
-    max_rounds: int | None = None
-    stop_error: float = 0.01
-    batch_size: int = 128
-    lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    seed: int = 0
-    #: Class mode: δ is fitted on a ``pattern_size``×``pattern_size`` grid of blocks and
-    #: upsampled (nearest) to the image (None: at full resolution). Coarse patterns survive the
-    #: shifts, flips and pooling of other architectures' training.
-    pattern_size: int | None = None
-    #: Random shifts (up to 4 px) and flips of x + δ in the fit's surrogate steps and PGD steps.
-    #: None: on in sample mode (the noise then transfers to other architectures), off in class
-    #: mode (where it did not help, and the reference update needs it off).
-    augment: bool | None = None
-    #: Informational: the side the training images were brought to (None: as stored).
-    image_size: int | None = None
-    #: Where to fit: "auto" (CUDA when available, else CPU), "cpu", "cuda", "cuda:1", ...
-    device: str = "auto"
-
-    def __post_init__(self) -> None:
-        if self.max_rounds is None:
-            # Demo data: sample mode stops (train error < 1%) after 9 rounds, ≈ 4 min on 2 CPU cores.
-            self.max_rounds = 20 if self.mode == "sample" else 30
-        if self.augment is None:
-            self.augment = self.mode == "sample"
-
-    def validate(self) -> None:
-        if self.mode not in MODES:
-            raise UserError(f"unknown EM mode {self.mode!r}; choose 'sample', 'class' or 'clip'")
-        check_epsilon(self.epsilon)
-        if not 0.0 < self.step_size <= 1.0:
-            raise UserError(f"step size must be in (0, 1], got {self.step_size}")
-        if self.surrogate not in ARCHITECTURES:
-            raise UserError(f"unknown surrogate {self.surrogate!r}; choose one of: {', '.join(ARCHITECTURES)}")
-        if self.surrogate_width is not None:
-            if self.surrogate != "small_cnn":
-                raise UserError(f"surrogate width applies to small_cnn only, not {self.surrogate!r}")
-            if self.surrogate_width < 1:
-                raise UserError(f"surrogate width must be >= 1, got {self.surrogate_width}")
-        for name in ("pgd_steps", "train_batches", "max_rounds", "batch_size"):
-            if getattr(self, name) < 1:
-                raise UserError(f"{name.replace('_', ' ')} must be >= 1, got {getattr(self, name)}")
-        if not 0.0 <= self.stop_error < 1.0:
-            raise UserError(f"stop error must be in [0, 1), got {self.stop_error}")
-        if self.lr <= 0:
-            raise UserError(f"learning rate must be > 0, got {self.lr}")
-        if self.pattern_size is not None and self.pattern_size < 1:
-            raise UserError(f"pattern size must be >= 1, got {self.pattern_size}")
-
-    @classmethod
-    def from_options(cls, options: dict[str, Any]) -> "EMConfig":
-        """Build from a dict; None means "default". Unknown keys (given, not None) are a :class:`UserError`.
-
-        ``surrogate_width`` 0 (or, for a surrogate other than small_cnn, absent) means the
-        architecture's own width."""
-        given = given_options(cls, options, f"EM option(s) not used by the {options.get('mode') or 'sample'} mode")
-        if given.get("surrogate", "small_cnn") != "small_cnn" and "surrogate_width" not in given:
-            given["surrogate_width"] = None  # the default width is small_cnn's
-        if given.get("surrogate_width") == 0:
-            given["surrogate_width"] = None  # 0: the architecture's own default
-        cfg = cls(**given)
-        cfg.validate()
-        return cfg
-
-
-@dataclass
-class EMFitRecord:
-    """What every EM fit (sample, class and clip mode) records about itself in its artifact."""
-
-    fit_size: list[int] | None = None
-    n_train: int | None = None
-    rounds: int | None = None
-    train_error: float | None = None
-    #: The networks δ was fitted against (written by the fit, for readers; loaders derive it).
-    fit_architectures: list[str] | None = None
-    train_error_history: list[float] | None = None
-    converged: bool | None = None
-
-
-@dataclass
-class EMArtifact(EMConfig, EMFitRecord):
-    """The schema of a sample/class-mode EM artifact's ``config.json``: the fit's
-    hyper-parameters and what the fit recorded (see :func:`artifact.check_config`)."""
-
-    num_classes: int | None = None
-
-    def validate(self) -> None:
-        super().validate()
-        if self.num_classes is not None and self.num_classes < 2:
-            raise UserError(f"num_classes must be >= 2, got {self.num_classes}")
-        check_fit_size(self.fit_size)
 
 
 def build_surrogate(name: str, num_classes: int, width: int | None = None, seed: int | None = None) -> nn.Module:
@@ -327,9 +212,10 @@ def fit_em_from_options(
 ) -> tuple[dict[str, Any], dict[str, dict[str, torch.Tensor]]]:
     """The fitter registered under ``"em"``: sample/class modes fit against a classifier on
     the labels (:func:`fit_em`), the ``clip`` mode against a CLIP on the captions
-    (:func:`uge_protect.transforms.em_clip.fit_em_clip`)."""
+    (:func:`uge_protect.methods.em.clip.fit_em_clip`)."""
     if options.get("mode") == "clip":
-        from uge_protect.transforms.em_clip import EMClipConfig, fit_em_clip
+        from uge_protect.methods.em.clip import fit_em_clip
+        from uge_protect.methods.em.config import EMClipConfig
 
         return fit_em_clip(images, [str(c) for c in captions], EMClipConfig.from_options(options), progress)
     return fit_em(images, labels, EMConfig.from_options(options), progress)
@@ -343,7 +229,7 @@ def em_fit_needs(options: dict[str, Any]) -> str:
 def _check_em_config(path: str, config: dict[str, Any]) -> None:
     """Check an EM artifact's config against the schema of its mode."""
     if config.get("mode") == "clip":
-        from uge_protect.transforms.em_clip import EMClipArtifact
+        from uge_protect.methods.em.config import EMClipArtifact
 
         check_config(path, config, EMClipArtifact, required=("epsilon", "mode", "step_size", "pgd_steps", "clip_model"))
         return
@@ -393,7 +279,7 @@ class ErrorMinimizing(ProtectionMethod):
         check_fitted_epsilon(path, config, epsilon)
         with loading(path, "EM"):
             if config["mode"] == "clip":
-                from uge_protect.transforms.em_clip import ErrorMinimizingClip
+                from uge_protect.methods.em.clip import ErrorMinimizingClip
 
                 return ErrorMinimizingClip(config, weights, fingerprint=artifact_fingerprint(path))  # type: ignore[return-value]
             return cls(config, weights, fingerprint=artifact_fingerprint(path))

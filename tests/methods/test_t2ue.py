@@ -6,10 +6,11 @@ import pytest
 import torch
 
 from uge_protect.errors import UserError
-from uge_protect.transforms.artifact import save_artifact
-from uge_protect.transforms.base import ProtectBatch, sample_seed
-from uge_protect.transforms.budget import apply_perturbation
-from uge_protect.transforms.t2ue import T2UEConfig, TextToUnlearnable, fit_t2ue
+from uge_protect.methods.artifact import save_artifact
+from uge_protect.methods.base import ProtectBatch, sample_seed
+from uge_protect.methods.budget import apply_perturbation
+from uge_protect.methods.t2ue.method import TextToUnlearnable, fit_t2ue
+from uge_protect.methods.t2ue.config import T2UEConfig
 
 EPS = 8 / 255
 TINY_CLIP = {
@@ -150,7 +151,7 @@ def test_centered_captions_round_trip(tmp_path):
 
 
 def test_locked_text_tower_stays_at_its_initialisation(tmp_path):
-    from uge_protect.transforms.clip_models import build_clip_model, clip_state
+    from uge_protect.models.clip import build_clip_model, clip_state
 
     images, captions = _data(n=32)
     config, weights = fit_t2ue(images, captions, _tiny(steps=6, warmup_steps=4, lock_text=True, augment=True))
@@ -164,7 +165,7 @@ def test_locked_text_tower_stays_at_its_initialisation(tmp_path):
 
 
 def test_shift_flip_keeps_content_and_gradient():
-    from uge_protect.transforms.training import shift_flip
+    from uge_protect.models.training import shift_flip
 
     x = torch.rand(6, 3, 8, 8, requires_grad=True)
     out = shift_flip(x, torch.Generator().manual_seed(0))
@@ -179,7 +180,7 @@ def test_shift_flip_keeps_content_and_gradient():
 
 
 def test_mean_pooled_caption_embedding_round_trips(tmp_path):
-    from uge_protect.transforms.t2ue import text_features
+    from uge_protect.methods.t2ue.method import text_features
 
     images, captions = _data(n=32)
     config, weights = fit_t2ue(images, captions, _tiny(steps=4, warmup_steps=0, text_pool="mean"))

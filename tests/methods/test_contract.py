@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from uge_protect.errors import UserError
-from uge_protect.transforms.artifact import artifact_fingerprint, load_artifact, save_artifact
-from uge_protect.transforms.base import ProtectBatch, sample_seed
-from uge_protect.transforms.budget import apply_perturbation, budget_levels, linf_levels, psnr
-from uge_protect.transforms.random_noise import RandomNoise
-from uge_protect.transforms.registry import create_method, method_names
+from uge_protect.methods.artifact import artifact_fingerprint, load_artifact, save_artifact
+from uge_protect.methods.base import ProtectBatch, sample_seed
+from uge_protect.methods.budget import apply_perturbation, budget_levels, linf_levels, psnr
+from uge_protect.methods.random_noise import RandomNoise
+from uge_protect.methods.registry import create_method, method_names
 
 
 def test_budget_holds_after_quantization_for_any_delta():

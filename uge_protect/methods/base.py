@@ -17,7 +17,7 @@ from typing import Any, Callable, ClassVar
 
 import torch
 
-from uge_protect.transforms.budget import check_epsilon
+from uge_protect.methods.budget import check_epsilon
 
 #: Methods that run a network at apply do so on chunks of exactly this many samples
 #: (zero-padded): the kernels, and so every float of a sample's δ, never depend on how many

@@ -24,23 +24,25 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 
 from uge_protect.errors import UserError
-from uge_protect.transforms.em import EMFitRecord
-from uge_protect.transforms.artifact import check_fit_size
-from uge_protect.transforms.base import (APPLY_CHUNK, ProtectBatch, ProtectionMethod, clip_arch_id, given_options,
-                                         in_fixed_chunks)
-from uge_protect.transforms.budget import check_epsilon, pgd_minimize, seeded_uniform
-from uge_protect.transforms.clip_models import (
+from uge_protect.methods.base import (
+    APPLY_CHUNK,
+    ProtectBatch,
+    ProtectionMethod,
+    clip_arch_id,
+    in_fixed_chunks,
+)
+from uge_protect.methods.budget import pgd_minimize, seeded_uniform
+from uge_protect.models.classifiers import set_frozen
+from uge_protect.models.clip import (
     TINY_CLIP_CONFIG,
     ClipBundle,
     build_clip_model,
-    check_local_model_config,
     clamp_logit_scale,
     clip_infonce,
     clip_state,
@@ -49,86 +51,16 @@ from uge_protect.transforms.clip_models import (
     recorded_model_config,
     resolve_model_config,
 )
-from uge_protect.transforms.networks import set_frozen
-from uge_protect.transforms.training import pick_device
+from uge_protect.models.training import pick_device
+
+from uge_protect.methods.em.config import EMClipConfig
 
 Progress = Callable[[dict[str, Any]], None]
-
-
-@dataclass
-class EMClipConfig:
-    """Hyper-parameters of an EM-CLIP fit.
-
-    ε and the step are the paper's (8/255, 0.8/255). PGD takes 10 steps per sweep and at
-    apply (the paper's EM takes 20): δ persists across rounds, so the fit still converges,
-    and apply costs half. The surrogate takes 100 AdamW steps (lr 2e-3) per round: a CLIP
-    trained from scratch needs more steps than a classifier before its loss guides PGD. On
-    the 5,000 demo pairs (32×32) these defaults reach < 2% retrieval error in 3 rounds
-    (≈ 4 min on one CPU core); 10 batches per round at lr 1e-3 were still at 89% after 2.
-    """
-
-    mode: str = "clip"
-    epsilon: float = 8 / 255
-    step_size: float = 0.8 / 255
-    pgd_steps: int = 10
-    #: open_clip model name, JSON config path or dict; None: :data:`clip_models.TINY_CLIP_CONFIG`.
-    clip_model: str | dict | None = None
-    #: Pretrained weights (open_clip tag or local checkpoint); None: trained from scratch.
-    clip_pretrained: str | None = None
-    bank_size: int = 255
-    train_batches: int = 100
-    max_rounds: int = 10
-    stop_error: float = 0.01
-    batch_size: int = 128
-    lr: float = 2e-3
-    weight_decay: float = 0.1
-    seed: int = 0
-    image_size: int | None = None
-    device: str = "auto"
-
-    def validate(self) -> None:
-        if self.mode != "clip":
-            raise UserError(f"EM-CLIP mode must be 'clip', got {self.mode!r}")
-        check_epsilon(self.epsilon)
-        if not 0.0 < self.step_size <= 1.0:
-            raise UserError(f"step size must be in (0, 1], got {self.step_size}")
-        for name in ("pgd_steps", "train_batches", "max_rounds", "batch_size", "bank_size"):
-            if getattr(self, name) < 1:
-                raise UserError(f"{name.replace('_', ' ')} must be >= 1, got {getattr(self, name)}")
-        if self.batch_size < 2:
-            raise UserError("batch size must be >= 2 for a contrastive loss")
-        if not 0.0 <= self.stop_error < 1.0:
-            raise UserError(f"stop error must be in [0, 1), got {self.stop_error}")
-        if self.lr <= 0:
-            raise UserError(f"learning rate must be > 0, got {self.lr}")
-
-    @classmethod
-    def from_options(cls, options: dict[str, Any]) -> "EMClipConfig":
-        """Build from a dict; None means "default". Unknown keys are a :class:`UserError`."""
-        cfg = cls(**given_options(cls, options, "option(s) not used by EM's CLIP mode"))
-        cfg.validate()
-        return cfg
-
-
-@dataclass
-class EMClipArtifact(EMClipConfig, EMFitRecord):
-    """The schema of a clip-mode EM artifact's ``config.json`` (see :func:`artifact.check_config`)."""
-
-    surrogate_trained: bool | None = None
-
-    def validate(self) -> None:
-        super().validate()
-        if self.clip_model is None:
-            raise UserError("clip_model must name the surrogate CLIP (a model name or config)")
-        check_local_model_config(self.clip_model, "clip_model")
-        check_fit_size(self.fit_size)
 
 
 def _same_caption(tokens: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
     """(B, K) bool: bank caption k has the same tokens as sample b's caption."""
     return (tokens[:, None, :] == bank[None, :, :]).all(dim=-1)
-
-
 
 
 def sample_loss(bundle: ClipBundle, x: torch.Tensor, text_emb: torch.Tensor, bank_emb: torch.Tensor,

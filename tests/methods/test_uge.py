@@ -7,13 +7,14 @@ import torch
 
 from uge_protect.errors import UserError
 from uge_protect.eval.classify import TrainSettings, fit_classifier
-from uge_protect.transforms.artifact import save_artifact
-from uge_protect.transforms.base import ProtectBatch, sample_seed
-from uge_protect.transforms.budget import apply_perturbation
-from uge_protect.transforms.networks import build_classifier
-from uge_protect.transforms.uge import UGEConfig, Ungeneralizable, class_permutation, fit_uge
-from uge_protect.transforms.uge_gate import ConfidenceGate, gate_from_artifact
-from uge_protect.transforms.uge_key import (
+from uge_protect.methods.artifact import save_artifact
+from uge_protect.methods.base import ProtectBatch, sample_seed
+from uge_protect.methods.budget import apply_perturbation
+from uge_protect.models.classifiers import build_classifier
+from uge_protect.methods.uge.method import Ungeneralizable, class_permutation, fit_uge
+from uge_protect.methods.uge.config import UGEConfig
+from uge_protect.methods.uge.gate import ConfidenceGate, gate_from_artifact
+from uge_protect.methods.uge.key import (
     DIRECTIONS,
     KeyProjection,
     along_key,
@@ -23,7 +24,8 @@ from uge_protect.transforms.uge_key import (
     key_signs,
     levels_along_key,
 )
-from uge_protect.transforms.uge_losses import distillation, feature_distance, gradient_matching
+from uge_protect.methods.uge.losses import feature_distance, gradient_matching
+from uge_protect.models.distill import distillation
 
 EPS = 8 / 255
 KEY = "3f9c2a71d84e5b06c1a9f7e2d3b48a65"  # 128 bits: the shortest key `fit uge` accepts

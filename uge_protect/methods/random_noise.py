@@ -11,8 +11,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from uge_protect.transforms.base import ProtectBatch, ProtectionMethod
-from uge_protect.transforms.budget import budget_levels
+from uge_protect.methods.base import ProtectBatch, ProtectionMethod
+from uge_protect.methods.budget import budget_levels
 
 
 class RandomNoise(ProtectionMethod):

@@ -15,9 +15,10 @@ import torch
 from uge_protect.eval.classify import TrainSettings, train_classifier
 from uge_protect.shards.dataset import load_shards
 from uge_protect.shards.demo import write_demo_dataset
-from uge_protect.transforms.artifact import save_artifact
-from uge_protect.transforms.base import ProtectBatch
-from uge_protect.transforms.t2ue import T2UEConfig, TextToUnlearnable, fit_t2ue
+from uge_protect.methods.artifact import save_artifact
+from uge_protect.methods.base import ProtectBatch
+from uge_protect.methods.t2ue.method import TextToUnlearnable, fit_t2ue
+from uge_protect.methods.t2ue.config import T2UEConfig
 
 N_TRAIN, SIDE, EPOCHS = 2000, 16, 10
 

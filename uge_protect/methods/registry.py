@@ -8,11 +8,11 @@ from typing import Any, Callable
 import torch
 
 from uge_protect.errors import UserError
-from uge_protect.transforms.base import ProtectionMethod
-from uge_protect.transforms.em import ErrorMinimizing, em_fit_needs, fit_em_from_options
-from uge_protect.transforms.random_noise import PassThrough, RandomNoise
-from uge_protect.transforms.t2ue import TextToUnlearnable, fit_t2ue_from_options
-from uge_protect.transforms.uge import Ungeneralizable, fit_uge_from_options
+from uge_protect.methods.base import ProtectionMethod
+from uge_protect.methods.em.method import ErrorMinimizing, em_fit_needs, fit_em_from_options
+from uge_protect.methods.random_noise import PassThrough, RandomNoise
+from uge_protect.methods.t2ue.method import TextToUnlearnable, fit_t2ue_from_options
+from uge_protect.methods.uge.method import Ungeneralizable, fit_uge_from_options
 
 _METHODS: dict[str, type[ProtectionMethod]] = {}
 

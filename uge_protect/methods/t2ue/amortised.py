@@ -23,9 +23,10 @@ import torch
 import torch.nn.functional as F
 
 from uge_protect.errors import UserError
-from uge_protect.transforms.em import EMConfig, fit_em
-from uge_protect.transforms.t2ue_generators import build_generator
-from uge_protect.transforms.training import pick_device
+from uge_protect.methods.em.method import fit_em
+from uge_protect.methods.em.config import EMConfig
+from uge_protect.methods.t2ue.generators import build_generator
+from uge_protect.models.training import pick_device
 
 Progress = Callable[[dict[str, Any]], None]
 

@@ -1,0 +1,1 @@
+"""EM: error-minimizing noise (sample-wise, class-wise, and against a CLIP)."""

@@ -1,0 +1,1 @@
+"""T2UE: noise generated from the caption alone."""

@@ -1,0 +1,1 @@
+"""UGE: noise learnable only by the owner's authorized network."""
