@@ -9,17 +9,8 @@ import pytest
 import torch
 
 from tests.helpers import simple_samples, write_shard
-from uge_protect.eval.protocol import (
-    HELD_OUT,
-    OWNER,
-    SEEN,
-    UNRECORDED,
-    classifier_headline,
-    clip_headline,
-    fit_architectures,
-    mark_classifier_rows,
-    role,
-)
+from uge_protect.eval.protocol import (HELD_OUT, OWNER, SEEN, UNRECORDED, classifier_headline, clip_headline,
+    fit_architectures, mark_classifier_rows, role)
 from uge_protect.eval.runner import EvalConfig, run_evaluation
 from uge_protect.pipeline import ShardJobConfig, run_shard_job
 from uge_protect.methods.base import clip_arch_id

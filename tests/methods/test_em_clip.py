@@ -17,14 +17,8 @@ from uge_protect.methods.artifact import save_artifact
 from uge_protect.methods.base import ProtectBatch, sample_seed
 from uge_protect.methods.budget import apply_perturbation
 from uge_protect.models.clip import build_clip_model
-from uge_protect.methods.em.clip import (
-    EMClipConfig,
-    ErrorMinimizingClip,
-    _same_caption,
-    fit_em_clip,
-    pgd_min_clip,
-    sample_loss,
-)
+from uge_protect.methods.em.clip import (EMClipConfig, ErrorMinimizingClip, _same_caption, fit_em_clip, pgd_min_clip,
+    sample_loss)
 from uge_protect.methods.registry import create_method
 
 EPS = 8 / 255

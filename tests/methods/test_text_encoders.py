@@ -9,12 +9,7 @@ import pytest
 import torch
 
 from uge_protect.errors import UserError
-from uge_protect.models.text_encoders import (
-    MINILM_SHA256,
-    CachedEncoder,
-    load_text_encoder,
-    minilm_zip,
-)
+from uge_protect.models.text_encoders import MINILM_SHA256, CachedEncoder, load_text_encoder, minilm_zip
 
 
 @pytest.fixture(scope="module")

@@ -14,16 +14,8 @@ from uge_protect.models.classifiers import build_classifier
 from uge_protect.methods.uge.method import Ungeneralizable, class_permutation, fit_uge
 from uge_protect.methods.uge.config import UGEConfig
 from uge_protect.methods.uge.gate import ConfidenceGate, gate_from_artifact
-from uge_protect.methods.uge.key import (
-    DIRECTIONS,
-    KeyProjection,
-    along_key,
-    build_authorized,
-    key_direction,
-    fingerprint_matches,
-    key_signs,
-    levels_along_key,
-)
+from uge_protect.methods.uge.key import (DIRECTIONS, KeyProjection, along_key, build_authorized, key_direction,
+    fingerprint_matches, key_signs, levels_along_key)
 from uge_protect.methods.uge.losses import feature_distance, gradient_matching
 from uge_protect.models.distill import distillation
 

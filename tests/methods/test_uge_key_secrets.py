@@ -19,13 +19,7 @@ from uge_protect.methods.artifact import save_artifact
 from uge_protect.methods.registry import create_method
 from uge_protect.methods.uge.method import fit_uge
 from uge_protect.methods.uge.config import UGEConfig
-from uge_protect.methods.uge.key import (
-    fingerprint_matches,
-    key_fingerprint,
-    key_signs,
-    new_key,
-    normalize_key,
-)
+from uge_protect.methods.uge.key import fingerprint_matches, key_fingerprint, key_signs, new_key, normalize_key
 
 runner = CliRunner()
 

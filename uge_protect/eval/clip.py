@@ -23,14 +23,8 @@ import torch.nn.functional as F
 
 from uge_protect.errors import UserError
 from uge_protect.shards.dataset import InMemoryDataset
-from uge_protect.models.clip import (
-    DEFAULT_MEAN,
-    DEFAULT_STD,
-    ClipBundle,
-    build_clip_model,
-    clamp_logit_scale,
-    resolve_model_config,
-)
+from uge_protect.models.clip import (DEFAULT_MEAN, DEFAULT_STD, ClipBundle, build_clip_model, clamp_logit_scale,
+    resolve_model_config)
 
 __all__ = [
     "DEFAULT_MODEL_CONFIG",

@@ -29,14 +29,8 @@ from uge_protect.eval.classify import TrainSettings, fit_classifier
 from uge_protect.eval.defenses import Defense, apply_data_defense, parse_defense, partial_protection
 from uge_protect.eval.metrics import summarize
 from uge_protect.eval.parallel import run_spread, start_workers
-from uge_protect.eval.protocol import (
-    classifier_headline,
-    clip_headline,
-    covers_every_row,
-    fit_architectures,
-    mark_classifier_rows,
-    role,
-)
+from uge_protect.eval.protocol import (classifier_headline, clip_headline, covers_every_row, fit_architectures,
+    mark_classifier_rows, role)
 from uge_protect.shards.dataset import InMemoryDataset, load_shards
 from uge_protect.methods.base import clip_arch_id
 from uge_protect.models.classifiers import ARCHITECTURES, MIN_SIDE

@@ -30,27 +30,11 @@ import torch
 import torch.nn.functional as F
 
 from uge_protect.errors import UserError
-from uge_protect.methods.base import (
-    APPLY_CHUNK,
-    ProtectBatch,
-    ProtectionMethod,
-    clip_arch_id,
-    in_fixed_chunks,
-)
+from uge_protect.methods.base import APPLY_CHUNK, ProtectBatch, ProtectionMethod, clip_arch_id, in_fixed_chunks
 from uge_protect.methods.budget import pgd_minimize, seeded_uniform
 from uge_protect.models.classifiers import set_frozen
-from uge_protect.models.clip import (
-    TINY_CLIP_CONFIG,
-    ClipBundle,
-    build_clip_model,
-    clamp_logit_scale,
-    clip_infonce,
-    clip_state,
-    load_clip_state,
-    logit_scale,
-    recorded_model_config,
-    resolve_model_config,
-)
+from uge_protect.models.clip import (TINY_CLIP_CONFIG, ClipBundle, build_clip_model, clamp_logit_scale, clip_infonce,
+    clip_state, load_clip_state, logit_scale, recorded_model_config, resolve_model_config)
 from uge_protect.models.training import pick_device
 
 from uge_protect.methods.em.config import EMClipConfig

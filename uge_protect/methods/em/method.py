@@ -26,27 +26,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from uge_protect.errors import UserError
-from uge_protect.methods.artifact import (
-    artifact_fingerprint,
-    check_config,
-    check_fitted_epsilon,
-    load_artifact,
-    loading,
-)
-from uge_protect.methods.base import (
-    APPLY_CHUNK,
-    ProtectBatch,
-    ProtectionMethod,
-    in_fixed_chunks,
-)
+from uge_protect.methods.artifact import (artifact_fingerprint, check_config, check_fitted_epsilon, load_artifact,
+    loading)
+from uge_protect.methods.base import APPLY_CHUNK, ProtectBatch, ProtectionMethod, in_fixed_chunks
 from uge_protect.methods.budget import pgd_minimize, seeded_uniform
 from uge_protect.methods.em.config import MODES, EMArtifact, EMConfig
-from uge_protect.models.classifiers import (
-    Normalized,
-    build_classifier,
-    set_frozen,
-    small_cnn,
-)
+from uge_protect.models.classifiers import Normalized, build_classifier, set_frozen, small_cnn
 from uge_protect.models.training import pick_device, shift_flip
 
 Progress = Callable[[dict[str, Any]], None]

@@ -30,48 +30,16 @@ import torch
 import torch.nn.functional as F
 
 from uge_protect.errors import UserError
-from uge_protect.methods.artifact import (
-    artifact_fingerprint,
-    check_config,
-    check_fitted_epsilon,
-    load_artifact,
-    loading,
-)
-from uge_protect.methods.base import (
-    APPLY_CHUNK,
-    ProtectBatch,
-    ProtectionMethod,
-    clip_arch_id,
-    in_fixed_chunks,
-    sample_seed,
-)
-from uge_protect.methods.t2ue.config import (
-    DEFAULT_TEMPLATE,
-    MODES,
-    T2UEArtifact,
-    T2UEConfig,
-    TEXT_POOLS,
-)
+from uge_protect.methods.artifact import (artifact_fingerprint, check_config, check_fitted_epsilon, load_artifact,
+    loading)
+from uge_protect.methods.base import (APPLY_CHUNK, ProtectBatch, ProtectionMethod, clip_arch_id, in_fixed_chunks,
+    sample_seed)
+from uge_protect.methods.t2ue.config import DEFAULT_TEMPLATE, MODES, T2UEArtifact, T2UEConfig, TEXT_POOLS
 from uge_protect.methods.t2ue.generators import build_generator
 from uge_protect.models.classifiers import set_frozen
-from uge_protect.models.clip import (
-    TINY_CLIP_CONFIG,
-    ClipBundle,
-    build_clip_model,
-    clamp_logit_scale,
-    clip_infonce,
-    clip_state,
-    load_clip_state,
-    recorded_model_config,
-    resolve_model_config,
-    zero_shot_loss,
-)
-from uge_protect.models.training import (
-    pick_device,
-    shift_flip,
-    sync_buffers,
-    sync_grads,
-)
+from uge_protect.models.clip import (TINY_CLIP_CONFIG, ClipBundle, build_clip_model, clamp_logit_scale, clip_infonce,
+    clip_state, load_clip_state, recorded_model_config, resolve_model_config, zero_shot_loss)
+from uge_protect.models.training import pick_device, shift_flip, sync_buffers, sync_grads
 
 Progress = Callable[[dict[str, Any]], None]
 
@@ -197,14 +165,8 @@ def _fit_em_objective(images: torch.Tensor, captions: list[str], cfg: T2UEConfig
                       labels: torch.Tensor | None) -> tuple[dict[str, Any], dict[str, dict[str, torch.Tensor]]]:
     from uge_protect.methods.t2ue.amortised import fit_amortised
     from uge_protect.models.static_text import centred_static, distil
-    from uge_protect.models.text_encoders import (
-        MINILM,
-        MINILM_SHA256,
-        CachedEncoder,
-        SentenceEncoder,
-        encoder_files,
-        files_as_tensors,
-    )
+    from uge_protect.models.text_encoders import (MINILM, MINILM_SHA256, CachedEncoder, SentenceEncoder, encoder_files,
+        files_as_tensors)
 
     n, _, h, w = images.shape
     extra: dict[str, Any] = {}
@@ -547,12 +509,7 @@ class TextToUnlearnable(ProtectionMethod):
             if "generator" not in weights:
                 raise UserError("T2UE artifact lacks its generator weights")
             from uge_protect.models import static_text
-            from uge_protect.models.text_encoders import (
-                MINILM,
-                CachedEncoder,
-                encoder_from_tensors,
-                load_text_encoder,
-            )
+            from uge_protect.models.text_encoders import MINILM, CachedEncoder, encoder_from_tensors, load_text_encoder
 
             ident = config["text_encoder_identity"]
             # the static table or encoder files the artifact carries, or the installed MiniLM

@@ -9,10 +9,7 @@ from uge_protect.errors import UserError
 from uge_protect.methods.artifact import check_fit_size
 from uge_protect.methods.base import given_options
 from uge_protect.methods.budget import check_epsilon
-from uge_protect.methods.uge.key import (
-    is_key_fingerprint,
-    normalize_key,
-)
+from uge_protect.methods.uge.key import is_key_fingerprint, normalize_key
 from uge_protect.models.classifiers import ARCHITECTURES
 
 #: The students of ``--student auto``: fast learners of two families; the noise they learn

@@ -38,55 +38,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from uge_protect.errors import UserError
-from uge_protect.methods.artifact import (
-    artifact_fingerprint,
-    check_config,
-    check_fitted_epsilon,
-    load_artifact,
-    loading,
-)
-from uge_protect.methods.base import (
-    APPLY_CHUNK,
-    ProtectBatch,
-    ProtectionMethod,
-    clip_arch_id,
-    in_fixed_chunks,
-)
+from uge_protect.methods.artifact import (artifact_fingerprint, check_config, check_fitted_epsilon, load_artifact,
+    loading)
+from uge_protect.methods.base import APPLY_CHUNK, ProtectBatch, ProtectionMethod, clip_arch_id, in_fixed_chunks
 from uge_protect.methods.em.method import build_surrogate
-from uge_protect.methods.uge.config import (
-    APPLY_FIELDS,
-    AUTO_STUDENTS,
-    UGEArtifact,
-    UGEConfig,
-)
+from uge_protect.methods.uge.config import APPLY_FIELDS, AUTO_STUDENTS, UGEArtifact, UGEConfig
 from uge_protect.methods.uge.generator import build_noise_generator
-from uge_protect.methods.uge.key import (
-    Key,
-    along_key,
-    build_authorized,
-    derived_seed,
-    key_direction,
-    key_fingerprint,
-    key_signs,
-    levels_along_key,
-    new_key,
-    normalize_key,
-    state_fingerprint,
-)
+from uge_protect.methods.uge.key import (Key, along_key, build_authorized, derived_seed, key_direction, key_fingerprint,
+    key_signs, levels_along_key, new_key, normalize_key, state_fingerprint)
 from uge_protect.methods.uge.losses import feature_distance, gradient_matching
 from uge_protect.models.classifiers import set_frozen
-from uge_protect.models.clip import (
-    TINY_CLIP_CONFIG,
-    build_clip_model,
-    resolve_model_config,
-)
+from uge_protect.models.clip import TINY_CLIP_CONFIG, build_clip_model, resolve_model_config
 from uge_protect.models.distill import distillation
-from uge_protect.models.training import (
-    pick_device,
-    shift_flip,
-    sync_buffers,
-    sync_grads,
-)
+from uge_protect.models.training import pick_device, shift_flip, sync_buffers, sync_grads
 
 Progress = Callable[[dict[str, Any]], None]
 
