@@ -26,17 +26,14 @@ import hashlib
 import json
 import os
 import shutil
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
 from uge_protect.errors import UserError
+from uge_protect.hub.card import render_dataset_card
+from uge_protect.hub.layout import CARD_NAME, EVAL_DIR, EvalReport, StagedFile, UploadPlan
 from uge_protect.shards.layout import OutputLayout, outside_link, read_json
 from uge_protect.shards.lock import DirectoryLock
-
-#: Where a report is staged in the repository, and where ``push`` looks for one in DIR.
-EVAL_DIR = "eval"
-CARD_NAME = "README.md"
 
 #: Hub limits (https://huggingface.co/docs/hub/repositories-recommendations, storage-limits).
 MAX_FILE_BYTES = 50 * 1000**3  # hard limit per file
@@ -46,51 +43,6 @@ MAX_FILES_PER_REPO = 100_000
 
 #: JSON fields that hold secrets; their presence in a staged file is an error.
 SECRET_FIELDS = frozenset({"key_seed", "secret", "token", "hf_token", "password", "api_key"})
-
-
-@dataclass(frozen=True)
-class StagedFile:
-    """One file of the upload: its path in the repository and where its bytes come from."""
-
-    path_in_repo: str
-    source: Path | None = None  # a file on disk ...
-    data: bytes | None = None  # ... or bytes made here (the dataset card)
-
-    @property
-    def size(self) -> int:
-        return len(self.data) if self.data is not None else self.source.stat().st_size
-
-    def read_bytes(self) -> bytes:
-        return self.data if self.data is not None else self.source.read_bytes()
-
-
-@dataclass
-class EvalReport:
-    """An evaluation report found for the directory."""
-
-    directory: Path
-    report: dict[str, Any]
-    figures: list[str]
-
-
-@dataclass
-class UploadPlan:
-    """Everything one push uploads, in upload order (the card last), and what the card says."""
-
-    root: Path
-    files: list[StagedFile]
-    protection: dict[str, Any]
-    sizes: dict[str, int]
-    report: EvalReport | None = None
-    include_manifests: bool = True
-    warnings: list[str] = field(default_factory=list)
-
-    @property
-    def total_bytes(self) -> int:
-        return sum(f.size for f in self.files)
-
-    def paths(self) -> list[str]:
-        return [f.path_in_repo for f in self.files]
 
 
 class ReadLock:
@@ -269,8 +221,6 @@ def plan_upload(
 
     plan = UploadPlan(root, files, protection, published, report, include_manifests, warnings)
     if card:
-        from uge_protect.hub.card import render_dataset_card
-
         text = render_dataset_card(plan, **(card_options or {}))
         plan.files.append(StagedFile(CARD_NAME, data=text.encode("utf-8")))
     plan.warnings += check_limits(plan.files)

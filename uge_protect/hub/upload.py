@@ -23,7 +23,8 @@ from typing import Any, Callable, Iterable, Protocol
 
 from uge_protect import __version__
 from uge_protect.errors import UserError
-from uge_protect.hub.staging import CARD_NAME, StagedFile, UploadPlan, git_blob_sha1
+from uge_protect.hub.layout import CARD_NAME, StagedFile, UploadPlan
+from uge_protect.hub.staging import git_blob_sha1
 from uge_protect.shards.layout import file_sha256
 
 REPO_TYPE = "dataset"
