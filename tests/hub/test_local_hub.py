@@ -3,6 +3,8 @@ branch, tree listing, regular and LFS commits, an interrupted upload and its res
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 from huggingface_hub import constants
 from typer.testing import CliRunner
@@ -85,3 +87,4 @@ def test_cli_push_with_token_from_env(output_copy, local_hub, monkeypatch):
     lines = result.output.splitlines()
     assert any(line.startswith("warning: ") and "other.tar" in line for line in lines), result.output
     assert not any(line.startswith(("commit ", "nothing to upload")) for line in lines), result.output
+    assert logging.getLogger("uge_protect.hub").handlers == []  # the command's own handler is gone

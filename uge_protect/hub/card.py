@@ -6,7 +6,8 @@ configs the ``datasets`` library picks a loader by the most common file extensio
 toward parquet, and would serve the manifests as the data. The body says, for people, what
 protection was applied (method, ε, fingerprints, counts, failures), how to load the data with
 ``datasets``, open_clip and a plain PyTorch loader, and, when an evaluation report is staged, its
-main table and a figure.
+main table and a figure. The words are in ``templates/dataset_card.md``, a Jinja template that
+:meth:`huggingface_hub.DatasetCard.from_template` renders; this module works out what it shows.
 """
 
 from __future__ import annotations
