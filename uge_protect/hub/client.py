@@ -212,12 +212,13 @@ def call_hub(call: Callable[[], T], repo_id: str, action: str, policy: RetryPoli
             if not is_transient(exc):
                 raise hub_error(exc, repo_id, action) from None
             asked = retry_after(exc)
-            wait = policy.delay(attempt, asked)
-            if attempt >= policy.attempts or wait > policy.max_retry_after:
+            too_long = asked is not None and asked > policy.max_retry_after
+            if attempt >= policy.attempts or too_long:
                 note = f"gave up on {repo_id} after {attempt} attempt{'s' if attempt > 1 else ''}"
-                if wait > policy.max_retry_after:
-                    note += f"; the Hub asks to wait {wait:.0f} s before the next one"
+                if too_long:
+                    note += f"; the Hub asks to wait {asked:.0f} s before the next one"
                 raise UserError(f"{hub_error(exc, repo_id, action)} ({note})") from None
+            wait = policy.delay(attempt, asked)
             reason = f"HTTP {_status(exc)}" if _status(exc) is not None else type(exc).__name__
             logger.warning("%s failed for %s (%s); retry %d of %d in %.1f s%s", action, repo_id, reason, attempt,
                            policy.attempts - 1, wait, " (as the Hub asks)" if asked is not None else "")
