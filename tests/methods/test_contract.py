@@ -275,3 +275,13 @@ def test_delta_is_deterministic_and_seeded_only_where_random(case):
         assert all(changed), f"another seed left samples {[i for i, c in enumerate(changed) if not c]} unchanged"
     else:
         assert not any(changed), "δ depends on the seed although the case says it does not"
+
+
+def test_a_text_only_method_never_reads_the_pixels(case):
+    """``text_only`` (noise made without the image, ``uge-protect noise``): δ is the same for any pixels."""
+    method = case.make()
+    if not method.text_only:
+        return
+    batch = case.batch(range(POOL))
+    inverted = ProtectBatch(255 - batch.pixels, batch.keys, batch.seeds, batch.captions, batch.labels)
+    assert torch.equal(method.perturb(inverted), method.perturb(batch))
