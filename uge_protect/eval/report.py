@@ -4,24 +4,18 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from uge_protect.atomic import atomic_write
 from uge_protect.eval.protocol import headline_text
 
 FIG_CURVES = "accuracy_per_epoch.png"
 FIG_BARS = "clean_vs_protected.png"
 FIG_GRID = "samples_grid.png"
 FIG_HEADLINE = "headline.png"
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _json_safe(obj: Any) -> Any:
@@ -303,6 +297,6 @@ def write_report(report: dict[str, Any], out: str | Path, *,
             figs.append(FIG_GRID)
     files = {"json": "report.json", "markdown": "report.md", "figures": figs}
     report["files"] = files
-    _atomic_write(out / "report.md", render_markdown(report))
-    _atomic_write(out / "report.json", json.dumps(_json_safe(report), indent=2, ensure_ascii=False, allow_nan=False))
+    atomic_write(out / "report.md", render_markdown(report))
+    atomic_write(out / "report.json", json.dumps(_json_safe(report), indent=2, ensure_ascii=False, allow_nan=False))
     return files

@@ -16,12 +16,12 @@ card's explicit ``configs`` never point at shards that are not there yet.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Protocol
 
 from uge_protect import __version__
+from uge_protect.atomic import atomic_write
 from uge_protect.errors import UserError
 from uge_protect.hub.staging import CARD_NAME, StagedFile, UploadPlan, git_blob_sha1
 from uge_protect.shards.layout import file_sha256
@@ -168,12 +168,10 @@ class Sha256Cache:
     def save(self) -> None:
         if not self._dirty:
             return
-        tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
         try:
-            tmp.write_text(json.dumps(self.entries, indent=0, sort_keys=True), encoding="utf-8")
-            os.replace(tmp, self.path)
+            atomic_write(self.path, json.dumps(self.entries, indent=0, sort_keys=True))
         except OSError:  # a read-only directory: the cache is only an optimisation
-            tmp.unlink(missing_ok=True)
+            pass
         self._dirty = False
 
 

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
+from uge_protect.atomic import atomic_write
 from uge_protect.shards.tario import write_tar_atomic
 
 __all__ = [
@@ -394,9 +395,7 @@ def write_demo_dataset(out_dir: str | os.PathLike, *, n_train: int = 5000, n_tes
         splits[split] = {"n": n, "shards": shards}
 
     classes_path = root / "classes.json"
-    tmp = classes_path.with_name(f".{classes_path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(CLASS_NAMES, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, classes_path)
+    atomic_write(classes_path, json.dumps(CLASS_NAMES, indent=2) + "\n")
 
     return {
         "out_dir": str(root),

@@ -31,6 +31,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 from PIL import Image
 
+from uge_protect.atomic import atomic_write
 from uge_protect.errors import UserError
 from uge_protect.shards.demo import check_int, encode_png
 from uge_protect.shards.tario import write_tar_atomic
@@ -329,9 +330,7 @@ def _caption(rng: np.random.Generator, photo: Photo, crop: dict[str, Any],
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
 
 def write_photo_dataset(out_dir: str | os.PathLike, *, train_per_class: int = 200,
