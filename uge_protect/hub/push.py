@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-from uge_protect.hub.staging import ReadLock, UploadPlan, plan_upload, write_staging
+from uge_protect.hub.staging import UploadPlan, plan_upload, write_staging
 from uge_protect.hub.upload import (
     DEFAULT_BYTES_PER_COMMIT,
     DEFAULT_FILES_PER_COMMIT,
@@ -16,6 +16,7 @@ from uge_protect.hub.upload import (
     upload_plan,
     validate_repo_id,
 )
+from uge_protect.shards.lock import read_lock
 
 
 def stage_output(
@@ -29,7 +30,7 @@ def stage_output(
 ) -> UploadPlan:
     """Write into ``staging_dir`` exactly the folder ``push_output`` would upload; upload nothing."""
     validate_repo_id(repo_id)
-    with ReadLock(Path(directory)):
+    with read_lock(Path(directory), "push"):
         plan = plan_upload(directory, include_manifests=include_manifests, report_dir=report_dir,
                            card_options={"repo_id": repo_id, "license": license})
         write_staging(plan, staging_dir)
@@ -59,7 +60,7 @@ def push_output(
     client at another Hub (default: ``HF_ENDPOINT`` or huggingface.co). Rerunning after an interruption
     uploads only what is missing."""
     validate_repo_id(repo_id)
-    with ReadLock(Path(directory)):
+    with read_lock(Path(directory), "push"):
         plan = plan_upload(directory, include_manifests=include_manifests, report_dir=report_dir,
                            card_options={"repo_id": repo_id, "license": license})
         if api is None:

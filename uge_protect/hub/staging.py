@@ -32,7 +32,6 @@ from typing import Any, Iterator
 
 from uge_protect.errors import UserError
 from uge_protect.shards.layout import OutputLayout, outside_link, read_json
-from uge_protect.shards.lock import DirectoryLock
 
 #: Where a report is staged in the repository, and where ``push`` looks for one in DIR.
 EVAL_DIR = "eval"
@@ -91,26 +90,6 @@ class UploadPlan:
 
     def paths(self) -> list[str]:
         return [f.path_in_repo for f in self.files]
-
-
-class ReadLock:
-    """A shared lock on ``DIR/.lock`` (see :mod:`uge_protect.shards.lock`): no ``shard`` run can
-    start writing while it is held, and taking it fails while one is writing."""
-
-    def __init__(self, root: Path):
-        path = OutputLayout(root).lock_file
-        self._lock = DirectoryLock(
-            path, shared=True,
-            busy_message=f"a uge-protect run is writing to {path.parent}; wait for it to finish, then push",
-        )
-
-    def __enter__(self) -> "ReadLock":
-        if self._lock.path.is_file():
-            self._lock.acquire()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._lock.release()
 
 
 def find_report(root: Path, report_dir: Path | None = None) -> EvalReport | None:
