@@ -13,8 +13,8 @@ demo data; any open_clip model name, JSON config file or config dict can replace
 
 from __future__ import annotations
 
+import logging
 import math
-import sys
 import time
 from typing import Any, Callable
 
@@ -26,6 +26,8 @@ from uge_protect.shards.dataset import InMemoryDataset
 from uge_protect.models.clip import (DEFAULT_MEAN, DEFAULT_STD, ClipBundle, build_clip_model, clamp_logit_scale,
     infonce, resolve_model_config)
 from uge_protect.models.training import pick_device
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "DEFAULT_MODEL_CONFIG",
@@ -297,8 +299,8 @@ def _train(train: InMemoryDataset, *, epochs: int, seed: int, model_config: str 
         if progress:
             extra = (f"  i2t R@10 {entry['i2t_R@10']:.3f}  t2i R@10 {entry['t2i_R@10']:.3f}"
                      if eval_pairs is not None else "")
-            print(f"clip[{label}] epoch {epoch + 1}/{epochs}  loss {entry['loss']:.4f}{extra}"
-                  f"  ({time.perf_counter() - start:.0f}s)", file=sys.stderr, flush=True)
+            log.info(f"clip[{label}] epoch {epoch + 1}/{epochs}  loss {entry['loss']:.4f}{extra}"
+                     f"  ({time.perf_counter() - start:.0f}s)")
     model.eval()
     return bundle, per_epoch, step_losses
 

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import glob
 import json
+import logging
 import platform
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -34,6 +34,8 @@ from uge_protect.eval.protocol import (classifier_headline, clip_headline, cover
 from uge_protect.shards.dataset import InMemoryDataset, load_shards
 from uge_protect.methods.base import clip_arch_id
 from uge_protect.models.classifiers import ARCHITECTURES, MIN_SIDE
+
+log = logging.getLogger(__name__)
 
 #: Hacker architectures of different inductive biases, each learning clean data in 8 CPU epochs.
 DEFAULT_ARCHS = ("mlp", "vit_tiny", "small_cnn", "resnet_cifar", "vgg11", "mobilenet_v2")
@@ -168,11 +170,6 @@ def _class_names(test_patterns: list[str], num_classes: int) -> list[str] | None
     return None
 
 
-def _echo(msg: str, quiet: bool) -> None:
-    if not quiet:
-        print(msg, file=sys.stderr, flush=True)
-
-
 def _pct(x: float) -> str:
     return f"{100 * x:.1f}%"
 
@@ -186,13 +183,18 @@ def _versions() -> dict[str, str]:
             "python": platform.python_version()}
 
 
-def run_evaluation(cfg: EvalConfig, *, log: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Run the evaluation described by ``cfg``, write report.json / report.md / figures, return the report."""
+def run_evaluation(cfg: EvalConfig) -> dict[str, Any]:
+    """Run the evaluation described by ``cfg``, write report.json / report.md / figures, return the report.
+
+    Progress goes to this module's logger at INFO (nothing when ``cfg.quiet``), warnings at WARNING."""
     defenses = cfg.validate()
     models = {m.label: m for m in cfg.models()}
     workers = start_workers(cfg.device)
     prefix = f"[rank {workers.rank}] " if workers.world > 1 else ""
-    say = log or (lambda m: _echo(prefix + m, cfg.quiet))
+
+    def say(msg: str) -> None:
+        if not cfg.quiet:
+            log.info(prefix + msg)
     started = time.perf_counter()
     device = workers.device
     protected_pattern, protection = _protected_shards(cfg.protected)
@@ -292,7 +294,7 @@ def run_evaluation(cfg: EvalConfig, *, log: Callable[[str], None] | None = None)
         warning = (f"protection.json names every evaluated architecture ({', '.join(sorted(set(hackers)))}) as "
                    "seen in the fit, so no row judges the protection; evaluate architectures it does not name.")
         report["notes"].append(warning)
-        say("warning: " + warning)
+        log.warning(prefix + "warning: " + warning)
     if method.get("protects") is False:
         report["notes"].append(f"The protection method {method.get('method')!r} is a non-protecting control.")
 
