@@ -45,12 +45,6 @@ class Workers:
 
         return list(gather_object(items))
 
-    def share(self, flag: bool) -> bool:
-        """True on every process when ``flag`` is true on any of them."""
-        if self.world == 1:
-            return flag
-        return any(self.gather([flag]))
-
 
 def start_workers(device: str) -> Workers:
     """Join the launch's process group (a plain single process when not launched).

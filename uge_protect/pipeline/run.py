@@ -162,7 +162,7 @@ def build_run_config(cfg: ShardJobConfig, method: ProtectionMethod) -> dict[str,
     }
 
 
-def _make_accelerator(cfg: ShardJobConfig):
+def _make_accelerator():
     from accelerate import Accelerator
 
     # Mixed precision is applied by our own autocast (see ``_autocast``), not by Accelerate:
@@ -208,7 +208,7 @@ def run_shard_job(cfg: ShardJobConfig, method: ProtectionMethod, accelerator=Non
     with sigterm_stops_the_run():
         follow_launcher()
         own_accelerator = accelerator is None
-        accelerator = accelerator or _make_accelerator(cfg)
+        accelerator = accelerator or _make_accelerator()
         ok = False
         try:
             result = _run(cfg, method, accelerator, inputs)

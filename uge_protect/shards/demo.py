@@ -16,7 +16,7 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -346,6 +346,36 @@ def encode_png(image: Image.Image) -> bytes:
     return buf.getvalue()
 
 
+#: What a dataset writer's ``render(rng, index)`` returns for one sample: the image, its
+#: label, caption and ``.json`` metadata.
+Rendered = tuple[Image.Image, int, str, dict[str, Any]]
+
+
+def write_split(split_dir: Path, prefix: str, split: str, seeds: Sequence[np.random.SeedSequence],
+                samples_per_shard: int, render: Callable[[np.random.Generator, int], Rendered]) -> list[str]:
+    """Write samples ``{split}-{index:06d}`` (index < ``len(seeds)``, each drawn by ``render``
+    from its own seed) as shards ``{prefix}-{split}-{shard:06d}.tar`` of ``samples_per_shard``
+    under ``split_dir``, with ``.png``, ``.txt``, ``.cls`` and ``.json`` members; returns their paths."""
+    split_dir.mkdir(parents=True, exist_ok=True)
+    n = len(seeds)
+    shards: list[str] = []
+    for shard_idx, start in enumerate(range(0, n, samples_per_shard)):
+        members: list[tuple[str, bytes]] = []
+        for index in range(start, min(start + samples_per_shard, n)):
+            image, label, caption, meta = render(np.random.Generator(np.random.PCG64(seeds[index])), index)
+            key = f"{split}-{index:06d}"
+            members += [
+                (f"{key}.png", encode_png(image)),
+                (f"{key}.txt", caption.encode("utf-8")),
+                (f"{key}.cls", str(label).encode("ascii")),
+                (f"{key}.json", json.dumps(meta, sort_keys=True).encode("utf-8")),
+            ]
+        path = split_dir / f"{prefix}-{split}-{shard_idx:06d}.tar"
+        write_tar_atomic(path, members)
+        shards.append(str(path))
+    return shards
+
+
 def write_demo_dataset(out_dir: str | os.PathLike, *, n_train: int = 5000, n_test: int = 1000,
                        image_size: int = 32, samples_per_shard: int = 1000,
                        seed: int = 0) -> dict[str, Any]:
@@ -371,27 +401,12 @@ def write_demo_dataset(out_dir: str | os.PathLike, *, n_train: int = 5000, n_tes
     root = Path(out_dir)
     train_ss, test_ss = np.random.SeedSequence(seed).spawn(2)
     splits: dict[str, Any] = {}
+    def render(rng: np.random.Generator, _index: int) -> Rendered:
+        image, label, caption, attrs = render_sample(rng, image_size)
+        return image, label, caption, {"label": label, "class_name": CLASS_NAMES[label], "attrs": attrs}
+
     for split, n, split_ss in (("train", n_train, train_ss), ("test", n_test, test_ss)):
-        split_dir = root / split
-        split_dir.mkdir(parents=True, exist_ok=True)
-        sample_seeds = split_ss.spawn(n)
-        shards: list[str] = []
-        for shard_idx, start in enumerate(range(0, n, samples_per_shard)):
-            members: list[tuple[str, bytes]] = []
-            for index in range(start, min(start + samples_per_shard, n)):
-                rng = np.random.Generator(np.random.PCG64(sample_seeds[index]))
-                image, label, caption, attrs = render_sample(rng, image_size)
-                key = f"{split}-{index:06d}"
-                meta = {"label": label, "class_name": CLASS_NAMES[label], "attrs": attrs}
-                members += [
-                    (f"{key}.png", encode_png(image)),
-                    (f"{key}.txt", caption.encode("utf-8")),
-                    (f"{key}.cls", str(label).encode("ascii")),
-                    (f"{key}.json", json.dumps(meta, sort_keys=True).encode("utf-8")),
-                ]
-            path = split_dir / f"demo-{split}-{shard_idx:06d}.tar"
-            write_tar_atomic(path, members)
-            shards.append(str(path))
+        shards = write_split(root / split, "demo", split, split_ss.spawn(n), samples_per_shard, render)
         splits[split] = {"n": n, "shards": shards}
 
     classes_path = root / "classes.json"
