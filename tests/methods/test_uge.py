@@ -265,7 +265,7 @@ def test_auto_students_cover_the_hacker_families():
 
 
 def test_resnet18_as_the_authorized_network():
-    """The issue's authorized architecture: a tiny fit and apply, and the noise is invisible to it."""
+    """ResNet-18, the threat model's authorized network: a tiny fit and apply; the noise is invisible to it."""
     images, labels = stripes(32)
     config, weights = fit_uge(images, labels, _tiny(authorized="resnet18", student="small_cnn", student_width=8,
                                                     steps=2))

@@ -25,9 +25,8 @@ class T2UEConfig:
     """Hyper-parameters of a T2UE fit.
 
     ε, z (100-d), batch 128 and AdamW with a cosine schedule follow the paper; the sizes are
-    set by the time budget: on the 5,000 demo pairs (32×32) the defaults fit in ≈ 6 min on one
-    CPU core (200 warm-up steps at ≈ 400 img/s, 400 generator steps at ≈ 175 img/s). The
-    paper's lr of 1e-4 is for a frozen pretrained surrogate; 2e-3 moved faster here.
+    set by the time budget of a fit on one CPU core (figures: docs/methods/t2ue-infonce.md).
+    The paper's lr of 1e-4 is for a frozen pretrained surrogate; 2e-3 moved faster here.
     """
 
     #: ``em`` (default): class-wise EM noise per concept, amortised into G(caption, z)
@@ -50,7 +49,7 @@ class T2UEConfig:
     weight_decay: float = 1e-4
     surrogate_lr: float = 2e-3
     #: Weight of an extra InfoNCE on (grey + δ, text): the noise alone must identify its caption.
-    #: Not in the paper (0 gives its Eq. 4 exactly); see the README for why and what it changes.
+    #: Not in the paper (0 gives its Eq. 4 exactly); docs/methods/t2ue-infonce.md says why and what it changes.
     noise_weight: float = 0.0
     #: From-scratch surrogate only: after the warm-up (whose text tower becomes the caption
     #: encoder) the min-min starts from a freshly initialised surrogate.

@@ -20,7 +20,7 @@ AUTO_STUDENTS = ("small_cnn", "vgg11")
 @dataclass
 class UGEConfig:
     """Hyper-parameters of a UGE fit; the defaults fit the 5,000 demo images (32×32) in
-    about 10 minutes on 2 CPU cores (see the README for the measured figures)."""
+    minutes on 2 CPU cores (measured figures: docs/methods/uge-efficacy.md)."""
 
     #: The authorized architecture (a name of the evaluation harness).
     authorized: str = "resnet18"
@@ -35,7 +35,7 @@ class UGEConfig:
     steps: int = 400
     batch_size: int = 128
     #: The generator's image-conditioned body learns slowly: early, its image-dependent output
-    #: drowns the class patterns the student would pick up (measured; see the README).
+    #: drowns the class patterns the student would pick up (measured: docs/methods/uge-efficacy.md).
     lr: float = 1e-4
     #: Phase 1: epochs of the authorized network on the clean images, and L_gm's snapshots.
     authorized_epochs: int = 3
@@ -44,7 +44,7 @@ class UGEConfig:
     #: The L_ud students, comma-separated; L_ud is their mean loss (several make the noise
     #: transfer to more architectures). "auto": small_cnn and vgg11, the plain authorized
     #: architecture (no key) among them only under the key projection. A resnet18 student
-    #: made the noise transfer worse and slowed the CPU fit about threefold (see the README).
+    #: made the noise transfer worse and slowed the CPU fit (docs/methods/uge-efficacy.md).
     student: str = "auto"
     student_width: int | None = 8
     #: SGD with momentum 0.9, as EM's surrogate: the min-min needs a student that learns fast.
