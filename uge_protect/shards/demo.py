@@ -223,6 +223,37 @@ def _background(rng: np.random.Generator, size: int, kind: str, c1: np.ndarray) 
     return c1 * (1 - t) + c2 * t
 
 
+def _add_distractor(rng: np.random.Generator, img: np.ndarray, cx: float, cy: float,
+                    radius: float) -> tuple[np.ndarray, str | None]:
+    """Half the time, a small blob of a random colour kept clear of the object (centre
+    ``cx, cy``, ``radius``) so that the label stays unambiguous; returns the image and its colour."""
+    if rng.random() >= 0.5:
+        return img, None
+    S = img.shape[0]
+    color_names = list(COLORS)
+    d_name = color_names[int(rng.integers(len(color_names)))]
+    d_rgb = _jitter_color(rng, d_name)
+    d_r = rng.uniform(0.06, 0.11) * S
+    d_aspect = rng.uniform(0.6, 1.0)
+    d_angle = rng.uniform(0, 2 * math.pi)
+    for _ in range(8):
+        dx, dy = rng.uniform(d_r, S - d_r, 2)
+        if math.hypot(dx - cx, dy - cy) > radius * 1.05 + d_r:
+            blob = _shape_mask("circle", S, dx, dy, d_r, d_angle, d_aspect)[..., None]
+            return img * (1 - blob) + d_rgb * blob, d_name
+    return img, None
+
+
+def _photometric_jitter(rng: np.random.Generator, img: np.ndarray) -> tuple[Image.Image, float]:
+    """Global contrast and brightness jitter and sensor-like noise; returns the image and the noise sigma."""
+    contrast = rng.uniform(0.85, 1.1)
+    brightness = rng.uniform(-15, 15)
+    noise_sigma = rng.uniform(2.0, 6.0)
+    img = (img - 128.0) * contrast + 128.0 + brightness
+    img = img + rng.normal(0.0, noise_sigma, img.shape).astype(np.float32)
+    return Image.fromarray(np.clip(np.rint(img), 0, 255).astype(np.uint8)), noise_sigma
+
+
 def render_sample(rng: np.random.Generator,
                   image_size: int) -> tuple[Image.Image, int, str, dict[str, Any]]:
     """Render one demo sample.
@@ -268,23 +299,7 @@ def render_sample(rng: np.random.Generator,
     mirrored = bool(rng.random() < 0.5)
     aspect = math.sqrt(rng.uniform(0.8, 1.25))
 
-    img = bg
-
-    # Optional distractor blob, kept clear of the object so the label stays unambiguous.
-    distractor: str | None = None
-    if rng.random() < 0.5:
-        d_name = color_names[int(rng.integers(len(color_names)))]
-        d_rgb = _jitter_color(rng, d_name)
-        d_r = rng.uniform(0.06, 0.11) * S
-        d_aspect = rng.uniform(0.6, 1.0)
-        d_angle = rng.uniform(0, 2 * math.pi)
-        for _ in range(8):
-            dx, dy = rng.uniform(d_r, S - d_r, 2)
-            if math.hypot(dx - cx, dy - cy) > radius * 1.05 + d_r:
-                blob = _shape_mask("circle", S, dx, dy, d_r, d_angle, d_aspect)[..., None]
-                img = img * (1 - blob) + d_rgb * blob
-                distractor = d_name
-                break
+    img, distractor = _add_distractor(rng, bg, cx, cy, radius)
 
     # Object with a soft linear shading across it.
     mask = _shape_mask(shape, S, cx, cy, radius, angle, aspect, mirrored)[..., None]
@@ -293,16 +308,7 @@ def render_sample(rng: np.random.Generator,
     yy, xx = np.mgrid[0:S, 0:S].astype(np.float32)
     g = ((xx - cx) * math.cos(shade_dir) + (yy - cy) * math.sin(shade_dir)) / radius
     shaded = np.clip(obj_rgb * (1 + shade_amt * np.clip(g, -1, 1))[..., None], 0, 255)
-    img = img * (1 - mask) + shaded * mask
-
-    # Global photometric jitter and sensor-like noise.
-    contrast = rng.uniform(0.85, 1.1)
-    brightness = rng.uniform(-15, 15)
-    noise_sigma = rng.uniform(2.0, 6.0)
-    img = (img - 128.0) * contrast + 128.0 + brightness
-    img = img + rng.normal(0.0, noise_sigma, img.shape).astype(np.float32)
-    pixels = np.clip(np.rint(img), 0, 255).astype(np.uint8)
-    image = Image.fromarray(pixels)
+    image, noise_sigma = _photometric_jitter(rng, img * (1 - mask) + shaded * mask)
 
     bg_phrase = f"{bg_kind} {bg_name}"
     extra = f" with a small {distractor} blob" if distractor else ""
