@@ -35,14 +35,17 @@ def test_quiet_keeps_warnings_only(capsys):
     configure(quiet=True)
     log = logging.getLogger("uge_protect.x")
     log.info("progress")
-    log.warning("warning: something")
-    assert capsys.readouterr().err == "warning: something\n"
+    log.warning("something")
+    log.error("broken")
+    assert capsys.readouterr().err == "warning: something\nerror: broken\n"
 
 
 def test_json_lines(capsys):
     configure(json_lines=True)
     logging.getLogger("uge_protect.x").info("done", extra={"rank": 1, "shard": "a.tar"})
-    line = capsys.readouterr().err.splitlines()
-    assert len(line) == 1
-    assert json.loads(line[0]) == {"level": "info", "logger": "uge_protect.x", "message": "done",
-                                   "rank": 1, "shard": "a.tar"}
+    logging.getLogger("uge_protect.x").warning("late")
+    lines = capsys.readouterr().err.splitlines()
+    assert [json.loads(line) for line in lines] == [
+        {"level": "info", "logger": "uge_protect.x", "message": "done", "rank": 1, "shard": "a.tar"},
+        {"level": "warning", "logger": "uge_protect.x", "message": "late"},
+    ]

@@ -1,9 +1,11 @@
 """What the commands tell their user: one handler on the ``uge_protect`` logger.
 
 Modules log through ``logging.getLogger(__name__)``; a command calls :func:`configure` once
-when it starts. Plain mode writes each message as one line on stderr; ``json_lines`` writes
-one JSON object per record instead (``level``, ``logger``, ``message`` and any ``extra=``
-fields). Library use configures nothing, so a program embedding the package keeps control.
+when it starts. Plain mode writes each message as one line on stderr, a warning as
+``warning: message`` and an error as ``error: message`` (so a record's text never repeats its
+level); ``json_lines`` writes one JSON object per record instead (``level``, ``logger``,
+``message`` and any ``extra=`` fields). Library use configures nothing, so a program that
+embeds the package keeps control of its logging.
 """
 
 from __future__ import annotations
@@ -31,6 +33,20 @@ class _StderrHandler(logging.Handler):
             self.handleError(record)
 
 
+class PlainFormatter(logging.Formatter):
+    """The message, after ``warning: `` or ``error: `` for records at those levels."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = record.getMessage()
+        if record.levelno >= logging.ERROR:
+            text = "error: " + text
+        elif record.levelno >= logging.WARNING:
+            text = "warning: " + text
+        if record.exc_info:
+            text += "\n" + self.formatException(record.exc_info)
+        return text
+
+
 class JsonLineFormatter(logging.Formatter):
     """One JSON object per record: level, logger, message and the record's extra fields."""
 
@@ -49,6 +65,6 @@ def configure(quiet: bool = False, json_lines: bool = False) -> None:
     for old in [h for h in logger.handlers if isinstance(h, _StderrHandler)]:
         logger.removeHandler(old)
     handler = _StderrHandler()
-    handler.setFormatter(JsonLineFormatter() if json_lines else logging.Formatter("%(message)s"))
+    handler.setFormatter(JsonLineFormatter() if json_lines else PlainFormatter())
     logger.addHandler(handler)
     logger.setLevel(logging.WARNING if quiet else logging.INFO)

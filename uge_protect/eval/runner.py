@@ -205,7 +205,7 @@ def run_evaluation(cfg: EvalConfig) -> dict[str, Any]:
     method = (protection or {}).get("method", {}) or {}
     fit = fit_architectures(method)
     for warning in _protocol_notes(report, method, fit, models):
-        log.warning(prefix + "warning: " + warning)
+        log.warning(prefix + warning)
 
     class_names = _class_names(cfg.test, data.num_classes) if clip_mod is not None else None
     jobs = _jobs(cfg, defenses, models, data, clip_mod is not None)
