@@ -191,10 +191,9 @@ def test_push_waits_for_a_running_shard_job(output_copy):
     finally:
         holder.communicate("")
     stage_output(output_copy, "me/demo", output_copy.parent / "s")
-    from uge_protect.hub.staging import ReadLock
-    from uge_protect.shards.lock import DirectoryLock
+    from uge_protect.shards.lock import DirectoryLock, read_lock
 
-    with ReadLock(output_copy):
+    with read_lock(output_copy, "push"):
         with pytest.raises(UserError, match="another uge-protect run is writing"):
             DirectoryLock(lock_path).acquire()
     with DirectoryLock(lock_path):

@@ -15,10 +15,11 @@ import pytest
 
 from tests.helpers import simple_samples, write_shard
 from tests.pipeline.test_shard_run import output_bytes, run
+from uge_protect.atomic import temp_owner
 from uge_protect.errors import Terminated
 from uge_protect.pipeline.inspect import inspect_output
 from uge_protect.pipeline.lifecycle import interruptible, sigterm_stops_the_run, stop_point
-from uge_protect.shards.layout import OutputLayout, temp_owner
+from uge_protect.shards.layout import OutputLayout
 
 CLI = [sys.executable, "-m", "uge_protect"]
 INTERRUPTED = "error: interrupted by SIGTERM; rerun the same command to resume"

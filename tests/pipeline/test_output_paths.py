@@ -11,9 +11,10 @@ import pytest
 
 from tests.helpers import simple_samples, write_shard
 from tests.pipeline.test_shard_run import output_bytes, run
+from uge_protect.atomic import temp_path
 from uge_protect.errors import UserError
 from uge_protect.shards.discover import MAX_NAME_BYTES, expand_inputs
-from uge_protect.shards.layout import OutputLayout, temp_path
+from uge_protect.shards.layout import OutputLayout
 
 
 @pytest.fixture

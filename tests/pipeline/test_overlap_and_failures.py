@@ -14,12 +14,13 @@ from typer.testing import CliRunner
 
 from tests.helpers import simple_samples, write_shard
 from tests.pipeline.test_shard_run import output_bytes, run
+from uge_protect.atomic import temp_owner, temp_path
 from uge_protect.cli.app import app
 from uge_protect.errors import RunFailed, UserError
 from uge_protect.pipeline import ShardJobConfig, run_shard_job
 from uge_protect.pipeline.inspect import inspect_output
 from uge_protect.pipeline.resume import is_complete
-from uge_protect.shards.layout import OutputLayout, read_json, temp_owner, temp_path
+from uge_protect.shards.layout import OutputLayout, read_json
 from uge_protect.shards.manifest import read_manifest
 from uge_protect.shards.tario import TarReadError, iter_tar_samples
 from uge_protect.methods.registry import create_method

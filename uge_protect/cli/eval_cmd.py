@@ -9,6 +9,7 @@ import typer
 
 from uge_protect.cli.common import fail
 from uge_protect.errors import UserError
+from uge_protect.logs import configure
 
 
 
@@ -41,6 +42,7 @@ def eval_command(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress lines."),
 ) -> None:
     """Train models on the protected and on the clean shards; compare them on clean test shards."""
+    configure(quiet=quiet)
     from uge_protect.eval.runner import DEFAULT_ARCHS, DEFAULT_DEFENSES, EvalConfig, run_evaluation
 
     cfg = EvalConfig(

@@ -9,6 +9,7 @@ import typer
 
 from uge_protect.cli.common import class_names_option, fail
 from uge_protect.errors import UserError
+from uge_protect.logs import configure
 
 fit_app = typer.Typer(
     add_completion=False,
@@ -21,7 +22,7 @@ fit_app = typer.Typer(
 @fit_app.callback()
 def _fit_root() -> None:
     """Fit a protection method on training shards and save an artifact for `shard --artifact`."""
-
+    configure()
 
 
 @fit_app.command("em")

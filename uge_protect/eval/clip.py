@@ -13,8 +13,8 @@ demo data; any open_clip model name, JSON config file or config dict can replace
 
 from __future__ import annotations
 
+import logging
 import math
-import sys
 import time
 from typing import Any, Callable
 
@@ -24,7 +24,10 @@ import torch.nn.functional as F
 from uge_protect.errors import UserError
 from uge_protect.shards.dataset import InMemoryDataset
 from uge_protect.models.clip import (DEFAULT_MEAN, DEFAULT_STD, ClipBundle, build_clip_model, clamp_logit_scale,
-    resolve_model_config)
+    infonce, resolve_model_config)
+from uge_protect.models.training import pick_device
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "DEFAULT_MODEL_CONFIG",
@@ -220,23 +223,12 @@ def zero_shot_accuracy(model: Any, tokenizer: Callable, test: InMemoryDataset, c
 # --------------------------------------------------------------------------- training
 
 
-def _default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def _clip_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
-    """Symmetric InfoNCE over the batch."""
-    logits = logit_scale * F.normalize(img, dim=-1) @ F.normalize(txt, dim=-1).T
-    target = torch.arange(len(logits), device=logits.device)
-    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
-
-
 def _train(train: InMemoryDataset, *, epochs: int, seed: int, model_config: str | dict | None,
            batch_size: int, lr: float, weight_decay: float, warmup_frac: float, crop_pad: int | None,
            device: torch.device | str | None, eval_pairs: tuple[torch.Tensor, list[str]] | None,
            progress: bool, label: str, max_steps: int | None = None
            ) -> tuple[ClipBundle, list[dict[str, Any]], list[float]]:
-    device = torch.device(device) if device is not None else _default_device()
+    device = pick_device(device)
     images, captions, _ = _pairs(train)
     h, w = images.shape[-2:]
     bundle = build_clip(model_config, image_size=int(h) if h == w else None, seed=seed)
@@ -289,7 +281,7 @@ def _train(train: InMemoryDataset, *, epochs: int, seed: int, model_config: str 
                 group["lr"] = lr_at(step)
             img_f = model.encode_image(norm(x))
             txt_f = model.encode_text(t)
-            loss = _clip_loss(img_f, txt_f, model.logit_scale.exp())
+            loss = infonce(F.normalize(img_f, dim=-1), F.normalize(txt_f, dim=-1), model.logit_scale.exp())
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -307,8 +299,8 @@ def _train(train: InMemoryDataset, *, epochs: int, seed: int, model_config: str 
         if progress:
             extra = (f"  i2t R@10 {entry['i2t_R@10']:.3f}  t2i R@10 {entry['t2i_R@10']:.3f}"
                      if eval_pairs is not None else "")
-            print(f"clip[{label}] epoch {epoch + 1}/{epochs}  loss {entry['loss']:.4f}{extra}"
-                  f"  ({time.perf_counter() - start:.0f}s)", file=sys.stderr, flush=True)
+            log.info(f"clip[{label}] epoch {epoch + 1}/{epochs}  loss {entry['loss']:.4f}{extra}"
+                     f"  ({time.perf_counter() - start:.0f}s)")
     model.eval()
     return bundle, per_epoch, step_losses
 
@@ -389,7 +381,7 @@ def clip_settings(clean_train: InMemoryDataset, protected_train: InMemoryDataset
         "n_test_pairs": n_test,
         "chance_R@10": min(1.0, 10 / n_test),
         "class_names": list(class_names) if class_names else None,
-        "device": str(device if device is not None else _default_device()),
+        "device": str(pick_device(device)),
     }
 
 

@@ -15,6 +15,7 @@ from typing import Any, Callable, Sequence, TypeVar
 import torch
 
 from uge_protect.launch import is_launched, join_launch
+from uge_protect.models.training import pick_device
 
 T = TypeVar("T")
 
@@ -44,12 +45,6 @@ class Workers:
 
         return list(gather_object(items))
 
-    def share(self, flag: bool) -> bool:
-        """True on every process when ``flag`` is true on any of them."""
-        if self.world == 1:
-            return flag
-        return any(self.gather([flag]))
-
 
 def start_workers(device: str) -> Workers:
     """Join the launch's process group (a plain single process when not launched).
@@ -59,9 +54,7 @@ def start_workers(device: str) -> Workers:
     uses its share of the cores unless ``OMP_NUM_THREADS`` says otherwise.
     """
     if not is_launched():
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        return Workers(rank=0, world=1, device=device)
+        return Workers(rank=0, world=1, device=str(pick_device(device)))
     state = join_launch(force_cpu=device == "cpu")
     chosen = "cpu" if device == "cpu" else str(state.device)
     if chosen == "cpu" and "OMP_NUM_THREADS" not in os.environ:

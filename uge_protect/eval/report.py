@@ -4,24 +4,18 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from uge_protect.atomic import atomic_write
 from uge_protect.eval.protocol import headline_text
 
 FIG_CURVES = "accuracy_per_epoch.png"
 FIG_BARS = "clean_vs_protected.png"
 FIG_GRID = "samples_grid.png"
 FIG_HEADLINE = "headline.png"
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _json_safe(obj: Any) -> Any:
@@ -46,6 +40,21 @@ def _ms(stat: dict[str, Any]) -> str:
 
 
 def render_markdown(report: dict[str, Any]) -> str:
+    """report.md: the headline, the settings, the notes, one section per task, the figures."""
+    lines = _md_header(report)
+    cls = report["tasks"].get("classify")
+    if cls:
+        lines += _md_classify(cls, report["settings"]["repeats"])
+    clip = report["tasks"].get("clip")
+    if clip:
+        lines += _md_clip(clip)
+    figs = [f for f in (report.get("files") or {}).get("figures", [])]
+    if figs:
+        lines += ["## Figures", ""] + [f"![{Path(f).stem}]({Path(f).name})" for f in figs] + [""]
+    return "\n".join(lines)
+
+
+def _md_header(report: dict[str, Any]) -> list[str]:
     s = report["settings"]
     d = report["data"]
     method = (report.get("protection") or {}).get("method") or {}
@@ -73,67 +82,67 @@ def render_markdown(report: dict[str, Any]) -> str:
     for note in report.get("notes", []):
         lines.append(f"> {note}")
     lines.append("")
-    cls = report["tasks"].get("classify")
-    if cls:
-        rep = s["repeats"]
-        lines += [
-            "## Classification: clean test accuracy (%)",
-            "",
-            f"Mean ± sample std over {rep} repeat(s). *Drop* = clean − protected (final); a protection works "
-            "when the protected column is far below the clean one for every *held-out* row. A row whose clean "
-            "accuracy is under half of its defense's best clean row *did not learn* and is left out of the headline.",
-            "",
-            "| defense | arch | role | clean final | protected final | drop | clean best | protected best |",
-            "|---|---|---|---:|---:|---:|---:|---:|",
-        ]
-        for row in cls["summary"]:
-            c, p = row["clean"], row["protected"]
-            row_role = row.get("role", "–") + ("" if row.get("learned", True) else ", did not learn")
-            lines.append(
-                f"| {row['defense']} | {row['arch']} | {row_role} | {_ms(c['final_test_acc'])} | {_ms(p['final_test_acc'])} | "
-                f"{100 * row['drop_final_test_acc']:.1f} | {_ms(c['best_test_acc'])} | {_ms(p['best_test_acc'])} |"
-            )
-        lines += ["", "### Test accuracy per epoch (%, mean over repeats)", ""]
-        n_ep = len(cls["summary"][0]["clean"]["per_epoch_test_acc_mean"]) if cls["summary"] else 0
-        lines.append("| defense | arch | train data | " + " | ".join(str(e + 1) for e in range(n_ep)) + " |")
-        lines.append("|---|---|---|" + "---:|" * n_ep)
-        for row in cls["summary"]:
-            for which in ("clean", "protected"):
-                accs = row[which]["per_epoch_test_acc_mean"]
-                lines.append(f"| {row['defense']} | {row['arch']} | {which} | "
-                             + " | ".join(f"{100 * a:.1f}" for a in accs) + " |")
+    return lines
+
+
+def _md_classify(cls: dict[str, Any], rep: int) -> list[str]:
+    lines = [
+        "## Classification: clean test accuracy (%)",
+        "",
+        f"Mean ± sample std over {rep} repeat(s). *Drop* = clean − protected (final); a protection works "
+        "when the protected column is far below the clean one for every *held-out* row. A row whose clean "
+        "accuracy is under half of its defense's best clean row *did not learn* and is left out of the headline.",
+        "",
+        "| defense | arch | role | clean final | protected final | drop | clean best | protected best |",
+        "|---|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for row in cls["summary"]:
+        c, p = row["clean"], row["protected"]
+        row_role = row.get("role", "–") + ("" if row.get("learned", True) else ", did not learn")
+        lines.append(
+            f"| {row['defense']} | {row['arch']} | {row_role} | {_ms(c['final_test_acc'])} | {_ms(p['final_test_acc'])} | "
+            f"{100 * row['drop_final_test_acc']:.1f} | {_ms(c['best_test_acc'])} | {_ms(p['best_test_acc'])} |"
+        )
+    lines += ["", "### Test accuracy per epoch (%, mean over repeats)", ""]
+    n_ep = len(cls["summary"][0]["clean"]["per_epoch_test_acc_mean"]) if cls["summary"] else 0
+    lines.append("| defense | arch | train data | " + " | ".join(str(e + 1) for e in range(n_ep)) + " |")
+    lines.append("|---|---|---|" + "---:|" * n_ep)
+    for row in cls["summary"]:
+        for which in ("clean", "protected"):
+            accs = row[which]["per_epoch_test_acc_mean"]
+            lines.append(f"| {row['defense']} | {row['arch']} | {which} | "
+                         + " | ".join(f"{100 * a:.1f}" for a in accs) + " |")
+    lines.append("")
+    return lines
+
+
+def _md_clip(clip: dict[str, Any]) -> list[str]:
+    lines = [
+        "## CLIP trained from scratch: retrieval on clean test pairs",
+        "",
+        f"CLIP architecture `{clip.get('arch', 'clip')}`: "
+        f"{clip['runs'][0].get('role', '–') if clip['runs'] else '–'}.",
+        "",
+        "| defense | seed | train data | i2t R@1 | i2t R@5 | i2t R@10 | i2t median rank | "
+        "t2i R@1 | t2i R@5 | t2i R@10 | t2i median rank | zero-shot acc |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for run in clip["runs"]:
+        for which in ("clean", "protected"):
+            r = run.get(which) or {}
+            cells = []
+            for direction in ("i2t", "t2i"):
+                m = r.get(direction) or {}
+                cells += [_num(m.get("R@1"), pct=True), _num(m.get("R@5"), pct=True),
+                          _num(m.get("R@10"), pct=True), _num(m.get("median_rank"))]
+            zs = r.get("zero_shot_accuracy", r.get("zero_shot"))
+            cells.append(_num(zs, pct=True))
+            lines.append(f"| {run['defense']} | {run['seed']} | {which} | " + " | ".join(cells) + " |")
+    if clip.get("skipped_defenses"):
         lines.append("")
-    clip = report["tasks"].get("clip")
-    if clip:
-        lines += [
-            "## CLIP trained from scratch: retrieval on clean test pairs",
-            "",
-            f"CLIP architecture `{clip.get('arch', 'clip')}`: "
-            f"{clip['runs'][0].get('role', '–') if clip['runs'] else '–'}.",
-            "",
-            "| defense | seed | train data | i2t R@1 | i2t R@5 | i2t R@10 | i2t median rank | "
-            "t2i R@1 | t2i R@5 | t2i R@10 | t2i median rank | zero-shot acc |",
-            "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-        ]
-        for run in clip["runs"]:
-            for which in ("clean", "protected"):
-                r = run.get(which) or {}
-                cells = []
-                for direction in ("i2t", "t2i"):
-                    m = r.get(direction) or {}
-                    cells += [_num(m.get("R@1"), pct=True), _num(m.get("R@5"), pct=True),
-                              _num(m.get("R@10"), pct=True), _num(m.get("median_rank"))]
-                zs = r.get("zero_shot_accuracy", r.get("zero_shot"))
-                cells.append(_num(zs, pct=True))
-                lines.append(f"| {run['defense']} | {run['seed']} | {which} | " + " | ".join(cells) + " |")
-        if clip.get("skipped_defenses"):
-            lines.append("")
-            lines.append(f"Not run for CLIP (training-time classifier defenses): {', '.join(clip['skipped_defenses'])}.")
-        lines.append("")
-    figs = [f for f in (report.get("files") or {}).get("figures", [])]
-    if figs:
-        lines += ["## Figures", ""] + [f"![{Path(f).stem}]({Path(f).name})" for f in figs] + [""]
-    return "\n".join(lines)
+        lines.append(f"Not run for CLIP (training-time classifier defenses): {', '.join(clip['skipped_defenses'])}.")
+    lines.append("")
+    return lines
 
 
 def _num(v: Any, pct: bool = False) -> str:
@@ -303,6 +312,6 @@ def write_report(report: dict[str, Any], out: str | Path, *,
             figs.append(FIG_GRID)
     files = {"json": "report.json", "markdown": "report.md", "figures": figs}
     report["files"] = files
-    _atomic_write(out / "report.md", render_markdown(report))
-    _atomic_write(out / "report.json", json.dumps(_json_safe(report), indent=2, ensure_ascii=False, allow_nan=False))
+    atomic_write(out / "report.md", render_markdown(report))
+    atomic_write(out / "report.json", json.dumps(_json_safe(report), indent=2, ensure_ascii=False, allow_nan=False))
     return files

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import glob
 import json
+import logging
 import platform
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,12 +28,14 @@ from uge_protect.eval.cache import RunCache, dataset_digest, run_key
 from uge_protect.eval.classify import TrainSettings, fit_classifier
 from uge_protect.eval.defenses import Defense, apply_data_defense, parse_defense, partial_protection
 from uge_protect.eval.metrics import summarize
-from uge_protect.eval.parallel import run_spread, start_workers
+from uge_protect.eval.parallel import Workers, run_spread, start_workers
 from uge_protect.eval.protocol import (classifier_headline, clip_headline, covers_every_row, fit_architectures,
     mark_classifier_rows, role)
 from uge_protect.shards.dataset import InMemoryDataset, load_shards
 from uge_protect.methods.base import clip_arch_id
 from uge_protect.models.classifiers import ARCHITECTURES, MIN_SIDE
+
+log = logging.getLogger(__name__)
 
 #: Hacker architectures of different inductive biases, each learning clean data in 8 CPU epochs.
 DEFAULT_ARCHS = ("mlp", "vit_tiny", "small_cnn", "resnet_cifar", "vgg11", "mobilenet_v2")
@@ -168,11 +170,6 @@ def _class_names(test_patterns: list[str], num_classes: int) -> list[str] | None
     return None
 
 
-def _echo(msg: str, quiet: bool) -> None:
-    if not quiet:
-        print(msg, file=sys.stderr, flush=True)
-
-
 def _pct(x: float) -> str:
     return f"{100 * x:.1f}%"
 
@@ -186,16 +183,63 @@ def _versions() -> dict[str, str]:
             "python": platform.python_version()}
 
 
-def run_evaluation(cfg: EvalConfig, *, log: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Run the evaluation described by ``cfg``, write report.json / report.md / figures, return the report."""
+def run_evaluation(cfg: EvalConfig) -> dict[str, Any]:
+    """Run the evaluation described by ``cfg``, write report.json / report.md / figures, return the report.
+
+    Progress goes to this module's logger at INFO (nothing when ``cfg.quiet``), warnings at WARNING."""
     defenses = cfg.validate()
     models = {m.label: m for m in cfg.models()}
     workers = start_workers(cfg.device)
     prefix = f"[rank {workers.rank}] " if workers.world > 1 else ""
-    say = log or (lambda m: _echo(prefix + m, cfg.quiet))
+
+    def say(msg: str) -> None:
+        if not cfg.quiet:
+            log.info(prefix + msg)
+
     started = time.perf_counter()
-    device = workers.device
     protected_pattern, protection = _protected_shards(cfg.protected)
+    out, cache, clip_mod = _prepare(cfg)
+    say(f"loading protected {protected_pattern}, clean {' '.join(cfg.clean_train)}, test {' '.join(cfg.test)}")
+    data = _load_data(cfg, protected_pattern, models)
+    report = _new_report(cfg, data, protection, defenses, workers)
+    method = (protection or {}).get("method", {}) or {}
+    fit = fit_architectures(method)
+    for warning in _protocol_notes(report, method, fit, models):
+        log.warning(prefix + warning)
+
+    class_names = _class_names(cfg.test, data.num_classes) if clip_mod is not None else None
+    jobs = _jobs(cfg, defenses, models, data, clip_mod is not None)
+    runner = _JobRunner(cfg, data.sets(), data.test, data.num_classes, class_names, workers.device, say, clip_mod,
+                        total=0, models=models)
+    results, cached = _run_jobs(jobs, runner, cache, workers, say)
+    if cfg.task in ("classify", "both"):
+        runs = [r for job, r in zip(jobs, results) if job.task == "classify"]
+        summary = _classify_summary(list(models), defenses, runs)
+        roles = {label: role(m.arch, fit, owner=m.owner, other_key=m.other_key) for label, m in models.items()}
+        mark_classifier_rows(summary, roles, data.num_classes)
+        report["tasks"]["classify"] = {"runs": runs, "summary": summary}
+        report["headline"]["classify"] = classifier_headline(summary)
+    if clip_mod is not None:
+        pairs = [(job, r) for job, r in zip(jobs, results) if job.task == "clip"]
+        clip = _clip_report(cfg, clip_mod, defenses, pairs, data.prot_train, data.clean, data.test,
+                            class_names, workers.device)
+        clip["arch"] = clip_arch_id(clip["runs"][0]["settings"]["model_config"]) if clip["runs"] else "clip"
+        report["tasks"]["clip"] = clip
+        report["headline"]["clip"] = clip_headline(clip["runs"], clip["arch"], fit)
+    report["cached_runs"] = cached
+    report["runtime_seconds"] = time.perf_counter() - started
+    if workers.is_main:
+        from uge_protect.eval.report import write_report
+
+        report["files"] = write_report(report, out, samples=_sample_grid(data), figures=cfg.figures)
+        say(f"report: {out / 'report.md'} ({report['runtime_seconds']:.0f} s)")
+    workers.barrier()
+    return report
+
+
+def _prepare(cfg: EvalConfig) -> tuple[Path, RunCache, Any]:
+    """The report directory (created), the run cache and the CLIP evaluation module (None for
+    ``--task classify``)."""
     if not cfg.clean_train:
         raise UserError("--clean-train is required")
     if not cfg.test:
@@ -206,7 +250,6 @@ def run_evaluation(cfg: EvalConfig, *, log: Callable[[str], None] | None = None)
         cache = RunCache(cfg.cache_dir)
     except OSError as exc:
         raise UserError(f"cannot create output directory {out}: {exc.strerror or exc}") from None
-
     clip_mod = None
     if cfg.task in ("clip", "both"):
         try:
@@ -214,8 +257,34 @@ def run_evaluation(cfg: EvalConfig, *, log: Callable[[str], None] | None = None)
         except ImportError as exc:
             raise UserError(f"--task {cfg.task} needs the CLIP evaluation (uge_protect.eval.clip), "
                             f"which is not available in this build: {exc}") from None
+    return out, cache, clip_mod
 
-    say(f"loading protected {protected_pattern}, clean {' '.join(cfg.clean_train)}, test {' '.join(cfg.test)}")
+
+@dataclass
+class _Data:
+    """The loaded shards; ``prot_train`` is the protected set trained on (``--clean-fraction`` of
+    it replaced by the clean samples of the same keys, marked in ``clean_mask``)."""
+
+    pattern: str
+    prot: InMemoryDataset
+    clean: InMemoryDataset
+    test: InMemoryDataset
+    prot_train: InMemoryDataset
+    clean_mask: torch.Tensor
+    num_classes: int
+
+    def sets(self) -> dict[str, InMemoryDataset]:
+        """The two training sets, by the name jobs use."""
+        return {"protected": self.prot_train, "clean": self.clean}
+
+
+def _named(prot: InMemoryDataset, clean: InMemoryDataset, test: InMemoryDataset) -> list[tuple[str, InMemoryDataset]]:
+    """The loaded sets as error messages name them."""
+    return [("protected training", prot), ("clean training", clean), ("test", test)]
+
+
+def _load_data(cfg: EvalConfig, protected_pattern: str, models: dict[str, ModelEntry]) -> _Data:
+    """Load the three shard sets and check that every model can train on them."""
     prot = _load([protected_pattern], "protected training shards", cfg.image_size)
     clean = _load(list(cfg.clean_train), "clean training shards", cfg.image_size)
     test = _load(list(cfg.test), "test shards", cfg.image_size)
@@ -224,29 +293,33 @@ def run_evaluation(cfg: EvalConfig, *, log: Callable[[str], None] | None = None)
             f"image sizes differ: protected {tuple(prot.images.shape[2:])}, clean {tuple(clean.images.shape[2:])}, "
             f"test {tuple(test.images.shape[2:])}; pass --image-size N"
         )
-    needs_labels = cfg.task in ("classify", "both")
-    if needs_labels:
-        for name, ds in (("protected training", prot), ("clean training", clean), ("test", test)):
+    if cfg.task in ("classify", "both"):
+        for name, ds in _named(prot, clean, test):
             missing = int((ds.labels < 0).sum())
             if missing:
                 raise UserError(f"{missing} of {len(ds)} {name} samples have no class label (cls field); "
                                 "classification needs one per sample (use --task clip for caption-only data)")
-    num_classes = max(prot.num_classes, clean.num_classes, test.num_classes)
     side = min(prot.images.shape[-2:])
     for entry in models.values():
         if side < MIN_SIDE.get(entry.arch, 1):
             raise UserError(f"{entry.arch} needs images of at least {MIN_SIDE[entry.arch]} pixels, these are {side}; "
                             "pass --image-size or leave it out")
-
     # Partial protection: a seeded fraction of the protected samples replaced by their clean versions.
     mixed_images, clean_mask = partial_protection(prot.images, prot.keys, clean.images, clean.keys,
                                                   cfg.clean_fraction, cfg.seed)
     prot_train = InMemoryDataset(mixed_images, prot.labels, prot.captions, prot.keys, prot.skipped)
+    return _Data(protected_pattern, prot, clean, test, prot_train, clean_mask,
+                 max(prot.num_classes, clean.num_classes, test.num_classes))
 
-    report: dict[str, Any] = {
+
+def _new_report(cfg: EvalConfig, data: _Data, protection: dict[str, Any] | None, defenses: list[Defense],
+                workers: Workers) -> dict[str, Any]:
+    """The report before any training: settings, versions, protection, data and the standing notes."""
+    prot, clean, test, clean_mask = data.prot, data.clean, data.test, data.clean_mask
+    return {
         "kind": "uge-protect evaluation",
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "settings": {**asdict(cfg), "device": device, "defenses": [d.spec for d in defenses],
+        "settings": {**asdict(cfg), "device": workers.device, "defenses": [d.spec for d in defenses],
                      "processes": workers.world},
         "versions": _versions(),
         "protection": {
@@ -256,10 +329,10 @@ def run_evaluation(cfg: EvalConfig, *, log: Callable[[str], None] | None = None)
             "authorized": authorized_summary(cfg.authorized, cfg.gate),
         },
         "data": {
-            "protected_train": {"n": len(prot), "skipped": prot.skipped, "shards": protected_pattern},
+            "protected_train": {"n": len(prot), "skipped": prot.skipped, "shards": data.pattern},
             "clean_train": {"n": len(clean), "skipped": clean.skipped, "shards": list(cfg.clean_train)},
             "test": {"n": len(test), "skipped": test.skipped, "shards": list(cfg.test)},
-            "num_classes": num_classes,
+            "num_classes": data.num_classes,
             "image_shape": list(prot.images.shape[1:]),
             "partial_protection": {
                 "clean_fraction_requested": cfg.clean_fraction,
@@ -280,34 +353,49 @@ def run_evaluation(cfg: EvalConfig, *, log: Callable[[str], None] | None = None)
         ],
         "tasks": {},
     }
-    method = (protection or {}).get("method", {}) or {}
-    fit = fit_architectures(method)
+
+
+def _protocol_notes(report: dict[str, Any], method: dict[str, Any], fit: list[str] | None,
+                    models: dict[str, ModelEntry]) -> list[str]:
+    """Record which networks the fit saw and what that means for the headline; returns the
+    notes that are also warnings."""
     report["protection"]["fit_architectures"] = fit
     report["headline"] = {}
+    warnings = []
     if fit is None:
         report["notes"].append("protection.json does not record the networks the fit used: every row counts "
                                "in the headline (none is known to be held out).")
     hackers = [m.arch for m in models.values() if not m.owner and not m.other_key]
     if covers_every_row(fit, hackers):
-        warning = (f"protection.json names every evaluated architecture ({', '.join(sorted(set(hackers)))}) as "
-                   "seen in the fit, so no row judges the protection; evaluate architectures it does not name.")
-        report["notes"].append(warning)
-        say("warning: " + warning)
+        warnings.append(f"protection.json names every evaluated architecture ({', '.join(sorted(set(hackers)))}) "
+                        "as seen in the fit, so no row judges the protection; evaluate architectures it does not name.")
+        report["notes"].append(warnings[-1])
     if method.get("protects") is False:
         report["notes"].append(f"The protection method {method.get('method')!r} is a non-protecting control.")
+    return warnings
 
-    sets = {"protected": prot_train, "clean": clean}
-    digests = {name: dataset_digest(ds) for name, ds in (*sets.items(), ("test", test))}
+
+def _jobs(cfg: EvalConfig, defenses: list[Defense], models: dict[str, ModelEntry], data: _Data,
+          clip: bool) -> list[_Job]:
+    """Every training run of the evaluation, classifiers first."""
     jobs: list[_Job] = []
     if cfg.task in ("classify", "both"):
         jobs += _classify_jobs(cfg, defenses, list(models))
-    if clip_mod is not None:
-        for name, ds in (("protected training", prot), ("clean training", clean), ("test", test)):
+    if clip:
+        for name, ds in _named(data.prot, data.clean, data.test):
             if not any(c for c in ds.captions):
                 raise UserError(f"--task clip needs captions (txt field); the {name} shards have none")
         jobs += _clip_jobs(cfg, defenses)
-    class_names = _class_names(cfg.test, num_classes) if clip_mod is not None else None
-    keys = [_job_key(job, cfg, device, digests, num_classes, models) for job in jobs]
+    return jobs
+
+
+def _run_jobs(jobs: list[_Job], runner: "_JobRunner", cache: RunCache, workers: Workers,
+              say: Callable[[str], None]) -> tuple[list[dict[str, Any]], int]:
+    """Every job's result in job order (from the cache, or run here or on another process) and
+    how many came from the cache."""
+    cfg = runner.cfg
+    digests = {name: dataset_digest(ds) for name, ds in (*runner.sets.items(), ("test", runner.test))}
+    keys = [_job_key(job, cfg, runner.device, digests, runner.num_classes, runner.models) for job in jobs]
     cached = {i: hit for i, k in enumerate(keys)
               if (hit := cache.get(k, jobs[i].task, _job_meta(jobs[i]),
                                    cfg.epochs if jobs[i].task == "classify" else None)) is not None}
@@ -317,8 +405,7 @@ def run_evaluation(cfg: EvalConfig, *, log: Callable[[str], None] | None = None)
         say(f"reusing {len(cached)} of {len(jobs)} training runs from the cache {cfg.cache_dir}")
     if workers.world > 1 and workers.is_main:
         say(f"{len(pending)} training runs spread over {workers.world} processes")
-    runner = _JobRunner(cfg, sets, test, num_classes, class_names, device, say, clip_mod, total=len(pending),
-                        models=models)
+    runner.total = len(pending)
 
     def work(i: int) -> dict[str, Any]:
         result = runner.run(jobs[i])
@@ -330,39 +417,18 @@ def run_evaluation(cfg: EvalConfig, *, log: Callable[[str], None] | None = None)
                for i in range(len(jobs))]
     for r in results:
         r.pop("key", None)
-    if cfg.task in ("classify", "both"):
-        runs = [r for job, r in zip(jobs, results) if job.task == "classify"]
-        summary = _classify_summary(list(models), defenses, runs)
-        roles = {label: role(m.arch, fit, owner=m.owner, other_key=m.other_key) for label, m in models.items()}
-        mark_classifier_rows(summary, roles, num_classes)
-        report["tasks"]["classify"] = {"runs": runs, "summary": summary}
-        report["headline"]["classify"] = classifier_headline(summary)
-    if clip_mod is not None:
-        pairs = [(job, r) for job, r in zip(jobs, results) if job.task == "clip"]
-        report["tasks"]["clip"] = _clip_report(cfg, clip_mod, defenses, pairs, prot_train, clean, test,
-                                               class_names, device)
-        clip_runs = report["tasks"]["clip"]["runs"]
-        arch = clip_arch_id(clip_runs[0]["settings"]["model_config"]) if clip_runs else "clip"
-        report["tasks"]["clip"]["arch"] = arch
-        report["headline"]["clip"] = clip_headline(clip_runs, arch, fit)
-    report["cached_runs"] = len(cached)
+    return results, len(cached)
 
-    report["runtime_seconds"] = time.perf_counter() - started
-    from uge_protect.eval.report import write_report
 
-    # Sample grid: the first protected samples paired by key with their clean originals.
-    index = {k: i for i, k in enumerate(clean.keys)}
-    pairs = [(i, index[k]) for i, k in enumerate(prot.keys) if k in index][:8]
-    samples = None
-    if pairs:
-        pi = torch.tensor([p for p, _ in pairs])
-        ci = torch.tensor([c for _, c in pairs])
-        samples = (clean.images[ci], prot.images[pi])
-    if workers.is_main:
-        report["files"] = write_report(report, out, samples=samples, figures=cfg.figures)
-        say(f"report: {out / 'report.md'} ({report['runtime_seconds']:.0f} s)")
-    workers.barrier()
-    return report
+def _sample_grid(data: _Data) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The first (up to 8) protected samples paired by key with their clean originals."""
+    index = {k: i for i, k in enumerate(data.clean.keys)}
+    pairs = [(i, index[k]) for i, k in enumerate(data.prot.keys) if k in index][:8]
+    if not pairs:
+        return None
+    pi = torch.tensor([p for p, _ in pairs])
+    ci = torch.tensor([c for _, c in pairs])
+    return data.clean.images[ci], data.prot.images[pi]
 
 
 @dataclass(frozen=True)

@@ -6,8 +6,9 @@ from pathlib import Path
 
 from uge_protect.hub.client import HubClient, RetryPolicy, default_client, resolve_token, validate_repo_id
 from uge_protect.hub.layout import UploadPlan
-from uge_protect.hub.staging import ReadLock, plan_upload, write_staging
+from uge_protect.hub.staging import plan_upload, write_staging
 from uge_protect.hub.upload import DEFAULT_BYTES_PER_COMMIT, DEFAULT_FILES_PER_COMMIT, PushResult, upload_plan
+from uge_protect.shards.lock import read_lock
 
 
 def stage_output(
@@ -21,7 +22,7 @@ def stage_output(
 ) -> UploadPlan:
     """Write into ``staging_dir`` exactly the folder ``push_output`` would upload; upload nothing."""
     validate_repo_id(repo_id)
-    with ReadLock(Path(directory)):
+    with read_lock(Path(directory), "push"):
         plan = plan_upload(directory, include_manifests=include_manifests, report_dir=report_dir,
                            card_options={"repo_id": repo_id, "license": license})
         write_staging(plan, staging_dir)
@@ -52,7 +53,7 @@ def push_output(
     calls are retried (:class:`~uge_protect.hub.client.RetryPolicy`). Progress and warnings are
     logged (logger ``uge_protect.hub``). Rerunning after an interruption uploads only what is missing."""
     validate_repo_id(repo_id)
-    with ReadLock(Path(directory)):
+    with read_lock(Path(directory), "push"):
         plan = plan_upload(directory, include_manifests=include_manifests, report_dir=report_dir,
                            card_options={"repo_id": repo_id, "license": license})
         if api is None:

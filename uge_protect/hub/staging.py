@@ -33,7 +33,6 @@ from uge_protect.errors import UserError
 from uge_protect.hub.card import render_dataset_card
 from uge_protect.hub.layout import CARD_NAME, EVAL_DIR, EvalReport, StagedFile, UploadPlan
 from uge_protect.shards.layout import OutputLayout, outside_link, read_json
-from uge_protect.shards.lock import DirectoryLock
 
 #: Hub limits (https://huggingface.co/docs/hub/repositories-recommendations, storage-limits).
 MAX_FILE_BYTES = 50 * 1000**3  # hard limit per file
@@ -45,24 +44,6 @@ MAX_FILES_PER_REPO = 100_000
 SECRET_FIELDS = frozenset({"key_seed", "secret", "token", "hf_token", "password", "api_key"})
 
 
-class ReadLock:
-    """A shared lock on ``DIR/.lock`` (see :mod:`uge_protect.shards.lock`): no ``shard`` run can
-    start writing while it is held, and taking it fails while one is writing."""
-
-    def __init__(self, root: Path):
-        path = OutputLayout(root).lock_file
-        self._lock = DirectoryLock(
-            path, shared=True,
-            busy_message=f"a uge-protect run is writing to {path.parent}; wait for it to finish, then push",
-        )
-
-    def __enter__(self) -> "ReadLock":
-        if self._lock.path.is_file():
-            self._lock.acquire()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._lock.release()
 
 
 def find_report(root: Path, report_dir: Path | None = None) -> EvalReport | None:

@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
 
+from uge_protect.atomic import atomic_write
 from uge_protect.errors import UserError
 from uge_protect.hub.client import HubClient, RetryPolicy, call_hub
 from uge_protect.hub.layout import CARD_NAME, StagedFile, UploadPlan
@@ -86,12 +86,10 @@ class Sha256Cache:
     def save(self) -> None:
         if not self._dirty:
             return
-        tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
         try:
-            tmp.write_text(json.dumps(self.entries, indent=0, sort_keys=True), encoding="utf-8")
-            os.replace(tmp, self.path)
+            atomic_write(self.path, json.dumps(self.entries, indent=0, sort_keys=True))
         except OSError:  # a read-only directory: the cache is only an optimisation
-            tmp.unlink(missing_ok=True)
+            pass
         self._dirty = False
 
 

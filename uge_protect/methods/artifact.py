@@ -26,6 +26,7 @@ from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
 from uge_protect import __version__
+from uge_protect.atomic import atomic_open
 from uge_protect.errors import UserError
 
 CONFIG_NAME = "config.json"
@@ -38,22 +39,11 @@ _GROUP = re.compile(r"[A-Za-z0-9_-]+")
 def write_private(path: str | os.PathLike, data: bytes | Callable[[BinaryIO], Any]) -> None:
     """Write ``data`` (bytes, or a function writing to a binary file) to ``path`` atomically,
     the file created with mode 0600 (never wider, whatever the umask)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.unlink(missing_ok=True)  # O_EXCL below: the mode applies to a file we create
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), FILE_MODE)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            if isinstance(data, bytes):
-                f.write(data)
-            else:
-                data(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_open(path, mode=FILE_MODE) as f:
+        if isinstance(data, bytes):
+            f.write(data)
+        else:
+            data(f)
 
 
 def non_finite_weight(state: Mapping[str, torch.Tensor]) -> str | None:

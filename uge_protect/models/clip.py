@@ -316,13 +316,17 @@ def load_clip_state(bundle: ClipBundle, state: dict[str, torch.Tensor], strict: 
         raise UserError(f"stored CLIP weights do not fit the model: {str(exc).splitlines()[0]}") from exc
 
 
+def infonce(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
+    """Symmetric InfoNCE (CLIP's loss) of L2-normalised image and text embeddings, row i of
+    each being a pair and every other row a negative, at temperature multiplier ``scale``."""
+    logits = scale * img @ txt.T
+    target = torch.arange(len(logits), device=logits.device)
+    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+
+
 def clip_infonce(bundle: ClipBundle, x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """Symmetric InfoNCE of [0, 1] images ``x`` and their caption ``tokens`` over the batch."""
-    img = bundle.encode_images(x)
-    txt = bundle.encode_tokens(tokens)
-    logits = logit_scale(bundle) * img @ txt.T
-    target = torch.arange(len(x), device=x.device)
-    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+    return infonce(bundle.encode_images(x), bundle.encode_tokens(tokens), logit_scale(bundle))
 
 
 def zero_shot_loss(bundle: ClipBundle, x: torch.Tensor, prompts: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Small training helpers shared by the methods that fit networks (T2UE, UGE)."""
+"""Small training helpers shared by the methods that fit networks (T2UE, UGE) and by evaluation."""
 
 from __future__ import annotations
 
@@ -8,9 +8,11 @@ import torch
 import torch.nn.functional as F
 
 
-def pick_device(name: str) -> torch.device:
-    """``auto`` → CUDA when available, else the CPU; anything else as given."""
-    if name == "auto":
+def pick_device(name: str | torch.device | None = "auto") -> torch.device:
+    """``auto`` (or None) → CUDA when available, else the CPU; anything else as given.
+
+    The one place the package resolves ``--device auto``."""
+    if name is None or name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
 

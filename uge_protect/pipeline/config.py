@@ -14,7 +14,6 @@ IMAGE_FORMATS = ("png", "webp", "jpeg")
 #: zlib strategies for PNG. Huffman-only suits perturbed images: the noise leaves few
 #: repeats for LZ77 to find, so it is faster and about as small or smaller.
 PNG_STRATEGIES = {"default": 0, "filtered": 1, "huffman": 2, "rle": 3}
-LOSSLESS_FORMATS = ("png", "webp")
 
 
 @dataclass

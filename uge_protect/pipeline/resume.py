@@ -7,8 +7,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from uge_protect.atomic import temp_owner, temp_path
 from uge_protect.errors import UserError
-from uge_protect.shards.layout import OutputLayout, read_json, temp_owner, temp_path, write_json_atomic
+from uge_protect.shards.layout import OutputLayout, read_json, write_json_atomic
 from uge_protect.shards.lock import DirectoryLock
 
 #: Reason prefix of a shard that could not be read (a transient failure: never complete).

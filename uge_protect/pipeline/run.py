@@ -162,7 +162,7 @@ def build_run_config(cfg: ShardJobConfig, method: ProtectionMethod) -> dict[str,
     }
 
 
-def _make_accelerator(cfg: ShardJobConfig):
+def _make_accelerator():
     from accelerate import Accelerator
 
     # Mixed precision is applied by our own autocast (see ``_autocast``), not by Accelerate:
@@ -208,7 +208,7 @@ def run_shard_job(cfg: ShardJobConfig, method: ProtectionMethod, accelerator=Non
     with sigterm_stops_the_run():
         follow_launcher()
         own_accelerator = accelerator is None
-        accelerator = accelerator or _make_accelerator(cfg)
+        accelerator = accelerator or _make_accelerator()
         ok = False
         try:
             result = _run(cfg, method, accelerator, inputs)
@@ -339,17 +339,51 @@ def _gather(accelerator, counts: dict[str, Any]) -> list[dict[str, Any]]:
     return gather_object([counts])
 
 
-def _protect_shards(
-    cfg: ShardJobConfig,
-    method: ProtectionMethod,
-    accelerator,
-    layout: OutputLayout,
-    shards: list[str],
-    fingerprint: str,
-    rank: int,
-) -> dict[str, Any]:
-    device = accelerator.device
-    method.to(device)
+class _Outputs:
+    """The output shards this process is writing: encoded batches in, finished shards out."""
+
+    def __init__(self, layout: OutputLayout, encode: EncodeSettings, fingerprint: str, progress: Progress):
+        self.layout, self.encode, self.fingerprint, self.progress = layout, encode, fingerprint, progress
+        self.writers: dict[str, ShardWriter] = {}
+        self.counts: dict[str, Any] = {"samples": 0, "written": 0, "failed": 0, "shards": 0}
+        self.unreadable: dict[str, str] = {}
+
+    def add(self, batch: ShardBatch, encoded: list[EncodedImage | None]) -> None:
+        """Write a batch to its shard, finishing the shard at its last batch."""
+        if batch.last and reason_code(batch.tar_error or "") == UNREADABLE:
+            # A read failure, not damage in the data: no output and no completion marker,
+            # so a rerun retries the shard.
+            writer = self.writers.pop(batch.shard_name, None)
+            if writer is not None:
+                writer.abort()
+            discard_shard_outputs(self.layout, batch.shard_name)
+            self.unreadable[batch.shard_name] = batch.tar_error.partition(":")[2].strip() or UNREADABLE
+            self.progress.event("shard_unreadable", shard=batch.shard_name, error=self.unreadable[batch.shard_name])
+            return
+        writer = self.writers.get(batch.shard_name)
+        if writer is None:
+            writer = self.writers[batch.shard_name] = ShardWriter(self.layout, batch.shard, batch.shard_name,
+                                                                  self.encode, self.fingerprint)
+        writer.add_batch(batch, encoded)
+        written = sum(e is not None for e in encoded)
+        failed = len(batch.records) - written
+        self.counts["samples"] += len(batch.records)
+        self.counts["written"] += written
+        self.counts["failed"] += failed
+        self.progress.samples_done(written, failed)
+        if batch.last:
+            stats = self.writers.pop(batch.shard_name).finish(batch.tar_error)
+            self.counts["shards"] += 1
+            self.progress.shard_done(stats)
+        release_freed_memory()
+
+    def abort(self) -> None:
+        """Drop every shard not finished yet."""
+        for writer in self.writers.values():
+            writer.abort()
+
+
+def _settings(cfg: ShardJobConfig, method: ProtectionMethod) -> tuple[DecodeSettings, EncodeSettings]:
     decode = DecodeSettings(
         max_pixels=cfg.max_pixels,
         image_size=cfg.image_size,
@@ -364,6 +398,21 @@ def _protect_shards(
     encode = EncodeSettings(
         cfg.image_format, cfg.lossy, cfg.quality, cfg.png_compress_level, PNG_STRATEGIES[cfg.png_strategy]
     )
+    return decode, encode
+
+
+def _protect_shards(
+    cfg: ShardJobConfig,
+    method: ProtectionMethod,
+    accelerator,
+    layout: OutputLayout,
+    shards: list[str],
+    fingerprint: str,
+    rank: int,
+) -> dict[str, Any]:
+    device = accelerator.device
+    method.to(device)
+    decode, encode = _settings(cfg, method)
     workers = min(cfg.num_workers, len(shards))
     loader = DataLoader(
         ShardSource(shards, decode, cfg.batch_size),
@@ -377,41 +426,14 @@ def _protect_shards(
     progress = Progress(
         len(shards), show=not cfg.quiet and accelerator.is_local_main_process, log_path=cfg.log_json, rank=rank
     )
-    writers: dict[str, ShardWriter] = {}
+    outputs = _Outputs(layout, encode, fingerprint, progress)
     inflight: deque[tuple[ShardBatch, Future]] = deque()
     max_inflight = cfg.encode_threads + 1  # one batch per encoder and one waiting
-    counts: dict[str, Any] = {"samples": 0, "written": 0, "failed": 0, "shards": 0}
-    unreadable: dict[str, str] = {}
     autocast = _autocast(cfg.mixed_precision, device)
 
     def drain_one() -> None:
         batch, future = inflight.popleft()
-        encoded = future.result()
-        if batch.last and reason_code(batch.tar_error or "") == UNREADABLE:
-            # A read failure, not damage in the data: no output and no completion marker,
-            # so a rerun retries the shard.
-            writer = writers.pop(batch.shard_name, None)
-            if writer is not None:
-                writer.abort()
-            discard_shard_outputs(layout, batch.shard_name)
-            unreadable[batch.shard_name] = batch.tar_error.partition(":")[2].strip() or UNREADABLE
-            progress.event("shard_unreadable", shard=batch.shard_name, error=unreadable[batch.shard_name])
-            return
-        writer = writers.get(batch.shard_name)
-        if writer is None:
-            writer = writers[batch.shard_name] = ShardWriter(layout, batch.shard, batch.shard_name, encode, fingerprint)
-        writer.add_batch(batch, encoded)
-        written = sum(e is not None for e in encoded)
-        failed = len(batch.records) - written
-        counts["samples"] += len(batch.records)
-        counts["written"] += written
-        counts["failed"] += failed
-        progress.samples_done(written, failed)
-        if batch.last:
-            stats = writers.pop(batch.shard_name).finish(batch.tar_error)
-            counts["shards"] += 1
-            progress.shard_done(stats)
-        release_freed_memory()
+        outputs.add(batch, future.result())
 
     try:
         pool_cm = (
@@ -438,11 +460,9 @@ def _protect_shards(
                 stop_point()
                 drain_one()
     except BaseException:
-        for writer in writers.values():
-            writer.abort()
+        outputs.abort()
         raise
     finally:
-        progress.event("rank_done", **counts, unreadable=len(unreadable))
+        progress.event("rank_done", **outputs.counts, unreadable=len(outputs.unreadable))
         progress.close()
-    counts["unreadable"] = unreadable
-    return counts
+    return {**outputs.counts, "unreadable": outputs.unreadable}

@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
 import time
 from collections import Counter
 from typing import Any
 
+from uge_protect.atomic import AtomicFile
 from uge_protect.pipeline.encode import FORMAT_EXTENSION, EncodedImage, EncodeSettings
 from uge_protect.pipeline.records import SampleRecord, ShardBatch
-from uge_protect.shards.layout import OutputLayout, temp_path, write_json_atomic
+from uge_protect.shards.layout import OutputLayout, write_json_atomic
 from uge_protect.shards.manifest import STATUS_FAILED, STATUS_OK, empty_row, write_manifest
 from uge_protect.shards.tario import ReproducibleTarWriter
 
@@ -70,9 +70,8 @@ class ShardWriter:
         self.encode = encode
         self.fingerprint = fingerprint
         self.path = layout.shard(name)
-        self.tmp = temp_path(self.path)
-        self._file = open(self.tmp, "wb", buffering=1 << 20)
-        self._hashing = _HashingFile(self._file)
+        self._file = AtomicFile(self.path, buffering=1 << 20)
+        self._hashing = _HashingFile(self._file.file)
         self._tar = ReproducibleTarWriter(self._hashing)
         self.rows: list[dict[str, Any]] = []
         self.failures: Counter[str] = Counter()
@@ -148,10 +147,7 @@ class ShardWriter:
         """Close and publish the shard, its manifest and (last) its stats; returns the stats."""
         try:
             self._tar.close()
-            self._file.flush()
-            os.fsync(self._file.fileno())
-            self._file.close()
-            os.replace(self.tmp, self.path)
+            self._file.commit()
         except BaseException:
             self.abort()
             raise
@@ -196,6 +192,5 @@ class ShardWriter:
         """Drop the partial shard (used when the run fails)."""
         try:
             self._tar.abort()
-            self._file.close()
         finally:
-            self.tmp.unlink(missing_ok=True)
+            self._file.abort()

@@ -12,7 +12,6 @@ from __future__ import annotations
 import io
 import json
 import math
-import os
 import stat
 import warnings
 from pathlib import Path
@@ -22,6 +21,7 @@ import numpy as np
 import torch
 from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
+from uge_protect.atomic import atomic_write
 from uge_protect.errors import UserError
 from uge_protect.shards.decode import DEFAULT_MAX_PIXELS, DecodeError, decode_image
 from uge_protect.methods.artifact import read_artifact_config
@@ -88,12 +88,9 @@ def _write_png(pixels: np.ndarray, output: str | Path, pnginfo: PngImagePlugin.P
     out = Path(output)
     buf = io.BytesIO()
     Image.fromarray(pixels, "RGB").save(buf, format="PNG", pnginfo=pnginfo)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     try:
-        tmp.write_bytes(buf.getvalue())
-        os.replace(tmp, out)
+        atomic_write(out, buf.getvalue())
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise UserError(f"cannot write {out}: {exc.strerror or exc}") from None
 
 

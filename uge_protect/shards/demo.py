@@ -16,11 +16,12 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
 
+from uge_protect.atomic import atomic_write
 from uge_protect.shards.tario import write_tar_atomic
 
 __all__ = [
@@ -222,6 +223,37 @@ def _background(rng: np.random.Generator, size: int, kind: str, c1: np.ndarray) 
     return c1 * (1 - t) + c2 * t
 
 
+def _add_distractor(rng: np.random.Generator, img: np.ndarray, cx: float, cy: float,
+                    radius: float) -> tuple[np.ndarray, str | None]:
+    """Half the time, a small blob of a random colour kept clear of the object (centre
+    ``cx, cy``, ``radius``) so that the label stays unambiguous; returns the image and its colour."""
+    if rng.random() >= 0.5:
+        return img, None
+    S = img.shape[0]
+    color_names = list(COLORS)
+    d_name = color_names[int(rng.integers(len(color_names)))]
+    d_rgb = _jitter_color(rng, d_name)
+    d_r = rng.uniform(0.06, 0.11) * S
+    d_aspect = rng.uniform(0.6, 1.0)
+    d_angle = rng.uniform(0, 2 * math.pi)
+    for _ in range(8):
+        dx, dy = rng.uniform(d_r, S - d_r, 2)
+        if math.hypot(dx - cx, dy - cy) > radius * 1.05 + d_r:
+            blob = _shape_mask("circle", S, dx, dy, d_r, d_angle, d_aspect)[..., None]
+            return img * (1 - blob) + d_rgb * blob, d_name
+    return img, None
+
+
+def _photometric_jitter(rng: np.random.Generator, img: np.ndarray) -> tuple[Image.Image, float]:
+    """Global contrast and brightness jitter and sensor-like noise; returns the image and the noise sigma."""
+    contrast = rng.uniform(0.85, 1.1)
+    brightness = rng.uniform(-15, 15)
+    noise_sigma = rng.uniform(2.0, 6.0)
+    img = (img - 128.0) * contrast + 128.0 + brightness
+    img = img + rng.normal(0.0, noise_sigma, img.shape).astype(np.float32)
+    return Image.fromarray(np.clip(np.rint(img), 0, 255).astype(np.uint8)), noise_sigma
+
+
 def render_sample(rng: np.random.Generator,
                   image_size: int) -> tuple[Image.Image, int, str, dict[str, Any]]:
     """Render one demo sample.
@@ -267,23 +299,7 @@ def render_sample(rng: np.random.Generator,
     mirrored = bool(rng.random() < 0.5)
     aspect = math.sqrt(rng.uniform(0.8, 1.25))
 
-    img = bg
-
-    # Optional distractor blob, kept clear of the object so the label stays unambiguous.
-    distractor: str | None = None
-    if rng.random() < 0.5:
-        d_name = color_names[int(rng.integers(len(color_names)))]
-        d_rgb = _jitter_color(rng, d_name)
-        d_r = rng.uniform(0.06, 0.11) * S
-        d_aspect = rng.uniform(0.6, 1.0)
-        d_angle = rng.uniform(0, 2 * math.pi)
-        for _ in range(8):
-            dx, dy = rng.uniform(d_r, S - d_r, 2)
-            if math.hypot(dx - cx, dy - cy) > radius * 1.05 + d_r:
-                blob = _shape_mask("circle", S, dx, dy, d_r, d_angle, d_aspect)[..., None]
-                img = img * (1 - blob) + d_rgb * blob
-                distractor = d_name
-                break
+    img, distractor = _add_distractor(rng, bg, cx, cy, radius)
 
     # Object with a soft linear shading across it.
     mask = _shape_mask(shape, S, cx, cy, radius, angle, aspect, mirrored)[..., None]
@@ -292,16 +308,7 @@ def render_sample(rng: np.random.Generator,
     yy, xx = np.mgrid[0:S, 0:S].astype(np.float32)
     g = ((xx - cx) * math.cos(shade_dir) + (yy - cy) * math.sin(shade_dir)) / radius
     shaded = np.clip(obj_rgb * (1 + shade_amt * np.clip(g, -1, 1))[..., None], 0, 255)
-    img = img * (1 - mask) + shaded * mask
-
-    # Global photometric jitter and sensor-like noise.
-    contrast = rng.uniform(0.85, 1.1)
-    brightness = rng.uniform(-15, 15)
-    noise_sigma = rng.uniform(2.0, 6.0)
-    img = (img - 128.0) * contrast + 128.0 + brightness
-    img = img + rng.normal(0.0, noise_sigma, img.shape).astype(np.float32)
-    pixels = np.clip(np.rint(img), 0, 255).astype(np.uint8)
-    image = Image.fromarray(pixels)
+    image, noise_sigma = _photometric_jitter(rng, img * (1 - mask) + shaded * mask)
 
     bg_phrase = f"{bg_kind} {bg_name}"
     extra = f" with a small {distractor} blob" if distractor else ""
@@ -345,6 +352,36 @@ def encode_png(image: Image.Image) -> bytes:
     return buf.getvalue()
 
 
+#: What a dataset writer's ``render(rng, index)`` returns for one sample: the image, its
+#: label, caption and ``.json`` metadata.
+Rendered = tuple[Image.Image, int, str, dict[str, Any]]
+
+
+def write_split(split_dir: Path, prefix: str, split: str, seeds: Sequence[np.random.SeedSequence],
+                samples_per_shard: int, render: Callable[[np.random.Generator, int], Rendered]) -> list[str]:
+    """Write samples ``{split}-{index:06d}`` (index < ``len(seeds)``, each drawn by ``render``
+    from its own seed) as shards ``{prefix}-{split}-{shard:06d}.tar`` of ``samples_per_shard``
+    under ``split_dir``, with ``.png``, ``.txt``, ``.cls`` and ``.json`` members; returns their paths."""
+    split_dir.mkdir(parents=True, exist_ok=True)
+    n = len(seeds)
+    shards: list[str] = []
+    for shard_idx, start in enumerate(range(0, n, samples_per_shard)):
+        members: list[tuple[str, bytes]] = []
+        for index in range(start, min(start + samples_per_shard, n)):
+            image, label, caption, meta = render(np.random.Generator(np.random.PCG64(seeds[index])), index)
+            key = f"{split}-{index:06d}"
+            members += [
+                (f"{key}.png", encode_png(image)),
+                (f"{key}.txt", caption.encode("utf-8")),
+                (f"{key}.cls", str(label).encode("ascii")),
+                (f"{key}.json", json.dumps(meta, sort_keys=True).encode("utf-8")),
+            ]
+        path = split_dir / f"{prefix}-{split}-{shard_idx:06d}.tar"
+        write_tar_atomic(path, members)
+        shards.append(str(path))
+    return shards
+
+
 def write_demo_dataset(out_dir: str | os.PathLike, *, n_train: int = 5000, n_test: int = 1000,
                        image_size: int = 32, samples_per_shard: int = 1000,
                        seed: int = 0) -> dict[str, Any]:
@@ -370,33 +407,16 @@ def write_demo_dataset(out_dir: str | os.PathLike, *, n_train: int = 5000, n_tes
     root = Path(out_dir)
     train_ss, test_ss = np.random.SeedSequence(seed).spawn(2)
     splits: dict[str, Any] = {}
+    def render(rng: np.random.Generator, _index: int) -> Rendered:
+        image, label, caption, attrs = render_sample(rng, image_size)
+        return image, label, caption, {"label": label, "class_name": CLASS_NAMES[label], "attrs": attrs}
+
     for split, n, split_ss in (("train", n_train, train_ss), ("test", n_test, test_ss)):
-        split_dir = root / split
-        split_dir.mkdir(parents=True, exist_ok=True)
-        sample_seeds = split_ss.spawn(n)
-        shards: list[str] = []
-        for shard_idx, start in enumerate(range(0, n, samples_per_shard)):
-            members: list[tuple[str, bytes]] = []
-            for index in range(start, min(start + samples_per_shard, n)):
-                rng = np.random.Generator(np.random.PCG64(sample_seeds[index]))
-                image, label, caption, attrs = render_sample(rng, image_size)
-                key = f"{split}-{index:06d}"
-                meta = {"label": label, "class_name": CLASS_NAMES[label], "attrs": attrs}
-                members += [
-                    (f"{key}.png", encode_png(image)),
-                    (f"{key}.txt", caption.encode("utf-8")),
-                    (f"{key}.cls", str(label).encode("ascii")),
-                    (f"{key}.json", json.dumps(meta, sort_keys=True).encode("utf-8")),
-                ]
-            path = split_dir / f"demo-{split}-{shard_idx:06d}.tar"
-            write_tar_atomic(path, members)
-            shards.append(str(path))
+        shards = write_split(root / split, "demo", split, split_ss.spawn(n), samples_per_shard, render)
         splits[split] = {"n": n, "shards": shards}
 
     classes_path = root / "classes.json"
-    tmp = classes_path.with_name(f".{classes_path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(CLASS_NAMES, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, classes_path)
+    atomic_write(classes_path, json.dumps(CLASS_NAMES, indent=2) + "\n")
 
     return {
         "out_dir": str(root),

@@ -5,10 +5,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from uge_protect.atomic import atomic_open, temp_owner
 
 
 @dataclass(frozen=True)
@@ -75,40 +76,11 @@ def _stem(name: str) -> str:
     return name[:-4] if name.endswith(".tar") else name
 
 
-#: Temporary names: ``.<final name>.tmp-<pid>`` with nothing after the pid. Every output
-#: name ends in ``.tar``, ``.parquet`` or ``.json`` (or is ``.lock``), so no output, whatever
-#: its shard is called (``.x.tmp-1.tar``, ``a.tar.tmp-1.tar``), can ever match.
-_TEMP_NAME = re.compile(r"\..+\.tmp-([0-9]+)")
-
-
-def temp_path(path: Path, pid: int | None = None) -> Path:
-    """The temporary name that ``path`` is written under before its atomic rename.
-
-    Every writer in an output directory uses this, so :func:`temp_owner` recognises all of
-    them and nothing else.
-    """
-    return path.with_name(f".{path.name}.tmp-{os.getpid() if pid is None else pid}")
-
-
-def temp_owner(name: str) -> int | None:
-    """The pid in a temporary file name made by :func:`temp_path`, or None for any other name."""
-    match = _TEMP_NAME.fullmatch(name)
-    return int(match.group(1)) if match else None
-
-
 def write_json_atomic(path: Path, data: Any) -> None:
     """Write JSON through a temporary file and an atomic rename."""
-    tmp = temp_path(path)
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2, sort_keys=True, ensure_ascii=False, allow_nan=True)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_open(path, text=True) as f:
+        json.dump(data, f, indent=2, sort_keys=True, ensure_ascii=False, allow_nan=True)
+        f.write("\n")
 
 
 def read_json(path: Path) -> Any:

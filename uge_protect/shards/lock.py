@@ -17,18 +17,25 @@ import threading
 from pathlib import Path
 
 from uge_protect.errors import UserError
+from uge_protect.shards.layout import OutputLayout
 
 
 class DirectoryLock:
-    """A non-blocking lock on ``path`` held by this process (exclusive unless ``shared``)."""
+    """A non-blocking lock on ``path`` held by this process (exclusive unless ``shared``).
+
+    A shared lock with ``missing_ok`` is not taken when ``path`` is no file: no run ever wrote
+    there, and a reader must not create one.
+    """
 
     _held: set[tuple[int, int]] = set()
     _guard = threading.Lock()
 
-    def __init__(self, path: Path, *, shared: bool = False, busy_message: str | None = None):
+    def __init__(self, path: Path, *, shared: bool = False, busy_message: str | None = None,
+                 missing_ok: bool = False):
         self.path = path
         self.shared = shared
         self.busy_message = busy_message
+        self.missing_ok = missing_ok and shared
         self._fd: int | None = None
         self._id: tuple[int, int] | None = None
 
@@ -41,6 +48,8 @@ class DirectoryLock:
                 st = None
             if st is not None and (st.st_dev, st.st_ino) in self._held:
                 self._refuse(str(os.getpid()))
+            if self.missing_ok and not self.path.is_file():
+                return
             flags = os.O_RDONLY if self.shared else os.O_RDWR | os.O_CREAT
             try:  # never through a symlink: the pid written here would overwrite its target
                 fd = os.open(self.path, flags | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
@@ -91,3 +100,12 @@ class DirectoryLock:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+def read_lock(root: Path, action: str) -> DirectoryLock:
+    """The shared lock a reader of the output directory ``root`` holds while it reads: no
+    ``shard`` run can start writing meanwhile, and taking it fails while one is writing
+    (the error says to wait, then ``action``)."""
+    path = OutputLayout(root).lock_file
+    return DirectoryLock(path, shared=True, missing_ok=True,
+                         busy_message=f"a uge-protect run is writing to {root}; wait for it to finish, then {action}")

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from uge_protect.shards.layout import temp_path
+from uge_protect.atomic import atomic_open
 
 STATUS_OK = "ok"
 STATUS_FAILED = "failed"
@@ -57,15 +56,9 @@ def empty_row() -> dict[str, Any]:
 
 def write_manifest(path: str | os.PathLike, rows: list[dict[str, Any]]) -> None:
     """Write rows to a parquet file atomically (temporary name, then rename)."""
-    path = Path(path)
     table = pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA)
-    tmp = temp_path(path)
-    try:
-        pq.write_table(table, tmp, compression="zstd")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_open(path) as f:
+        pq.write_table(table, f, compression="zstd")
 
 
 def read_manifest(path: str | os.PathLike) -> pa.Table:

@@ -31,9 +31,9 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 from PIL import Image
 
+from uge_protect.atomic import atomic_write
 from uge_protect.errors import UserError
-from uge_protect.shards.demo import check_int, encode_png
-from uge_protect.shards.tario import write_tar_atomic
+from uge_protect.shards.demo import Rendered, check_int, write_split
 
 __all__ = [
     "PHOTOS",
@@ -329,9 +329,7 @@ def _caption(rng: np.random.Generator, photo: Photo, crop: dict[str, Any],
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
 
 def write_photo_dataset(out_dir: str | os.PathLike, *, train_per_class: int = 200,
@@ -366,31 +364,17 @@ def write_photo_dataset(out_dir: str | os.PathLike, *, train_per_class: int = 20
     splits: dict[str, Any] = {}
     for split, per_class in per_split.items():
         regions = [_Region(work, size, split) for work, size in decoded]
-        split_dir = root / split
-        split_dir.mkdir(parents=True, exist_ok=True)
+
+        def render(rng: np.random.Generator, index: int) -> Rendered:
+            label = index % n_classes
+            photo = sources[label][0]
+            image, crop = regions[label].sample(rng, image_size)
+            caption, words = _caption(rng, photo, crop, regions[label].height)
+            return image, label, caption, {"label": label, "class_name": photo.name,
+                                           "attrs": {"photo": photo.file, **crop, **words}}
+
         n = per_class * n_classes
-        sample_seeds = split_seeds[split].spawn(n)
-        shards: list[str] = []
-        for shard_idx, start in enumerate(range(0, n, samples_per_shard)):
-            members: list[tuple[str, bytes]] = []
-            for index in range(start, min(start + samples_per_shard, n)):
-                label = index % n_classes
-                photo = sources[label][0]
-                rng = np.random.Generator(np.random.PCG64(sample_seeds[index]))
-                image, crop = regions[label].sample(rng, image_size)
-                caption, words = _caption(rng, photo, crop, regions[label].height)
-                key = f"{split}-{index:06d}"
-                meta = {"label": label, "class_name": photo.name,
-                        "attrs": {"photo": photo.file, **crop, **words}}
-                members += [
-                    (f"{key}.png", encode_png(image)),
-                    (f"{key}.txt", caption.encode("utf-8")),
-                    (f"{key}.cls", str(label).encode("ascii")),
-                    (f"{key}.json", json.dumps(meta, sort_keys=True).encode("utf-8")),
-                ]
-            path = split_dir / f"photos-{split}-{shard_idx:06d}.tar"
-            write_tar_atomic(path, members)
-            shards.append(str(path))
+        shards = write_split(root / split, "photos", split, split_seeds[split].spawn(n), samples_per_shard, render)
         splits[split] = {"n": n, "shards": shards}
 
     classes_path = root / "classes.json"

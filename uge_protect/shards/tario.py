@@ -14,10 +14,9 @@ import os
 import tarfile
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import BinaryIO, Iterable, Iterator
 
-from uge_protect.shards.layout import temp_path
+from uge_protect.atomic import atomic_open
 
 #: Fixed modification time written into every tar header (reproducible output).
 TAR_MTIME = 0
@@ -228,21 +227,12 @@ class ReproducibleTarWriter:
 
 def write_tar_atomic(path: str | os.PathLike, members: Iterable[tuple[str, bytes]]) -> None:
     """Write ``members`` to ``path`` through a temporary file renamed into place."""
-    path = Path(path)
-    tmp = temp_path(path)
-    try:
-        with open(tmp, "wb") as f:
-            writer = ReproducibleTarWriter(f)
-            try:
-                for name, data in members:
-                    writer.add(name, data)
-            except BaseException:
-                writer.abort()
-                raise
-            writer.close()
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)  # no half-written temporary file left behind
-        raise
+    with atomic_open(path) as f:
+        writer = ReproducibleTarWriter(f)
+        try:
+            for name, data in members:
+                writer.add(name, data)
+        except BaseException:
+            writer.abort()
+            raise
+        writer.close()
