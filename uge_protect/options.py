@@ -100,6 +100,14 @@ def option_fields(cls: type) -> Iterator[tuple[dataclasses.Field, OptionSpec]]:
             yield field, spec
 
 
+def help_of(cls: type, name: str) -> str:
+    """The help text of option field ``name`` of dataclass ``cls``."""
+    spec = spec_of(cls.__dataclass_fields__[name])
+    if spec is None:
+        raise KeyError(f"{cls.__name__}.{name} is not an option field")
+    return spec.help
+
+
 def label_of(field: dataclasses.Field, spec: OptionSpec) -> str:
     """How messages name the option of ``field``."""
     return spec.label or field.name.replace("_", " ")
