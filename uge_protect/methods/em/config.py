@@ -51,7 +51,8 @@ class EMConfig:
     max_rounds: int | None = option(None, min=1, default_help="20 sample, 30 class",
                                     help="Stop after this many rounds.")
     stop_error: float = option(0.01, min=0, max=1, max_open=True,
-                               help="Stop when the surrogate's train error on x+δ is below this.")
+                               help="Stop when the surrogate's error on x+δ (train error; clip mode: retrieval "
+                                    "error) is below this.")
     batch_size: int = option(128, min=1, help="Batch size.")
     lr: float = option(0.1, min=0, min_open=True, label="learning rate",
                        help="Surrogate learning rate (SGD; clip mode: AdamW).")
