@@ -12,7 +12,7 @@ from typing import Any, List, NoReturn, Optional
 
 import typer
 
-from uge_protect.cli.common import fail
+from uge_protect.cli.common import fail, one_error_line, os_error_text
 from uge_protect.cli.options import Source, cli_options, command_with_options, given_values, parameter
 from uge_protect.errors import RunFailed, Terminated, UserError
 from uge_protect.methods.t2ue.config import T2UEApplyOptions
@@ -77,7 +77,7 @@ def _shard(values: dict[str, Any], inputs: List[str], output: Path, method: str,
         except OSError as exc:  # disk full, permissions changed mid-run, ...
             if stop_requested() is not None:  # e.g. writing to the terminal SIGHUP said was closed
                 _interrupted(stop_requested())
-            fail(f"{exc.strerror or exc}{f': {exc.filename}' if exc.filename else ''} (rerun to resume)")
+            fail(f"{os_error_text(exc)} (rerun to resume)")
         except KeyboardInterrupt as exc:  # Ctrl-C, SIGTERM, SIGHUP (Terminated)
             _interrupted(exc.signum if isinstance(exc, Terminated) else signal.SIGINT)
     if summary and "counts" in summary and not quiet:
@@ -257,18 +257,12 @@ def photo_data(
     """Write the benchmark of real photographs with captions (crops of Debian wallpapers; test crops from regions never used in training)."""
     from uge_protect.shards.photos import write_photo_dataset
 
-    try:
+    with one_error_line():
         summary = write_photo_dataset(
             directory, train_per_class=train_per_class, test_per_class=test_per_class,
             image_size=image_size, samples_per_shard=per_shard, seed=seed,
             photo_dirs=list(photos) if photos else None,
         )
-    except (UserError, ValueError) as exc:
-        fail(str(exc))
-        return
-    except OSError as exc:
-        fail(f"{exc.strerror or exc}{f': {exc.filename}' if exc.filename else ''}")
-        return
     for name, counts in summary["counts"].items():
         typer.echo(f"{name:>16}: {counts['train']} train, {counts['test']} test")
     splits = summary["splits"]
