@@ -24,11 +24,10 @@ FIT_MODES = (*MODES, "clip")
 class EMConfig:
     """Hyper-parameters of an EM fit in sample or class mode.
 
-    Defaults follow the paper for the noise (ε 8/255, step 0.8/255, 20 PGD steps, 10 surrogate
-    batches per round, stop below 1% train error) and are sized for a CPU for the surrogate: a
-    ``small_cnn`` of width 8, at most 20 rounds (sample) or 30 (class). Sample mode fits with
-    random shifts and flips by default (``augment``; measured in docs/efficacy). On an
-    accelerator, a wider or bigger surrogate (``surrogate_width=None`` or
+    The noise's defaults (ε, step, PGD steps, surrogate batches per round, the stop error)
+    follow the paper; the surrogate's are sized for a CPU (a narrow ``small_cnn``, few rounds).
+    Sample mode fits with random shifts and flips by default (``augment``; measured in
+    docs/efficacy). On an accelerator, a wider or bigger surrogate (``surrogate_width=None`` or
     ``surrogate="resnet18"``) and more rounds are cheap. (One sample-mode round on the 5000
     32×32 demo images is 100k PGD image-steps: ≈ 1-3 min for a width-8 ``small_cnn`` on 2 CPU
     cores.) ``pgd_steps`` is the number of steps per batch of a sample-mode sweep and of apply;
@@ -131,12 +130,12 @@ class EMArtifact(EMConfig, EMFitRecord):
 class EMClipConfig:
     """Hyper-parameters of an EM-CLIP fit.
 
-    ε and the step are the paper's (8/255, 0.8/255). PGD takes 10 steps per sweep and at
-    apply (the paper's EM takes 20): δ persists across rounds, so the fit still converges,
-    and apply costs half. The surrogate takes 100 AdamW steps (lr 2e-3) per round: a CLIP
-    trained from scratch needs more steps than a classifier before its loss guides PGD. On
-    the 5,000 demo pairs (32×32) these defaults reach < 2% retrieval error in 3 rounds
-    (≈ 4 min on one CPU core); 10 batches per round at lr 1e-3 were still at 89% after 2.
+    ε and the step are the paper's. PGD takes half the paper's steps per sweep and at apply:
+    δ persists across rounds, so the fit still converges, and apply costs half. The surrogate
+    takes many AdamW steps per round: a CLIP trained from scratch needs more steps than a
+    classifier before its loss guides PGD. On the 5,000 demo pairs (32×32) these defaults
+    reach < 2% retrieval error in 3 rounds (≈ 4 min on one CPU core); 10 batches per round at
+    lr 1e-3 were still at 89% after 2.
     """
 
     mode: str = option("clip", choices=("clip",), label="EM-CLIP mode", passed=True, help="clip.")

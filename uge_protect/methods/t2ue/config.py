@@ -39,10 +39,10 @@ class T2UEApplyOptions:
 class T2UEConfig:
     """Hyper-parameters of a T2UE fit.
 
-    ε, z (100-d), batch 128 and AdamW with a cosine schedule follow the paper; the sizes are
-    set by the time budget: on the 5,000 demo pairs (32×32) the defaults fit in ≈ 6 min on one
-    CPU core (200 warm-up steps at ≈ 400 img/s, 400 generator steps at ≈ 175 img/s). The
-    paper's lr of 1e-4 is for a frozen pretrained surrogate; 2e-3 moved faster here.
+    ε, the latent size, the batch size and AdamW with a cosine schedule follow the paper; the
+    step counts are set by the time budget: on the 5,000 demo pairs (32×32) the infonce
+    defaults fit in ≈ 6 min on one CPU core. The paper's lr of 1e-4 is for a frozen pretrained
+    surrogate; infonce's default moved faster here.
     """
 
     #: ``em``: amortised into G(caption, z) (:mod:`t2ue.amortised`).

@@ -71,11 +71,11 @@ class UGEConfig:
     ud_weight: float = option(1.0, min=0, help="Weight of L_ud, undistillation (0: off).")
     #: EM fits without.
     augment: bool = option(False, help="Random shifts and flips of what the student and feature space see.")
-    #: 0.1 ε is EM's 0.8/255 at ε = 8/255.
     label_conditioned: bool = option(True, flag="--label-conditioned/--image-only", help=(
         "The generator also reads each sample's label and holds a pattern per class; `shard` then needs a "
         "label per sample. --image-only: from the image alone."))
     pattern_size: int = option(32, min=1, help="Side of the class patterns' grid, upsampled to the image.")
+    #: 0.1 ε is EM's step, 0.8/255, at ε = 8/255.
     pattern_step: float = option(0.1, min=0, help="Signed step of the class patterns, in units of ε.")
     #: See :mod:`uge.gate`. It changes nothing in the fit, only the network ``eval --authorized`` builds.
     confidence_gate: bool = option(True, help=(
