@@ -21,7 +21,8 @@ LFS_SUFFIXES = (".tar", ".parquet", ".png")
 
 class LocalHub:
     """State: repos[repo_id][branch] = {path: (bytes, is_lfs)}; ``fail_commit_at`` makes that
-    commit call answer 500 without committing; ``status_for_create`` answers repo creation with it."""
+    commit call and every later one answer 500 without committing, until it is set to None;
+    ``status_for_create`` answers repo creation with it."""
 
     def __init__(self) -> None:
         self.repos: dict[str, dict[str, dict[str, tuple[bytes, bool]]]] = {}
@@ -148,7 +149,7 @@ class LocalHub:
                 m = re.fullmatch(r"/api/datasets/([^/]+/[^/]+)/commit/([^/]+)", path)
                 if m:
                     hub.commit_calls += 1
-                    if hub.commit_calls == hub.fail_commit_at:
+                    if hub.fail_commit_at is not None and hub.commit_calls >= hub.fail_commit_at:
                         return self._send(500, {"error": "Internal Error - We're working hard to fix this"})
                     repo, rev = m.group(1), unquote(m.group(2))
                     tree = hub.repos[repo][rev]

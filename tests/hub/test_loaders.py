@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from uge_protect.hub.card import pytorch_recipe
+from uge_protect.hub.recipes import pytorch_recipe
 from uge_protect.hub.push import stage_output
 
 README = Path(__file__).resolve().parents[2] / "README.md"

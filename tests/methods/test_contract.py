@@ -1,8 +1,13 @@
-"""The method contract: budget helpers, per-sample seeds, the random control, artifacts."""
+"""The method contract: budget helpers, per-sample seeds, the random control, artifacts, and
+what every registered method guarantees the pipeline (round trip of its artifact, the budget
+after quantization, batch-size independence, determinism), checked on a tiny real instance
+of each."""
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import pytest
@@ -10,10 +15,13 @@ import torch
 
 from uge_protect.errors import UserError
 from uge_protect.methods.artifact import artifact_fingerprint, load_artifact, save_artifact
-from uge_protect.methods.base import ProtectBatch, sample_seed
+from uge_protect.methods.base import ProtectBatch, ProtectionMethod, sample_seed
 from uge_protect.methods.budget import apply_perturbation, budget_levels, linf_levels, psnr
 from uge_protect.methods.random_noise import RandomNoise
 from uge_protect.methods.registry import create_method, method_names
+
+if TYPE_CHECKING:
+    from tests.methods.conftest import TinyFit, TinyFits
 
 
 def test_budget_holds_after_quantization_for_any_delta():
@@ -59,8 +67,6 @@ def _batch(keys, size=8):
 def test_random_noise_is_per_key_uniform_and_within_budget():
     m = RandomNoise(epsilon=8 / 255)
     d1 = m.perturb(_batch(["a", "b", "c"], 32))
-    d2 = m.perturb(_batch(["c", "x"], 32))
-    assert torch.equal(d1[2], d2[0])  # independent of the batch it is in
     assert not d1.is_floating_point()  # integer δ: uint8 levels
     levels = d1.int()
     assert levels.min() == -8 and levels.max() == 8
@@ -111,3 +117,171 @@ def test_bad_artifacts_give_clear_errors(tmp_path):
     (tmp_path / "a" / "config.json").write_text(json.dumps({"method": "x", "weights": ["gone"]}))
     with pytest.raises(UserError, match="missing its weights"):
         load_artifact(tmp_path / "a")
+
+
+# --------------------------------------------------------------------------- every registered method
+
+
+@dataclass
+class Case:
+    """One configuration of a registered method: how to build it, and the samples it is applied to."""
+
+    name: str
+    #: The tiny fit whose artifact the method is loaded from; None for a method without one.
+    fit: "TinyFit | None"
+    #: Options given to ``create_method`` with the artifact (e.g. T2UE's class mode).
+    options: dict[str, Any] = field(default_factory=dict)
+    #: δ is drawn from each sample's seed: another seed gives another δ (else the same δ).
+    seeded: bool = False
+
+    def make(self) -> ProtectionMethod:
+        """The method as the pipeline builds it: by name, from the artifact directory."""
+        artifact = None if self.fit is None else str(self.fit.path)
+        return create_method(self.name, artifact, allow_hidden=True, **self.options)
+
+    def batch(self, order: list[int] | range, run_seed: int = 0, size: tuple[int, int] | None = None) -> ProtectBatch:
+        """Samples ``order`` of the contract's pool: the first images the method was fitted on
+        (random ones without a fit), sample 0 made black and sample 1 white so the budget
+        meets the image box; keys ``c0``, ``c1``, ... with seeds from ``run_seed``; resized
+        (nearest) to ``size`` when given."""
+        if self.fit is None:
+            pixels = torch.randint(0, 256, (POOL, 3, 16, 16), generator=torch.Generator().manual_seed(0),
+                                   dtype=torch.uint8)
+            labels, captions = [i % 2 for i in range(POOL)], [f"caption {i}" for i in range(POOL)]
+        else:
+            pixels = self.fit.images[:POOL].clone()
+            labels, captions = [int(v) for v in self.fit.labels[:POOL]], self.fit.captions[:POOL]
+        pixels[0], pixels[1] = 0, 255
+        if size is not None:
+            pixels = torch.nn.functional.interpolate(pixels.float(), size=size).to(torch.uint8)
+        idx = list(order)
+        keys = [f"c{i}" for i in idx]
+        return ProtectBatch(pixels[idx], keys, [sample_seed(run_seed, k) for k in keys],
+                            [captions[i] for i in idx], [labels[i] for i in idx])
+
+
+#: Samples each case is applied to (batches of 1, 3 and all of them).
+POOL = 8
+COLOURS = ["red", "green", "blue", "yellow"]
+
+#: The contract's configurations of every registered method, by method name. A newly
+#: registered method fails the contract until it has an entry here, built from the
+#: cheapest real instance (a tiny fit in ``tests/methods/conftest.py``).
+CASES: dict[str, dict[str, Callable[["TinyFits"], Case]]] = {
+    "random": {"random": lambda fits: Case("random", None, seeded=True)},
+    "passthrough": {"passthrough": lambda fits: Case("passthrough", None)},
+    "em": {
+        "em-sample": lambda fits: Case("em", fits.em("sample"), seeded=True),
+        "em-class": lambda fits: Case("em", fits.em("class")),
+        "em-clip": lambda fits: Case("em", fits.em_clip(), seeded=True),
+    },
+    "t2ue": {
+        "t2ue-static": lambda fits: Case("t2ue", fits.t2ue_em("static"), seeded=True),
+        "t2ue-static-class": lambda fits: Case("t2ue", fits.t2ue_em("static"),
+                                               {"mode": "class", "class_names": COLOURS}),
+        "t2ue-contextual": lambda fits: Case("t2ue", fits.t2ue_em("contextual"), seeded=True),
+        "t2ue-infonce-ssa": lambda fits: Case("t2ue", fits.t2ue_infonce("ssa"), seeded=True),
+        "t2ue-infonce-unet": lambda fits: Case("t2ue", fits.t2ue_infonce("unet"), seeded=True),
+    },
+    "uge": {"uge": lambda fits: Case("uge", fits.uge())},
+}
+
+CASE_IDS = [(name, case) for name in method_names(include_hidden=True) for case in CASES.get(name) or [None]]
+
+
+@pytest.fixture(scope="session")
+def _built_cases() -> dict[str, Case]:
+    """The cases built so far this session, by case id (each built on first use)."""
+    return {}
+
+
+@pytest.fixture(params=CASE_IDS, ids=lambda p: p[1] or f"{p[0]}-without-a-case")
+def case(request: pytest.FixtureRequest, tiny_fits: "TinyFits", _built_cases: dict[str, Case]) -> Case:
+    """The contract case of a registered method; a method without one fails here."""
+    name, case_id = request.param
+    if case_id is None:
+        pytest.fail(f"method {name!r} is registered but the method contract does not cover it: add a case for it "
+                    "to CASES in tests/methods/test_contract.py, built from a tiny fit in tests/methods/conftest.py")
+    if case_id not in _built_cases:
+        _built_cases[case_id] = CASES[name][case_id](tiny_fits)
+    return _built_cases[case_id]
+
+
+def test_every_registered_method_has_a_contract_case_and_no_case_is_stale():
+    registered = set(method_names(include_hidden=True))
+    missing = sorted(registered - set(CASES))
+    assert not missing, f"no contract case for {missing}: add one to CASES in tests/methods/test_contract.py"
+    assert set(CASES) <= registered, f"CASES names unregistered methods: {sorted(set(CASES) - registered)}"
+    for name, cases in CASES.items():
+        assert cases, f"CASES has no case for {name!r}"
+
+
+def test_round_trip_of_the_artifact_gives_the_same_delta(case, tmp_path):
+    method = case.make()
+    batch = case.batch(range(POOL))
+    if case.fit is None:  # a method without an artifact: its name and options are all of it
+        with pytest.raises(UserError, match="takes no --artifact"):
+            create_method(case.name, str(tmp_path), allow_hidden=True)
+        assert torch.equal(case.make().perturb(batch), method.perturb(batch))
+        assert method.fingerprint() is None
+        return
+    config, weights = load_artifact(case.fit.path, expected_method=case.name)
+    assert json.loads(json.dumps(case.fit.config)).items() <= config.items()
+    assert set(weights) == set(case.fit.weights)
+    for group, tensors in case.fit.weights.items():
+        assert set(weights[group]) == set(tensors), group
+        for k, v in tensors.items():
+            assert weights[group][k].dtype == v.dtype and torch.equal(weights[group][k], v), (group, k)
+    direct = type(method)(case.fit.config, case.fit.weights, **case.options)  # the fit's output, never saved
+    assert torch.equal(method.perturb(batch), direct.perturb(batch))
+    assert method.fingerprint() == artifact_fingerprint(case.fit.path)
+
+
+@pytest.mark.parametrize("size", [None, (24, 20)], ids=["fit-size", "24x20"])
+def test_budget_holds_after_quantization(case, size):
+    method = case.make()
+    batch = case.batch(range(POOL), size=size)
+    delta = method.perturb(batch)
+    assert delta.shape == batch.pixels.shape
+    out = apply_perturbation(batch.pixels, delta, method.epsilon)
+    assert out.dtype == torch.uint8 and out.shape == batch.pixels.shape
+    diff = (out.int() - batch.pixels.int()).abs().flatten(1)
+    assert int(diff.max()) <= budget_levels(method.epsilon)
+    if method.perturbs:  # the pipeline refuses to write a sample that comes back unchanged
+        assert bool((diff.amax(1) > 0).all()), f"unchanged samples: {(diff.amax(1) == 0).nonzero().flatten().tolist()}"
+    else:
+        assert int(diff.max()) == 0
+
+
+def test_delta_is_independent_of_the_batch_a_sample_is_in(case):
+    method = case.make()
+    full = method.perturb(case.batch(range(POOL)))
+    order = [5, 2, 7, 0, 3, 6, 1, 4]
+    for size in (1, 3):
+        for start in range(0, POOL, size):
+            part = order[start:start + size]
+            assert torch.equal(method.perturb(case.batch(part)), full[part]), (size, part)
+
+
+def test_delta_is_deterministic_and_seeded_only_where_random(case):
+    method = case.make()
+    batch = case.batch(range(POOL))
+    first = method.perturb(batch)
+    assert torch.equal(method.perturb(batch), first)
+    assert torch.equal(case.make().perturb(case.batch(range(POOL))), first)  # another instance, a fresh batch
+    reseeded = method.perturb(case.batch(range(POOL), run_seed=1))
+    changed = [not torch.equal(reseeded[i], first[i]) for i in range(POOL)]
+    if case.seeded:
+        assert all(changed), f"another seed left samples {[i for i, c in enumerate(changed) if not c]} unchanged"
+    else:
+        assert not any(changed), "δ depends on the seed although the case says it does not"
+
+
+def test_a_text_only_method_never_reads_the_pixels(case):
+    """``text_only`` (noise made without the image, ``uge-protect noise``): δ is the same for any pixels."""
+    method = case.make()
+    if not method.text_only:
+        return
+    batch = case.batch(range(POOL))
+    inverted = ProtectBatch(255 - batch.pixels, batch.keys, batch.seeds, batch.captions, batch.labels)
+    assert torch.equal(method.perturb(inverted), method.perturb(batch))

@@ -29,16 +29,11 @@ def _data(n=48, size=16, classes=2, seed=0):
 
 
 @pytest.fixture(scope="module")
-def fitted(tmp_path_factory):
-    """Sample- and class-mode artifacts fitted once on the same tiny data."""
-    images, labels = _data()
-    out = {}
-    for mode in ("sample", "class"):
-        config, weights = fit_em(images, labels, EMConfig(mode=mode, **TINY))
-        path = tmp_path_factory.mktemp(f"em_{mode}")
-        save_artifact(path, config, weights)
-        out[mode] = (path, config, weights)
-    return images, labels, out
+def fitted(tiny_fits):
+    """Sample- and class-mode artifacts fitted once on the same tiny data (``TINY`` on ``_data()``,
+    shared with the method contract)."""
+    fits = {mode: tiny_fits.em(mode) for mode in ("sample", "class")}
+    return fits["sample"].images, fits["sample"].labels, {m: (f.path, f.config, f.weights) for m, f in fits.items()}
 
 
 def _batch(images, labels, keys):
@@ -68,14 +63,13 @@ def test_fit_stops_early_below_stop_error():
     assert config["rounds"] == 1 and config["converged"]
 
 
-def test_sample_noise_is_within_budget_and_minimizes_loss(fitted):
+def test_sample_noise_minimizes_the_surrogate_loss(fitted):
     images, labels, arts = fitted
     method = ErrorMinimizing.from_artifact(str(arts["sample"][0]))
     keys = [f"k{i}" for i in range(len(images))]
     delta = method.perturb(_batch(images, labels, keys))
-    assert delta.shape == images.shape and delta.is_floating_point()
+    assert delta.is_floating_point()
     protected = apply_perturbation(images, delta, EPS)
-    assert (protected.int() - images.int()).abs().max() <= 8
     noisy = apply_perturbation(images, RandomNoise(EPS).perturb(_batch(images, labels, keys)), EPS)
 
     def loss(x):
@@ -86,20 +80,11 @@ def test_sample_noise_is_within_budget_and_minimizes_loss(fitted):
     assert loss(protected) < loss(noisy)
 
 
-def test_sample_apply_is_per_key_and_independent_of_batch(fitted):
+def test_sample_apply_beyond_one_apply_chunk_matches_a_small_batch(fitted):
     images, labels, arts = fitted
     method = create_method("em", str(arts["sample"][0]), epsilon=EPS)
     keys = [f"k{i}" for i in range(10)]
     full = method.perturb(_batch(images[:10], labels[:10], keys))
-    again = method.perturb(_batch(images[:10], labels[:10], keys))
-    assert torch.equal(full, again)
-    order = [7, 2, 9]
-    part = method.perturb(_batch(images[order], labels[order], [keys[i] for i in order]))
-    assert torch.equal(part, full[order])
-    single = method.perturb(_batch(images[4:5], labels[4:5], keys[4:5]))
-    assert torch.equal(single[0], full[4])
-    other_key = method.perturb(_batch(images[4:5], labels[4:5], ["another"]))
-    assert not torch.equal(other_key[0], full[4])
     # a batch larger than one apply chunk gives the same result per sample
     big = torch.cat([images] * 2)[:70]
     big_labels = torch.cat([labels] * 2)[:70]
@@ -130,8 +115,6 @@ def test_class_apply_is_a_lookup_resized_to_the_image(fitted):
     expected = F.interpolate(table[1:2], size=(32, 24), mode="bilinear", align_corners=False)[0]
     assert resized.shape == (2, 3, 32, 24)
     assert torch.allclose(resized[0], expected) and torch.equal(resized[0], resized[1])
-    protected = apply_perturbation(big, resized, EPS)
-    assert protected.int().max() <= 8
 
 
 def test_label_outside_fitted_classes_is_a_user_error(fitted):
@@ -146,7 +129,6 @@ def test_artifact_round_trip_and_errors(fitted, tmp_path):
     _, _, arts = fitted
     path = arts["sample"][0]
     method = ErrorMinimizing.from_artifact(str(path), epsilon=EPS)
-    assert method.fingerprint() and method.fingerprint() == ErrorMinimizing.from_artifact(str(path)).fingerprint()
     cfg = method.config()
     assert cfg["method"] == "em" and cfg["mode"] == "sample" and cfg["epsilon"] == pytest.approx(EPS)
     assert "em" in method_names() and get_fitter("em") is not None

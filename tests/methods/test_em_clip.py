@@ -13,9 +13,7 @@ from tests.helpers import png_bytes, random_image, write_shard
 from uge_protect.cli.app import app
 from uge_protect.errors import UserError
 from uge_protect.pipeline.inspect import inspect_output
-from uge_protect.methods.artifact import save_artifact
 from uge_protect.methods.base import ProtectBatch, sample_seed
-from uge_protect.methods.budget import apply_perturbation
 from uge_protect.models.clip import build_clip_model
 from uge_protect.methods.em.clip import (EMClipConfig, ErrorMinimizingClip, _same_caption, fit_em_clip, pgd_min_clip,
     sample_loss)
@@ -40,12 +38,10 @@ def _data(n=16, size=16):
 
 
 @pytest.fixture(scope="module")
-def fitted(tmp_path_factory):
-    images, captions = _data()
-    config, weights = fit_em_clip(images, captions, EMClipConfig(**TINY))
-    path = tmp_path_factory.mktemp("em_clip")
-    save_artifact(path, config, weights)
-    return images, captions, path, config, weights
+def fitted(tiny_fits):
+    """``TINY`` on ``_data()``, fitted once and shared with the method contract."""
+    fit = tiny_fits.em_clip()
+    return fit.images, fit.captions, fit.path, fit.config, fit.weights
 
 
 def _batch(images, captions, keys):
@@ -63,30 +59,21 @@ def test_fit_records_config_and_is_deterministic(fitted):
         assert torch.equal(v, weights2["surrogate"][k]), k
 
 
-def test_artifact_round_trip_and_budget(fitted):
+def test_artifact_loads_as_the_clip_method_within_epsilon(fitted):
     images, captions, path, _, _ = fitted
     method = create_method("em", str(path))
     assert isinstance(method, ErrorMinimizingClip) and method.requires_caption and not method.requires_label
     keys = [f"k{i}" for i in range(len(images))]
     delta = method.perturb(_batch(images, captions, keys))
-    assert delta.shape == images.shape and delta.abs().max() <= EPS + 1e-6
-    out = apply_perturbation(images, delta, EPS)
-    assert (out.int() - images.int()).abs().max() <= 8
-    assert not torch.equal(out, images)
-    assert method.config()["mode"] == "clip" and method.fingerprint()
+    assert delta.abs().max() <= EPS + 1e-6
+    assert method.config()["mode"] == "clip"
 
 
-def test_apply_is_deterministic_per_key_and_independent_of_batch(fitted):
+def test_another_caption_gives_other_noise(fitted):
     images, captions, path, _, _ = fitted
     method = create_method("em", str(path))
     keys = [f"k{i}" for i in range(len(images))]
     full = method.perturb(_batch(images, captions, keys))
-    # the same samples in another order and in smaller batches give the same δ per sample
-    perm = torch.randperm(len(images), generator=torch.Generator().manual_seed(3))
-    part = method.perturb(_batch(images[perm[:5]], [captions[i] for i in perm[:5].tolist()],
-                                 [keys[i] for i in perm[:5].tolist()]))
-    assert torch.equal(part, full[perm[:5]])
-    # another caption gives other noise
     other = method.perturb(_batch(images[:1], ["a totally different caption"], keys[:1]))
     assert not torch.equal(other, full[:1])
 

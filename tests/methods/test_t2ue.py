@@ -8,7 +8,6 @@ import torch
 from uge_protect.errors import UserError
 from uge_protect.methods.artifact import save_artifact
 from uge_protect.methods.base import ProtectBatch, sample_seed
-from uge_protect.methods.budget import apply_perturbation
 from uge_protect.methods.t2ue.method import TextToUnlearnable, fit_t2ue
 from uge_protect.methods.t2ue.config import T2UEConfig
 
@@ -35,12 +34,10 @@ def _data(n=64):
 
 
 @pytest.fixture(scope="module", params=["ssa", "unet"])
-def fitted(request, tmp_path_factory):
-    images, captions = _data()
-    config, weights = fit_t2ue(images, captions, _tiny(backbone=request.param))
-    path = tmp_path_factory.mktemp(f"t2ue_{request.param}")
-    save_artifact(path, config, weights)
-    return images, captions, path, config
+def fitted(request, tiny_fits):
+    """``_tiny(backbone=...)`` on ``_data()``, fitted once and shared with the method contract."""
+    fit = tiny_fits.t2ue_infonce(request.param)
+    return fit.images, fit.captions, fit.path, fit.config
 
 
 def _batch(images, captions, keys, labels=None):
@@ -55,22 +52,13 @@ def test_training_loss_falls(fitted):
     assert config["surrogate_trained"] and config["method"] == "t2ue"
 
 
-def test_round_trip_budget_and_determinism(fitted):
+def test_sample_noise_stays_within_epsilon_at_any_image_size(fitted):
     images, captions, path, _ = fitted
     method = TextToUnlearnable.from_artifact(str(path))
     assert method.requires_caption and not method.requires_label
     keys = [f"k{i}" for i in range(20)]
     full = method.perturb(_batch(images[:20], captions[:20], keys))
-    assert full.shape == (20, 3, 16, 16) and full.abs().max() <= EPS + 1e-6
-    out = apply_perturbation(images[:20], full, EPS)
-    assert (out.int() - images[:20].int()).abs().max() <= 8 and not torch.equal(out, images[:20])
-    part = method.perturb(_batch(images[5:8], captions[5:8], keys[5:8]))
-    assert torch.equal(part, full[5:8])  # independent of batch composition
-    again = TextToUnlearnable.from_artifact(str(path)).perturb(_batch(images[:20], captions[:20], keys))
-    assert torch.equal(again, full)
-    # the same caption under another key (another z) gives other noise
-    other = method.perturb(_batch(images[:1], captions[:1], ["another-key"]))
-    assert not torch.equal(other, full[:1])
+    assert full.abs().max() <= EPS + 1e-6
     # noise is resized to each image's size and stays in budget
     big = torch.zeros((2, 3, 40, 24), dtype=torch.uint8)
     d = method.perturb(_batch(big, captions[:2], keys[:2]))

@@ -7,7 +7,6 @@ import torch
 
 from uge_protect.errors import UserError
 from uge_protect.eval.classify import TrainSettings, fit_classifier
-from uge_protect.methods.artifact import save_artifact
 from uge_protect.methods.base import ProtectBatch, sample_seed
 from uge_protect.methods.budget import apply_perturbation
 from uge_protect.models.classifiers import build_classifier
@@ -51,12 +50,10 @@ def _tiny(**kw) -> UGEConfig:
 
 
 @pytest.fixture(scope="module")
-def fitted(tmp_path_factory):
-    images, labels = stripes(48)
-    config, weights = fit_uge(images, labels, _tiny())
-    path = tmp_path_factory.mktemp("uge")
-    save_artifact(path, config, weights)
-    return images, labels, path, config, weights
+def fitted(tiny_fits):
+    """``_tiny()`` on ``stripes(48)``, fitted once and shared with the method contract."""
+    fit = tiny_fits.uge()
+    return fit.images, fit.labels, fit.path, fit.config, fit.weights
 
 
 def _batch(images: torch.Tensor, keys: list[str], labels: torch.Tensor | None = None) -> ProtectBatch:
@@ -174,23 +171,18 @@ def test_fit_records_fingerprints_and_losses(fitted):
     assert list(weights) == ["generator"]
 
 
-def test_artifact_round_trip_budget_and_determinism(fitted):
+def test_artifact_noise_is_exact_along_the_key_and_its_config_public(fitted):
     images, labels, path, config, weights = fitted
     method = Ungeneralizable.from_artifact(str(path))
-    direct = Ungeneralizable(config, weights)
     assert method.requires_label
     keys = [f"k{i}" for i in range(len(images))]
     delta = method.perturb(_batch(images, keys, labels))
-    assert torch.equal(delta, direct.perturb(_batch(images, keys, labels)))
     assert delta.dtype == torch.int16 and 0 < int(delta.abs().max()) <= round(EPS * 255)
     out = apply_perturbation(images, delta, EPS)
     assert torch.equal(out.int() - images.int(), delta.int())  # inside the box: nothing clipped
     # the written uint8 images hide nothing from the authorized network's projection
     project = KeyProjection(key_signs(KEY))
     assert torch.equal(project(out.float() / 255), project(images.float() / 255))
-    # batch-size independent: the same sample gets the same δ in any batch
-    half = method.perturb(_batch(images[5:9], keys[5:9], labels[5:9]))
-    assert torch.equal(half, delta[5:9])
     public = method.config()
     assert "key_seed" not in public and public["key_fingerprint"] == config["key_fingerprint"]
     assert str(KEY) not in repr(public)
@@ -265,7 +257,7 @@ def test_auto_students_cover_the_hacker_families():
 
 
 def test_resnet18_as_the_authorized_network():
-    """The issue's authorized architecture: a tiny fit and apply, and the noise is invisible to it."""
+    """ResNet-18, the threat model's authorized network: a tiny fit and apply; the noise is invisible to it."""
     images, labels = stripes(32)
     config, weights = fit_uge(images, labels, _tiny(authorized="resnet18", student="small_cnn", student_width=8,
                                                     steps=2))

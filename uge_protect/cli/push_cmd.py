@@ -2,13 +2,42 @@
 
 from __future__ import annotations
 
+import logging
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import typer
 
 from uge_protect.cli.common import fail
 from uge_protect.errors import UserError
+
+
+class _EchoHandler(logging.Handler):
+    """Log records as the command's stderr lines, warnings as ``warning: ...``."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            msg = record.getMessage()
+            typer.echo(f"warning: {msg}" if record.levelno >= logging.WARNING else msg, err=True)
+        except Exception:  # noqa: BLE001 - logging's own convention: report, never raise
+            self.handleError(record)
+
+
+@contextmanager
+def _hub_messages(quiet: bool) -> Iterator[None]:
+    """Show what ``uge_protect.hub`` logs while the command runs: progress and warnings, or only
+    warnings with ``--quiet``."""
+    logger = logging.getLogger("uge_protect.hub")
+    handler = _EchoHandler(logging.WARNING if quiet else logging.INFO)
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(handler.level)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
 
 
 def push_command(
@@ -43,9 +72,10 @@ def push_command(
                 say(f"warning: {warning}")
             say(f"staged {len(plan.files)} files ({plan.total_bytes / 1e6:.1f} MB) in {dry_run}; nothing was uploaded")
             return
-        result = push_output(directory, repo_id, private=private, revision=revision, license=license,
-                             include_manifests=not no_manifests, report_dir=report,
-                             files_per_commit=files_per_commit, log=say)
+        with _hub_messages(quiet):
+            result = push_output(directory, repo_id, private=private, revision=revision, license=license,
+                                 include_manifests=not no_manifests, report_dir=report,
+                                 files_per_commit=files_per_commit)
     except UserError as exc:
         fail(str(exc))
         return

@@ -2,12 +2,15 @@
 
 ``hub`` reads what the pipeline wrote; it knows nothing about methods."""
 
-from uge_protect.hub.card import pytorch_recipe, render_dataset_card, shard_pattern
+from uge_protect.hub.card import render_dataset_card, shard_pattern
+from uge_protect.hub.client import RetryPolicy
+from uge_protect.hub.layout import StagedFile, UploadPlan
 from uge_protect.hub.push import push_output, stage_output
-from uge_protect.hub.staging import StagedFile, UploadPlan, plan_upload, write_staging
+from uge_protect.hub.recipes import pytorch_recipe
+from uge_protect.hub.staging import plan_upload, write_staging
 from uge_protect.hub.upload import PushResult, upload_plan
 
 __all__ = [
-    "PushResult", "StagedFile", "UploadPlan", "plan_upload", "push_output", "pytorch_recipe",
+    "PushResult", "RetryPolicy", "StagedFile", "UploadPlan", "plan_upload", "push_output", "pytorch_recipe",
     "render_dataset_card", "shard_pattern", "stage_output", "upload_plan", "write_staging",
 ]

@@ -26,17 +26,14 @@ import hashlib
 import json
 import os
 import shutil
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
 from uge_protect.errors import UserError
+from uge_protect.hub.card import render_dataset_card
+from uge_protect.hub.layout import CARD_NAME, EVAL_DIR, EvalReport, StagedFile, UploadPlan
 from uge_protect.shards.layout import OutputLayout, outside_link, read_json
 from uge_protect.shards.lock import DirectoryLock
-
-#: Where a report is staged in the repository, and where ``push`` looks for one in DIR.
-EVAL_DIR = "eval"
-CARD_NAME = "README.md"
 
 #: Hub limits (https://huggingface.co/docs/hub/repositories-recommendations, storage-limits).
 MAX_FILE_BYTES = 50 * 1000**3  # hard limit per file
@@ -46,51 +43,6 @@ MAX_FILES_PER_REPO = 100_000
 
 #: JSON fields that hold secrets; their presence in a staged file is an error.
 SECRET_FIELDS = frozenset({"key_seed", "secret", "token", "hf_token", "password", "api_key"})
-
-
-@dataclass(frozen=True)
-class StagedFile:
-    """One file of the upload: its path in the repository and where its bytes come from."""
-
-    path_in_repo: str
-    source: Path | None = None  # a file on disk ...
-    data: bytes | None = None  # ... or bytes made here (the dataset card)
-
-    @property
-    def size(self) -> int:
-        return len(self.data) if self.data is not None else self.source.stat().st_size
-
-    def read_bytes(self) -> bytes:
-        return self.data if self.data is not None else self.source.read_bytes()
-
-
-@dataclass
-class EvalReport:
-    """An evaluation report found for the directory."""
-
-    directory: Path
-    report: dict[str, Any]
-    figures: list[str]
-
-
-@dataclass
-class UploadPlan:
-    """Everything one push uploads, in upload order (the card last), and what the card says."""
-
-    root: Path
-    files: list[StagedFile]
-    protection: dict[str, Any]
-    sizes: dict[str, int]
-    report: EvalReport | None = None
-    include_manifests: bool = True
-    warnings: list[str] = field(default_factory=list)
-
-    @property
-    def total_bytes(self) -> int:
-        return sum(f.size for f in self.files)
-
-    def paths(self) -> list[str]:
-        return [f.path_in_repo for f in self.files]
 
 
 class ReadLock:
@@ -176,6 +128,52 @@ def _check_json_public(path: Path, label: str) -> dict[str, Any]:
     return data
 
 
+def _shard_files(layout: OutputLayout, sizes: dict[str, Any], run: dict[str, Any],
+                 include_manifests: bool) -> list[StagedFile]:
+    """The manifests, shards and completion markers of the run's shards, each checked complete."""
+    root = layout.root
+    files: list[StagedFile] = []
+    for name in sorted(sizes):
+        shard = layout.shard(name)
+        stats_path = layout.stats(name)
+        if not shard.is_file() or not stats_path.is_file():
+            state = "missing" if not shard.is_file() else "not complete (no stats file)"
+            raise UserError(f"shard {name} is listed in sizes.json but {state}; "
+                            "rerun the same `uge-protect shard` command")
+        stats = _check_json_public(stats_path, f"stats/{stats_path.name}")
+        if stats.get("config_fingerprint") != run.get("fingerprint"):
+            raise UserError(f"shard {name} was written under another configuration; rerun `uge-protect shard` on {root}")
+        if stats.get("bytes") is not None and int(stats["bytes"]) != shard.stat().st_size:
+            raise UserError(f"shard {name} does not match its completion marker (size); "
+                            f"check it with `uge-protect inspect {root}`")
+        if int(stats.get("written", -1)) != int(sizes[name]):
+            raise UserError(f"sizes.json and stats/{stats_path.name} disagree on {name}; "
+                            f"check the directory with `uge-protect inspect {root}`")
+        if include_manifests:
+            manifest = layout.manifest(name)
+            if not manifest.is_file():
+                raise UserError(f"the manifest of {name} is missing ({manifest}); rerun `uge-protect shard` "
+                                "or push with --no-manifests")
+            files.append(StagedFile(f"manifests/{manifest.name}", manifest))
+        if int(sizes[name]) == 0:
+            # an empty tar (an empty input shard, or every sample failed) is not published: datasets'
+            # WebDataset loader cannot infer features when the first shard is empty. Its manifest is.
+            continue
+        files.append(StagedFile(f"shards/{name}", shard))
+        files.append(StagedFile(f"stats/{stats_path.name}", stats_path))
+    return files
+
+
+def _report_files(report: EvalReport, protection: dict[str, Any]) -> list[StagedFile]:
+    """The evaluation report's files under ``eval/``, once it is known to evaluate this protection."""
+    _check_report_matches(report, protection)
+    _check_json_public(report.directory / "report.json", "the evaluation report")
+    files = [StagedFile(f"{EVAL_DIR}/report.json", report.directory / "report.json")]
+    if (report.directory / "report.md").is_file():
+        files.append(StagedFile(f"{EVAL_DIR}/report.md", report.directory / "report.md"))
+    return files + [StagedFile(f"{EVAL_DIR}/{f}", report.directory / f) for f in report.figures]
+
+
 def plan_upload(
     root: str | Path,
     *,
@@ -207,36 +205,8 @@ def plan_upload(
         raise UserError(f"{len(missing)} input shard(s) of the run in {root} are not done (e.g. {missing[0]}); "
                         "rerun the same `uge-protect shard` command to complete it")
 
-    files: list[StagedFile] = []
+    files = _shard_files(layout, sizes, run, include_manifests)
     warnings: list[str] = []
-    for name in sorted(sizes):
-        shard = layout.shard(name)
-        stats_path = layout.stats(name)
-        if not shard.is_file() or not stats_path.is_file():
-            state = "missing" if not shard.is_file() else "not complete (no stats file)"
-            raise UserError(f"shard {name} is listed in sizes.json but {state}; "
-                            "rerun the same `uge-protect shard` command")
-        stats = _check_json_public(stats_path, f"stats/{stats_path.name}")
-        if stats.get("config_fingerprint") != run.get("fingerprint"):
-            raise UserError(f"shard {name} was written under another configuration; rerun `uge-protect shard` on {root}")
-        if stats.get("bytes") is not None and int(stats["bytes"]) != shard.stat().st_size:
-            raise UserError(f"shard {name} does not match its completion marker (size); "
-                            f"check it with `uge-protect inspect {root}`")
-        if int(stats.get("written", -1)) != int(sizes[name]):
-            raise UserError(f"sizes.json and stats/{stats_path.name} disagree on {name}; "
-                            f"check the directory with `uge-protect inspect {root}`")
-        if include_manifests:
-            manifest = layout.manifest(name)
-            if not manifest.is_file():
-                raise UserError(f"the manifest of {name} is missing ({manifest}); rerun `uge-protect shard` "
-                                "or push with --no-manifests")
-            files.append(StagedFile(f"manifests/{manifest.name}", manifest))
-        if int(sizes[name]) == 0:
-            # an empty tar (an empty input shard, or every sample failed) is not published: datasets'
-            # WebDataset loader cannot infer features when the first shard is empty. Its manifest is.
-            continue
-        files.append(StagedFile(f"shards/{name}", shard))
-        files.append(StagedFile(f"stats/{stats_path.name}", stats_path))
     extra = sorted(p.name for p in layout.shards_dir.glob("*.tar") if p.name not in sizes)
     if extra:
         warnings.append(f"{len(extra)} tar file(s) in {layout.shards_dir} are not part of this run and are "
@@ -260,17 +230,10 @@ def plan_upload(
 
     report = find_report(root, Path(report_dir) if report_dir is not None else None)
     if report is not None:
-        _check_report_matches(report, protection)
-        _check_json_public(report.directory / "report.json", "the evaluation report")
-        files.append(StagedFile(f"{EVAL_DIR}/report.json", report.directory / "report.json"))
-        if (report.directory / "report.md").is_file():
-            files.append(StagedFile(f"{EVAL_DIR}/report.md", report.directory / "report.md"))
-        files += [StagedFile(f"{EVAL_DIR}/{f}", report.directory / f) for f in report.figures]
+        files += _report_files(report, protection)
 
     plan = UploadPlan(root, files, protection, published, report, include_manifests, warnings)
     if card:
-        from uge_protect.hub.card import render_dataset_card
-
         text = render_dataset_card(plan, **(card_options or {}))
         plan.files.append(StagedFile(CARD_NAME, data=text.encode("utf-8")))
     plan.warnings += check_limits(plan.files)

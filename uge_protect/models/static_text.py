@@ -138,7 +138,7 @@ def _distil_table(sentence: Any) -> torch.Tensor:
 
 def distil(sentence: Any) -> StaticEncoder:
     """The static encoder of ``sentence`` (a :class:`text_encoders.SentenceEncoder`): its
-    pooled output for every single token, once per vocabulary (≈ 15 s for MiniLM on 2 cores).
+    pooled output for every single token, once per vocabulary (its cost: docs/performance.md).
     The result is cached per process by the encoder's weights sha256."""
     key = f"{sentence.sha256}:{sentence.pooling}:{sentence.tokenizer.get_vocab_size()}"
     if key not in _TABLES:

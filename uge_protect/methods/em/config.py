@@ -27,11 +27,11 @@ class EMConfig:
     The noise's defaults (ε, step, PGD steps, surrogate batches per round, the stop error)
     follow the paper; the surrogate's are sized for a CPU (a narrow ``small_cnn``, few rounds).
     Sample mode fits with random shifts and flips by default (``augment``; measured in
-    docs/efficacy). On an accelerator, a wider or bigger surrogate (``surrogate_width=None`` or
-    ``surrogate="resnet18"``) and more rounds are cheap. (One sample-mode round on the 5000
-    32×32 demo images is 100k PGD image-steps: ≈ 1-3 min for a width-8 ``small_cnn`` on 2 CPU
-    cores.) ``pgd_steps`` is the number of steps per batch of a sample-mode sweep and of apply;
-    the class-mode sweep takes one step per batch (as in the reference).
+    docs/methods/em.md). On an accelerator, a wider or bigger surrogate (``surrogate_width=None``
+    or ``surrogate="resnet18"``) and more rounds are cheap. (One sample-mode round on the 5000
+    32×32 demo images is 100k PGD image-steps; fit times are in docs/methods/em.md.)
+    ``pgd_steps`` is the number of steps per batch of a sample-mode sweep and of apply; the
+    class-mode sweep takes one step per batch (as in the reference).
     """
 
     mode: str = option("sample", choices=MODES, label="EM mode", passed=True, help=(
@@ -70,7 +70,7 @@ class EMConfig:
 
     def __post_init__(self) -> None:
         if self.max_rounds is None:
-            # Demo data: sample mode stops (train error < 1%) after 9 rounds, ≈ 4 min on 2 CPU cores.
+            # Demo data: sample mode stops (train error < 1%) well within 20 rounds (docs/methods/em.md).
             self.max_rounds = 20 if self.mode == "sample" else 30
         if self.augment is None:
             self.augment = self.mode == "sample"
@@ -134,8 +134,8 @@ class EMClipConfig:
     δ persists across rounds, so the fit still converges, and apply costs half. The surrogate
     takes many AdamW steps per round: a CLIP trained from scratch needs more steps than a
     classifier before its loss guides PGD. On the 5,000 demo pairs (32×32) these defaults
-    reach < 2% retrieval error in 3 rounds (≈ 4 min on one CPU core); 10 batches per round at
-    lr 1e-3 were still at 89% after 2.
+    converge in a few rounds, where 10 batches per round at lr 1e-3 did not (docs/methods/em.md,
+    clip mode).
     """
 
     mode: str = option("clip", choices=("clip",), label="EM-CLIP mode", passed=True, help="clip.")

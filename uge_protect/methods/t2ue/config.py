@@ -40,9 +40,9 @@ class T2UEConfig:
     """Hyper-parameters of a T2UE fit.
 
     ε, the latent size, the batch size and AdamW with a cosine schedule follow the paper; the
-    step counts are set by the time budget: on the 5,000 demo pairs (32×32) the infonce
-    defaults fit in ≈ 6 min on one CPU core. The paper's lr of 1e-4 is for a frozen pretrained
-    surrogate; infonce's default moved faster here.
+    step counts are set by the time budget of a fit on one CPU core (figures:
+    docs/methods/t2ue-infonce.md). The paper's lr of 1e-4 is for a frozen pretrained surrogate;
+    infonce's default moved faster here.
     """
 
     #: ``em``: amortised into G(caption, z) (:mod:`t2ue.amortised`).
@@ -71,7 +71,7 @@ class T2UEConfig:
     weight_decay: float = option(1e-4, min=0, cli=False, help="AdamW weight decay of the generator.")
     surrogate_lr: float = option(2e-3, min=0, min_open=True, label="surrogate learning rate",
                                  help="Surrogate learning rate when trained.")
-    #: Not in the paper (0 gives its Eq. 4 exactly); see docs for why and what it changes.
+    #: Not in the paper (0 gives its Eq. 4 exactly); docs/methods/t2ue-infonce.md says why and what it changes.
     noise_weight: float = option(0.0, min=0, help=(
         "Weight of an extra InfoNCE on (grey + noise, caption): the noise alone must identify its caption "
         "(0: the paper's objective only)."))
