@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import re
 import signal
 from pathlib import Path
-from typing import List, NoReturn, Optional
+from typing import Any, List, NoReturn, Optional
 
 import typer
 
-from uge_protect.cli.common import class_names_option, fail
+from uge_protect.cli.common import fail, one_error_line, os_error_text
+from uge_protect.cli.options import Source, cli_options, command_with_options, given_values, parameter
 from uge_protect.errors import RunFailed, Terminated, UserError
+from uge_protect.methods.t2ue.config import T2UEApplyOptions
+from uge_protect.options import help_of
+from uge_protect.pipeline.config import MethodOptions, ShardJobConfig
+from uge_protect.shards.decode import DEFAULT_MAX_PIXELS
 
 app = typer.Typer(
     add_completion=False,
@@ -32,63 +38,31 @@ def _root() -> None:
 
 
 
-@app.command()
-def shard(
-    inputs: List[str] = typer.Argument(..., help="Input tar shards: paths, globs, {000..099} patterns or URLs."),
-    output: Path = typer.Option(..., "--output", "-o", help="Output directory."),
-    method: str = typer.Option(..., "--method", "-m", help="Protection method (see README; `random` is a non-protecting control)."),
-    artifact: Optional[Path] = typer.Option(None, "--artifact", help="Artifact directory made by `uge-protect fit`."),
-    epsilon: float = typer.Option(8 / 255, "--epsilon", help="L∞ budget in [0,1] image units (default 8/255)."),
-    seed: int = typer.Option(0, "--seed", help="Seed for per-sample randomness (combined with each key)."),
-    batch_size: int = typer.Option(64, "--batch-size", help="Images per accelerator pass."),
-    workers: int = typer.Option(2, "--workers", help="DataLoader worker processes that read and decode."),
-    encode_threads: int = typer.Option(2, "--encode-threads", help="Threads that encode protected images (0: encode in the main thread)."),
-    image_format: str = typer.Option("png", "--image-format", help="png (default), webp (lossless) or jpeg (lossy)."),
-    allow_lossy: bool = typer.Option(False, "--allow-lossy", help="Accept lossy output (jpeg, lossy webp): weakens protection."),
-    quality: int = typer.Option(95, "--quality", help="Quality of lossy formats."),
-    png_compression: int = typer.Option(1, "--png-compression", help="PNG zlib level 0-9 (1: fast, larger files)."),
-    png_strategy: str = typer.Option("huffman", "--png-strategy", help="zlib strategy: huffman (fast, small for perturbed images), default, filtered, rle."),
-    image_size: Optional[int] = typer.Option(None, "--image-size", help="Resize to this training resolution first."),
-    resize_mode: str = typer.Option("none", "--resize-mode", help="none | center_crop | keep_ratio."),
-    max_pixels: int = typer.Option(64_000_000, "--max-pixels", help="Reject images with more pixels (decompression bombs)."),
-    max_batch_pixels: int = typer.Option(64_000_000, "--max-batch-pixels", help="Most decoded pixels per batch (bounds memory; output unchanged)."),
-    max_sample_bytes: int = typer.Option(256 << 20, "--max-sample-bytes", help="Most bytes of one sample's members; larger samples fail unread (sample_too_large)."),
-    caption_field: Optional[str] = typer.Option(None, "--caption-field", help="Read captions from this json field instead of txt."),
-    label_field: Optional[str] = typer.Option(None, "--label-field", help="Read labels from this json field instead of cls."),
-    mixed_precision: str = typer.Option("no", "--mixed-precision", help="no | fp16 | bf16 for the method's pass."),
-    mode: Optional[str] = typer.Option(None, "--mode", help="t2ue: sample (noise from each caption, z from the key; default) or class (from the label's class prompt, one z per class)."),
-    class_names: Optional[str] = typer.Option(None, "--class-names", help="t2ue class mode: comma-separated names, or a JSON list file (e.g. classes.json), in label order."),
-    template: Optional[str] = typer.Option(None, "--template", help="t2ue class mode: prompt template with {} for the class name (default 'a photo of a {}')."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace output of a different configuration."),
-    max_failure_rate: float = typer.Option(0.5, "--max-failure-rate", help="Exit 1 when a larger share of the samples failed (0-1; 1: never)."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary."),
-    log_json: Optional[Path] = typer.Option(None, "--log-json", help="Append JSON-lines progress events to this file."),
-) -> None:
-    """Protect every image of the input shards into OUTPUT (one output shard per input shard)."""
-    from uge_protect.pipeline import ShardJobConfig, run_shard_job
-    from uge_protect.pipeline.lifecycle import sigterm_stops_the_run, stop_point, stop_requested
-    from uge_protect.methods.registry import create_method
+#: ``shard``'s options: the run's, every method's, and each method's own (labelled in the help).
+SHARD_SOURCES: tuple[Source, ...] = ((ShardJobConfig, None), (MethodOptions, None), (T2UEApplyOptions, "t2ue"))
+_SHARD_OPTIONS = cli_options(*SHARD_SOURCES)
+_JOB_FIELDS = {f.name for f in dataclasses.fields(ShardJobConfig)}
 
+
+def _shard(values: dict[str, Any], inputs: List[str], output: Path, method: str, artifact: Optional[Path]) -> None:
+    """Protect every image of the input shards into OUTPUT (one output shard per input shard)."""
+    from uge_protect.methods.registry import create_method
+    from uge_protect.pipeline import run_shard_job
+    from uge_protect.pipeline.lifecycle import sigterm_stops_the_run, stop_point, stop_requested
+
+    quiet = bool(values["quiet"])
+    summary = None
     # Until the run begins a stop signal raises at once; the run sets where it may raise.
     with sigterm_stops_the_run(at_once=True, ignore_when_done=_ENDS_WITH_THE_COMMAND):
         try:
-            method_options = {k: v for k, v in (("mode", mode), ("template", template)) if v is not None}
-            if class_names is not None:
-                method_options["class_names"] = class_names_option(class_names)
-            method_obj = create_method(method, str(artifact) if artifact else None, epsilon=epsilon, **method_options)
-            cfg = ShardJobConfig(
-                inputs=list(inputs), output=str(output), seed=seed, batch_size=batch_size,
-                num_workers=workers, encode_threads=encode_threads, image_format=image_format,
-                allow_lossy=allow_lossy, quality=quality, png_compress_level=png_compression, png_strategy=png_strategy,
-                image_size=image_size, resize_mode=resize_mode, max_pixels=max_pixels,
-                max_batch_pixels=max_batch_pixels, max_sample_bytes=max_sample_bytes,
-                caption_field=caption_field, label_field=label_field, mixed_precision=mixed_precision,
-                overwrite=overwrite, quiet=quiet, log_json=str(log_json) if log_json else None,
-                max_failure_rate=max_failure_rate,
-            )
+            given = {k: v for k, v in given_values(_SHARD_OPTIONS, values).items() if v is not None}
+            job = {k: v for k, v in given.items() if k in _JOB_FIELDS}
+            method_options = {k: v for k, v in given.items() if k not in _JOB_FIELDS}
+            method_obj = create_method(method, str(artifact) if artifact else None, **method_options)
+            cfg = ShardJobConfig(inputs=list(inputs), output=str(output), **job)
             if cfg.lossy:
                 typer.echo(
-                    f"warning: {image_format} output is lossy and weakens the protection; "
+                    f"warning: {cfg.image_format} output is lossy and weakens the protection; "
                     "this is recorded in the manifests", err=True,
                 )
             summary = run_shard_job(cfg, method_obj)
@@ -103,11 +77,20 @@ def shard(
         except OSError as exc:  # disk full, permissions changed mid-run, ...
             if stop_requested() is not None:  # e.g. writing to the terminal SIGHUP said was closed
                 _interrupted(stop_requested())
-            fail(f"{exc.strerror or exc}{f': {exc.filename}' if exc.filename else ''} (rerun to resume)")
+            fail(f"{os_error_text(exc)} (rerun to resume)")
         except KeyboardInterrupt as exc:  # Ctrl-C, SIGTERM, SIGHUP (Terminated)
             _interrupted(exc.signum if isinstance(exc, Terminated) else signal.SIGINT)
     if summary and "counts" in summary and not quiet:
         _print_summary(summary, output)
+
+
+app.command("shard")(command_with_options(_shard, [
+    parameter("inputs", List[str], typer.Argument(..., help=help_of(ShardJobConfig, "inputs"))),
+    parameter("output", Path, typer.Option(..., "--output", "-o", help=help_of(ShardJobConfig, "output"))),
+    parameter("method", str, typer.Option(..., "--method", "-m", help=(
+        "Protection method (see README; `random` is a non-protecting control)."))),
+    parameter("artifact", Optional[Path], typer.Option(None, "--artifact", help="Artifact directory made by `uge-protect fit`.")),
+], _SHARD_OPTIONS, _shard.__doc__ or ""))
 
 
 def _interrupted(signum: int) -> NoReturn:
@@ -139,7 +122,7 @@ def inspect(
         "shards by name. Without it only recorded sources that are local files are compared.",
     ),
     max_pixels: int = typer.Option(
-        64_000_000, "--max-pixels",
+        DEFAULT_MAX_PIXELS, "--max-pixels",
         help="Most pixels a source image may decode to when sources are compared (as `shard --max-pixels`); "
         "sources of a run.json that allows more are not compared.",
     ),
@@ -274,18 +257,12 @@ def photo_data(
     """Write the benchmark of real photographs with captions (crops of Debian wallpapers; test crops from regions never used in training)."""
     from uge_protect.shards.photos import write_photo_dataset
 
-    try:
+    with one_error_line():
         summary = write_photo_dataset(
             directory, train_per_class=train_per_class, test_per_class=test_per_class,
             image_size=image_size, samples_per_shard=per_shard, seed=seed,
             photo_dirs=list(photos) if photos else None,
         )
-    except (UserError, ValueError) as exc:
-        fail(str(exc))
-        return
-    except OSError as exc:
-        fail(f"{exc.strerror or exc}{f': {exc.filename}' if exc.filename else ''}")
-        return
     for name, counts in summary["counts"].items():
         typer.echo(f"{name:>16}: {counts['train']} train, {counts['test']} test")
     splits = summary["splits"]

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
-from typing import NoReturn
+from typing import Iterator, NoReturn
 
 import typer
 
@@ -15,6 +16,23 @@ def fail(message: str) -> NoReturn:
     """Print one ``error:`` line on stderr and exit with status 2."""
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(code=2)
+
+
+def os_error_text(exc: OSError) -> str:
+    """An :class:`OSError` in one line: what went wrong and the file it names."""
+    return f"{exc.strerror or exc}{f': {exc.filename}' if exc.filename else ''}"
+
+
+@contextlib.contextmanager
+def one_error_line() -> Iterator[None]:
+    """A :class:`UserError`, ``ValueError`` or ``OSError`` raised inside becomes one ``error:``
+    line and exit status 2 (:func:`fail`)."""
+    try:
+        yield
+    except (UserError, ValueError) as exc:
+        fail(str(exc))
+    except OSError as exc:
+        fail(os_error_text(exc))
 
 
 def class_names_option(value: str) -> list[str]:

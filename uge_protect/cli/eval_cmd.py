@@ -7,8 +7,7 @@ from typing import List, Optional
 
 import typer
 
-from uge_protect.cli.common import fail
-from uge_protect.errors import UserError
+from uge_protect.cli.common import one_error_line
 from uge_protect.logs import configure
 
 
@@ -54,14 +53,8 @@ def eval_command(
         cache_dir=str(cache) if cache else None, authorized=str(authorized) if authorized else None,
         other_keys=list(other_key or []), distill=list(distill or []), gate=gate,
     )
-    try:
+    with one_error_line():
         report = run_evaluation(cfg)
-    except (UserError, ValueError) as exc:
-        fail(str(exc))
-        return
-    except OSError as exc:
-        fail(f"{exc.strerror or exc}{f': {exc.filename}' if exc.filename else ''}")
-        return
     if not quiet:
         cls = report["tasks"].get("classify")
         if cls:

@@ -7,6 +7,7 @@ import json
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from uge_protect.options import epsilon_option, option
 from uge_protect.shards.decode import DEFAULT_MAX_PIXELS, RESIZE_MODES
 from uge_protect.shards.tario import DEFAULT_MAX_SAMPLE_BYTES
 
@@ -17,36 +18,44 @@ PNG_STRATEGIES = {"default": 0, "filtered": 1, "huffman": 2, "rle": 3}
 
 
 @dataclass
+class MethodOptions:
+    """What ``shard`` hands every method besides the method's own options."""
+
+    epsilon: float = epsilon_option()
+
+
+@dataclass
 class ShardJobConfig:
     """Everything ``uge-protect shard`` needs besides the method object."""
 
-    inputs: list[str]
-    output: str
-    seed: int = 0
-    batch_size: int = 64
-    num_workers: int = 2
-    encode_threads: int = 2
-    image_format: str = "png"
-    allow_lossy: bool = False
-    quality: int = 95
-    png_compress_level: int = 1
-    png_strategy: str = "huffman"
-    image_size: int | None = None
-    resize_mode: str = "none"
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    #: Most decoded pixels per batch (bounds memory; does not change output bytes).
-    max_batch_pixels: int = DEFAULT_MAX_PIXELS
-    #: Most bytes of one sample's members: a larger sample fails unread (``sample_too_large``).
-    max_sample_bytes: int = DEFAULT_MAX_SAMPLE_BYTES
-    caption_field: str | None = None
-    label_field: str | None = None
-    mixed_precision: str = "no"
-    overwrite: bool = False
-    quiet: bool = False
-    log_json: str | None = None
-    #: Above this share of failed samples (merged over the directory) the run fails after
-    #: writing. It does not change output bytes, so it is not part of the fingerprint.
-    max_failure_rate: float = 0.5
+    inputs: list[str] = option(cli=False, help="Input tar shards: paths, globs, {000..099} patterns or URLs.")
+    output: str = option(cli=False, help="Output directory.")
+    seed: int = option(0, help="Seed for per-sample randomness (combined with each key).")
+    batch_size: int = option(64, help="Images per accelerator pass.")
+    num_workers: int = option(2, flag="--workers", help="DataLoader worker processes that read and decode.")
+    encode_threads: int = option(2, help="Threads that encode protected images (0: encode in the main thread).")
+    image_format: str = option("png", help="png, webp (lossless) or jpeg (lossy).")
+    allow_lossy: bool = option(False, flag="--allow-lossy", help=(
+        "Accept lossy output (jpeg, lossy webp): weakens protection."))
+    quality: int = option(95, help="Quality of lossy formats.")
+    png_compress_level: int = option(1, flag="--png-compression", help="PNG zlib level 0-9 (1: fast, larger files).")
+    png_strategy: str = option("huffman", help=(
+        "zlib strategy: huffman (fast, small for perturbed images), default, filtered, rle."))
+    image_size: int | None = option(None, default_help="as stored", help="Resize to this training resolution first.")
+    resize_mode: str = option("none", help=f"{' | '.join(RESIZE_MODES)}.")
+    max_pixels: int = option(DEFAULT_MAX_PIXELS, help="Reject images with more pixels (decompression bombs).")
+    #: Does not change output bytes.
+    max_batch_pixels: int = option(DEFAULT_MAX_PIXELS, help="Most decoded pixels per batch (bounds memory; output unchanged).")
+    max_sample_bytes: int = option(DEFAULT_MAX_SAMPLE_BYTES, help=(
+        "Most bytes of one sample's members; larger samples fail unread (sample_too_large)."))
+    caption_field: str | None = option(None, default_help="txt", help="Read captions from this json field instead of txt.")
+    label_field: str | None = option(None, default_help="cls", help="Read labels from this json field instead of cls.")
+    mixed_precision: str = option("no", help="no | fp16 | bf16 for the method's pass.")
+    overwrite: bool = option(False, flag="--overwrite", help="Replace output of a different configuration.")
+    quiet: bool = option(False, flag="--quiet", short="-q", help="No progress bar or summary.")
+    log_json: str | None = option(None, default_help="none", help="Append JSON-lines progress events to this file.")
+    #: Merged over the directory. It does not change output bytes, so it is not part of the fingerprint.
+    max_failure_rate: float = option(0.5, help="Exit 1 when a larger share of the samples failed (0-1; 1: never).")
 
     @property
     def lossy(self) -> bool:

@@ -11,56 +11,62 @@ from uge_protect.methods.base import given_options
 from uge_protect.methods.budget import check_epsilon
 from uge_protect.models.classifiers import ARCHITECTURES
 from uge_protect.models.clip import check_local_model_config
+from uge_protect.options import (check_choice, check_options, device_option, epsilon_option, image_size_option,
+                                 option, seed_option)
 
+#: The modes of :class:`EMConfig` (a classifier surrogate, labelled data).
 MODES = ("sample", "class")
+#: Every mode ``fit em`` takes: clip mode is :class:`EMClipConfig`'s.
+FIT_MODES = (*MODES, "clip")
 
 
 @dataclass
 class EMConfig:
-    """Hyper-parameters of an EM fit.
+    """Hyper-parameters of an EM fit in sample or class mode.
 
-    Defaults follow the paper for the noise (ε 8/255, step 0.8/255, 20 PGD steps, 10 surrogate
-    batches per round, stop below 1% train error) and are sized for a CPU for the surrogate: a
-    ``small_cnn`` of width 8, at most 20 rounds (sample) or 30 (class). Sample mode fits with
-    random shifts and flips by default (``augment``): on the demo shapes that lowers the worst
-    held-out architecture for about the same fit time (docs/methods/em.md). On an accelerator, a wider or bigger
-    surrogate (``surrogate_width=None`` or ``surrogate="resnet18"``) and more rounds are cheap.
-    (One sample-mode round on the 5000 32×32 demo images is 100k PGD image-steps; fit times
-    are in docs/methods/em.md.)
+    The noise's defaults (ε, step, PGD steps, surrogate batches per round, the stop error)
+    follow the paper; the surrogate's are sized for a CPU (a narrow ``small_cnn``, few rounds).
+    Sample mode fits with random shifts and flips by default (``augment``; measured in
+    docs/methods/em.md). On an accelerator, a wider or bigger surrogate (``surrogate_width=None``
+    or ``surrogate="resnet18"``) and more rounds are cheap. (One sample-mode round on the 5000
+    32×32 demo images is 100k PGD image-steps; fit times are in docs/methods/em.md.)
     ``pgd_steps`` is the number of steps per batch of a sample-mode sweep and of apply; the
     class-mode sweep takes one step per batch (as in the reference).
     """
 
-    mode: str = "sample"
-    epsilon: float = 8 / 255
-    step_size: float = 0.8 / 255
-    pgd_steps: int = 20
-    surrogate: str = "small_cnn"
-    #: Channel width of ``small_cnn`` (None: the architecture's default, 32); other
-    #: architectures take None.
-    surrogate_width: int | None = 8
-    train_batches: int = 10
-    #: None: 3 rounds in sample mode (each sweeps every image with ``pgd_steps`` steps), 30 in
-    #: class mode (each sweep is one step per batch, so rounds are ~20x cheaper).
-    max_rounds: int | None = None
-    stop_error: float = 0.01
-    batch_size: int = 128
-    lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    seed: int = 0
-    #: Class mode: δ is fitted on a ``pattern_size``×``pattern_size`` grid of blocks and
-    #: upsampled (nearest) to the image (None: at full resolution). Coarse patterns survive the
-    #: shifts, flips and pooling of other architectures' training.
-    pattern_size: int | None = None
-    #: Random shifts (up to 4 px) and flips of x + δ in the fit's surrogate steps and PGD steps.
-    #: None: on in sample mode (the noise then transfers to other architectures), off in class
-    #: mode (where it did not help, and the reference update needs it off).
-    augment: bool | None = None
+    mode: str = option("sample", choices=MODES, label="EM mode", passed=True, help=(
+        "sample (PGD per image at apply), class (one δ per class), or clip (PGD per image-caption pair "
+        "against a CLIP; needs captions, not labels)."))
+    epsilon: float = epsilon_option()
+    step_size: float = option(0.8 / 255, min=0, max=1, min_open=True, help="PGD step in [0,1] units.")
+    pgd_steps: int = option(20, min=1, help="PGD steps per batch of a sweep and at apply.")
+    surrogate: str = option("small_cnn", choices=ARCHITECTURES, help="Surrogate classifier (resnet18, vgg11, ...).")
+    #: Other architectures than small_cnn take None.
+    surrogate_width: int | None = option(8, min=1, help=(
+        "small_cnn channel width (0: the architecture's default, 32; other surrogates: their own)."))
+    train_batches: int = option(10, min=1, help="Surrogate training batches per round.")
+    #: Each sample-mode round sweeps every image with ``pgd_steps`` steps; a class-mode sweep
+    #: is one step per batch, so its rounds are ~20x cheaper.
+    max_rounds: int | None = option(None, min=1, default_help="20 sample, 30 class",
+                                    help="Stop after this many rounds.")
+    stop_error: float = option(0.01, min=0, max=1, max_open=True,
+                               help="Stop when the surrogate's error on x+δ (train error; clip mode: retrieval "
+                                    "error) is below this.")
+    batch_size: int = option(128, min=1, help="Batch size.")
+    lr: float = option(0.1, min=0, min_open=True, label="learning rate",
+                       help="Surrogate learning rate (SGD; clip mode: AdamW).")
+    momentum: float = option(0.9, min=0, max=1, max_open=True, cli=False, help="SGD momentum of the surrogate.")
+    weight_decay: float = option(5e-4, min=0, cli=False, help="Weight decay of the surrogate.")
+    seed: int = seed_option("Seed of the fit (initial noise, surrogate, batch order).")
+    #: Coarse patterns survive the shifts, flips and pooling of other architectures' training.
+    pattern_size: int | None = option(None, min=1, modes="class", default_help="full resolution", help=(
+        "Fit δ on an N×N grid of blocks, upsampled (nearest) to the image."))
+    #: Off in class mode: it did not help there, and the reference update needs it off.
+    augment: bool | None = option(None, default_help="on in sample mode, off in class mode", help=(
+        "Random shifts (up to 4 px) and flips of x+δ in the surrogate's and PGD steps."))
     #: Informational: the side the training images were brought to (None: as stored).
-    image_size: int | None = None
-    #: Where to fit: "auto" (CUDA when available, else CPU), "cpu", "cuda", "cuda:1", ...
-    device: str = "auto"
+    image_size: int | None = image_size_option()
+    device: str = device_option()
 
     def __post_init__(self) -> None:
         if self.max_rounds is None:
@@ -70,27 +76,10 @@ class EMConfig:
             self.augment = self.mode == "sample"
 
     def validate(self) -> None:
-        if self.mode not in MODES:
-            raise UserError(f"unknown EM mode {self.mode!r}; choose 'sample', 'class' or 'clip'")
+        check_options(self)
         check_epsilon(self.epsilon)
-        if not 0.0 < self.step_size <= 1.0:
-            raise UserError(f"step size must be in (0, 1], got {self.step_size}")
-        if self.surrogate not in ARCHITECTURES:
-            raise UserError(f"unknown surrogate {self.surrogate!r}; choose one of: {', '.join(ARCHITECTURES)}")
-        if self.surrogate_width is not None:
-            if self.surrogate != "small_cnn":
-                raise UserError(f"surrogate width applies to small_cnn only, not {self.surrogate!r}")
-            if self.surrogate_width < 1:
-                raise UserError(f"surrogate width must be >= 1, got {self.surrogate_width}")
-        for name in ("pgd_steps", "train_batches", "max_rounds", "batch_size"):
-            if getattr(self, name) < 1:
-                raise UserError(f"{name.replace('_', ' ')} must be >= 1, got {getattr(self, name)}")
-        if not 0.0 <= self.stop_error < 1.0:
-            raise UserError(f"stop error must be in [0, 1), got {self.stop_error}")
-        if self.lr <= 0:
-            raise UserError(f"learning rate must be > 0, got {self.lr}")
-        if self.pattern_size is not None and self.pattern_size < 1:
-            raise UserError(f"pattern size must be >= 1, got {self.pattern_size}")
+        if self.surrogate_width is not None and self.surrogate != "small_cnn":
+            raise UserError(f"surrogate width applies to small_cnn only, not {self.surrogate!r}")
 
     @classmethod
     def from_options(cls, options: dict[str, Any]) -> "EMConfig":
@@ -98,6 +87,7 @@ class EMConfig:
 
         ``surrogate_width`` 0 (or, for a surrogate other than small_cnn, absent) means the
         architecture's own width."""
+        check_choice("EM mode", options.get("mode") or "sample", FIT_MODES)
         given = given_options(cls, options, f"EM option(s) not used by the {options.get('mode') or 'sample'} mode")
         if given.get("surrogate", "small_cnn") != "small_cnn" and "surrogate_width" not in given:
             given["surrogate_width"] = None  # the default width is small_cnn's
@@ -140,48 +130,37 @@ class EMArtifact(EMConfig, EMFitRecord):
 class EMClipConfig:
     """Hyper-parameters of an EM-CLIP fit.
 
-    ε and the step are the paper's (8/255, 0.8/255). PGD takes 10 steps per sweep and at
-    apply (the paper's EM takes 20): δ persists across rounds, so the fit still converges,
-    and apply costs half. The surrogate takes 100 AdamW steps (lr 2e-3) per round: a CLIP
-    trained from scratch needs more steps than a classifier before its loss guides PGD. On
-    the 5,000 demo pairs (32×32) these defaults converge in a few rounds, where 10 batches per
-    round at lr 1e-3 did not (docs/methods/em.md, clip mode).
+    ε and the step are the paper's. PGD takes half the paper's steps per sweep and at apply:
+    δ persists across rounds, so the fit still converges, and apply costs half. The surrogate
+    takes many AdamW steps per round: a CLIP trained from scratch needs more steps than a
+    classifier before its loss guides PGD. On the 5,000 demo pairs (32×32) these defaults
+    converge in a few rounds, where 10 batches per round at lr 1e-3 did not (docs/methods/em.md,
+    clip mode).
     """
 
-    mode: str = "clip"
-    epsilon: float = 8 / 255
-    step_size: float = 0.8 / 255
-    pgd_steps: int = 10
-    #: open_clip model name, JSON config path or dict; None: :data:`clip_models.TINY_CLIP_CONFIG`.
-    clip_model: str | dict | None = None
-    #: Pretrained weights (open_clip tag or local checkpoint); None: trained from scratch.
-    clip_pretrained: str | None = None
-    bank_size: int = 255
-    train_batches: int = 100
-    max_rounds: int = 10
-    stop_error: float = 0.01
-    batch_size: int = 128
-    lr: float = 2e-3
-    weight_decay: float = 0.1
-    seed: int = 0
-    image_size: int | None = None
-    device: str = "auto"
+    mode: str = option("clip", choices=("clip",), label="EM-CLIP mode", passed=True, help="clip.")
+    epsilon: float = epsilon_option()
+    step_size: float = option(0.8 / 255, min=0, max=1, min_open=True, help="PGD step in [0,1] units.")
+    pgd_steps: int = option(10, min=1, help="PGD steps per batch of a sweep and at apply.")
+    clip_model: str | dict | None = option(None, default_help="a tiny ViT CLIP", help=(
+        "Surrogate CLIP: an open_clip model name or JSON config (or, in Python, a config dict)."))
+    clip_pretrained: str | None = option(None, default_help="trained from scratch", help=(
+        "open_clip pretrained tag or local checkpoint; the surrogate then stays frozen."))
+    bank_size: int = option(255, min=1, help="Training captions kept as the fixed negatives of the per-sample loss.")
+    train_batches: int = option(100, min=1, help="Surrogate training batches per round.")
+    max_rounds: int = option(10, min=1, help="Stop after this many rounds.")
+    stop_error: float = option(0.01, min=0, max=1, max_open=True,
+                               help="Stop when the surrogate's retrieval error on x+δ is below this.")
+    batch_size: int = option(128, min=2, reason=" for a contrastive loss", help="Batch size.")
+    lr: float = option(2e-3, min=0, min_open=True, label="learning rate", help="Surrogate learning rate (AdamW).")
+    weight_decay: float = option(0.1, min=0, cli=False, help="AdamW weight decay of the surrogate.")
+    seed: int = seed_option("Seed of the fit (initial noise, surrogate, batch order).")
+    image_size: int | None = image_size_option()
+    device: str = device_option()
 
     def validate(self) -> None:
-        if self.mode != "clip":
-            raise UserError(f"EM-CLIP mode must be 'clip', got {self.mode!r}")
+        check_options(self)
         check_epsilon(self.epsilon)
-        if not 0.0 < self.step_size <= 1.0:
-            raise UserError(f"step size must be in (0, 1], got {self.step_size}")
-        for name in ("pgd_steps", "train_batches", "max_rounds", "batch_size", "bank_size"):
-            if getattr(self, name) < 1:
-                raise UserError(f"{name.replace('_', ' ')} must be >= 1, got {getattr(self, name)}")
-        if self.batch_size < 2:
-            raise UserError("batch size must be >= 2 for a contrastive loss")
-        if not 0.0 <= self.stop_error < 1.0:
-            raise UserError(f"stop error must be in [0, 1), got {self.stop_error}")
-        if self.lr <= 0:
-            raise UserError(f"learning rate must be > 0, got {self.lr}")
 
     @classmethod
     def from_options(cls, options: dict[str, Any]) -> "EMClipConfig":

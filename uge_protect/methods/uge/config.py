@@ -11,6 +11,7 @@ from uge_protect.methods.base import given_options
 from uge_protect.methods.budget import check_epsilon
 from uge_protect.methods.uge.key import is_key_fingerprint, normalize_key
 from uge_protect.models.classifiers import ARCHITECTURES
+from uge_protect.options import check_options, device_option, epsilon_option, image_size_option, option, seed_option
 
 #: The students of ``--student auto``: fast learners of two families; the noise they learn
 #: transfers to the evaluation's other hackers (ResNet-18 included).
@@ -22,70 +23,73 @@ class UGEConfig:
     """Hyper-parameters of a UGE fit; the defaults fit the 5,000 demo images (32×32) in
     minutes on 2 CPU cores (measured figures: docs/methods/uge-efficacy.md)."""
 
-    #: The authorized architecture (a name of the evaluation harness).
-    authorized: str = "resnet18"
-    #: The secret key, at least 32 hex digits (None: a fresh random one of 64, kept in the
-    #: artifact for the owner). Shorter keys are refused: see :func:`uge_key.normalize_key`.
-    key_seed: str | None = None
-    #: Authorize through the key's colour projection (see the module docstring).
-    key_projection: bool = True
-    epsilon: float = 8 / 255
-    width: int = 32
-    depth: int = 4
-    steps: int = 400
-    batch_size: int = 128
+    authorized: str = option("resnet18", choices=ARCHITECTURES, label="authorized architecture", required=True,
+                             help=f"The authorized architecture: {', '.join(ARCHITECTURES)}.")
+    #: Kept in the artifact for the owner; see :func:`uge.key.normalize_key`.
+    key_seed: str | None = option(None, default_help="a fresh 256-bit key from the OS, kept in the artifact", help=(
+        "Secret key, at least 32 random hex digits (128 bits): seeds the authorized network and its colour "
+        "projection. Shorter keys are refused."))
+    key_projection: bool = option(True, help=(
+        "Authorize through the key's colour projection; off: the bare architecture, as in the paper."))
+    epsilon: float = epsilon_option()
+    width: int = option(32, min=1, help="Generator channel width.")
+    depth: int = option(4, min=1, help="Generator residual blocks.")
+    steps: int = option(400, min=1, help="Generator steps.")
+    batch_size: int = option(128, min=1, help="Batch size over all processes.")
     #: The generator's image-conditioned body learns slowly: early, its image-dependent output
     #: drowns the class patterns the student would pick up (measured: docs/methods/uge-efficacy.md).
-    lr: float = 1e-4
-    #: Phase 1: epochs of the authorized network on the clean images, and L_gm's snapshots.
-    authorized_epochs: int = 3
-    authorized_lr: float = 3e-3
-    snapshots: int = 4
-    #: The L_ud students, comma-separated; L_ud is their mean loss (several make the noise
-    #: transfer to more architectures). "auto": small_cnn and vgg11, the plain authorized
-    #: architecture (no key) among them only under the key projection. A resnet18 student
-    #: made the noise transfer worse and slowed the CPU fit (docs/methods/uge-efficacy.md).
-    student: str = "auto"
-    student_width: int | None = 8
-    #: SGD with momentum 0.9, as EM's surrogate: the min-min needs a student that learns fast.
-    student_lr: float = 0.1
-    temperature: float = 4.0
-    #: Weight of the teacher's soft targets in the student's loss (next to the label term).
+    lr: float = option(1e-4, min=0, min_open=True, label="learning rate",
+                       help="Generator learning rate, AdamW with a cosine schedule.")
+    authorized_epochs: int = option(3, min=1, help=(
+        "Epochs of the authorized network on the clean images before the generator starts."))
+    authorized_lr: float = option(3e-3, min=0, min_open=True, label="authorized learning rate", cli=False,
+                                  help="Learning rate of the authorized network before the generator starts.")
+    snapshots: int = option(4, min=1, help="Points of the authorized network's trajectory L_gm matches at.")
+    #: L_ud is the students' mean loss (several make the noise transfer to more architectures).
+    #: A resnet18 student made the noise transfer worse and slowed the CPU fit
+    #: (docs/methods/uge-efficacy.md).
+    student: str = option("auto", help=(
+        "Architecture(s) of the L_ud students, comma-separated, or auto: small_cnn (width 8) and vgg11; the "
+        "plain authorized architecture is one only under the key projection."))
+    student_width: int | None = option(8, min=1, cli=False, help=(
+        "Channel width of a small_cnn student (0: the architecture's default)."))
+    #: EM's surrogate's optimiser: the min-min needs a student that learns fast.
+    student_lr: float = option(0.1, min=0, min_open=True, label="student learning rate", cli=False,
+                               help="Learning rate of the students (SGD with momentum 0.9).")
+    temperature: float = option(4.0, min=0, min_open=True, cli=False, help="Temperature of the distillation in L_ud.")
     #: The teacher is the authorized network after phase 1; when it is still weak, its
     #: uncertainty is a floor the min-min cannot push the student's loss under.
-    distill_weight: float = 0.0
-    #: The shared feature space of L_fd: an open_clip model (None: a tiny ViT), pretrained or
-    #: trained on the labels for ``feature_epochs``.
-    feature_model: str | dict | None = None
-    feature_pretrained: str | None = None
-    feature_epochs: int = 2
-    misalign: bool = True
-    gm_weight: float = 1.0
-    fd_weight: float = 1.0
-    ud_weight: float = 1.0
-    #: Random shifts and flips of what the student and the feature space see (EM fits without).
-    augment: bool = False
-    #: The generator also reads the sample's label (then apply needs a label per sample) and
-    #: holds a class pattern of side ``pattern_size``, moved by signed steps of ``pattern_step``
-    #: (in units of ε; 0.1 is EM's 0.8/255 at ε = 8/255).
-    label_conditioned: bool = True
-    pattern_size: int = 32
-    pattern_step: float = 0.1
-    #: The authorized network as the owner deploys it carries a confidence gate
-    #: (:mod:`uge_gate`): on images with the class patterns along the key it answers with
-    #: ``gate_scale`` times the one-hot of its arg max (its prediction, unchanged), so a student
-    #: distilled from it through the protected images sees labels, not soft outputs. Needs the
-    #: key projection and the class patterns; it changes nothing in the fit, only the network
-    #: ``eval --authorized`` builds.
-    confidence_gate: bool = True
-    gate_scale: float = 30.0
-    seed: int = 0
-    image_size: int | None = None
-    device: str = "auto"
+    distill_weight: float = option(0.0, min=0, label="distillation weight", help=(
+        "Weight of the authorized network's soft targets in the student's loss, next to the labels."))
+    feature_model: str | dict | None = option(None, default_help="a tiny ViT", help=(
+        "L_fd's shared feature space: an open_clip model name or JSON config (or, in Python, a config dict)."))
+    feature_pretrained: str | None = option(None, default_help="trained on the labels", help=(
+        "open_clip pretrained tag or local checkpoint for the feature space."))
+    feature_epochs: int = option(2, min=0, help="Epochs training the feature space on the labels when not pretrained.")
+    misalign: bool = option(True, help="L_fd also pulls x+δ toward another class's prototype.")
+    gm_weight: float = option(1.0, min=0, help="Weight of L_gm, gradient matching (0: off).")
+    fd_weight: float = option(1.0, min=0, help="Weight of L_fd, feature distance (0: off).")
+    ud_weight: float = option(1.0, min=0, help="Weight of L_ud, undistillation (0: off).")
+    #: EM fits without.
+    augment: bool = option(False, help="Random shifts and flips of what the student and feature space see.")
+    label_conditioned: bool = option(True, flag="--label-conditioned/--image-only", help=(
+        "The generator also reads each sample's label and holds a pattern per class; `shard` then needs a "
+        "label per sample. --image-only: from the image alone."))
+    pattern_size: int = option(32, min=1, help="Side of the class patterns' grid, upsampled to the image.")
+    #: 0.1 ε is EM's step, 0.8/255, at ε = 8/255.
+    pattern_step: float = option(0.1, min=0, help="Signed step of the class patterns, in units of ε.")
+    #: See :mod:`uge.gate`. It changes nothing in the fit, only the network ``eval --authorized`` builds.
+    confidence_gate: bool = option(True, help=(
+        "The owner's network (as `eval --authorized` builds it) answers images carrying the class patterns "
+        "with its label only (GATE_SCALE times a one-hot), so a student distilled through protected images "
+        "learns from labels; predictions are unchanged (needs the key projection and the class patterns)."))
+    gate_scale: float = option(30.0, min=1, help="The confidence gate's one-hot logit on protected images.")
+    seed: int = seed_option("Seed of the fit (not the key).")
+    image_size: int | None = image_size_option()
+    device: str = device_option()
 
     def validate(self) -> None:
-        if self.authorized not in ARCHITECTURES:
-            raise UserError(f"unknown authorized architecture {self.authorized!r}; choose one of: {', '.join(ARCHITECTURES)}")
+        check_options(self)
         for name in self.students:
             if name not in ARCHITECTURES:
                 raise UserError(f"unknown student architecture {name!r}; choose one of: {', '.join(ARCHITECTURES)}")
@@ -94,24 +98,8 @@ class UGEConfig:
         if self.key_seed is not None:
             normalize_key(self.key_seed)
         check_epsilon(self.epsilon)
-        for name in ("width", "depth", "steps", "batch_size", "authorized_epochs", "snapshots", "pattern_size"):
-            if getattr(self, name) < 1:
-                raise UserError(f"{name.replace('_', ' ')} must be >= 1, got {getattr(self, name)}")
-        if self.feature_epochs < 0:
-            raise UserError(f"feature epochs must be >= 0, got {self.feature_epochs}")
-        for name in ("gm_weight", "fd_weight", "ud_weight"):
-            if getattr(self, name) < 0:
-                raise UserError(f"{name.replace('_', ' ')} must be >= 0, got {getattr(self, name)}")
         if self.gm_weight == self.fd_weight == self.ud_weight == 0:
             raise UserError("at least one of the UGE losses needs a weight above 0")
-        if min(self.lr, self.authorized_lr, self.student_lr, self.temperature) <= 0:
-            raise UserError("learning rates and the temperature must be > 0")
-        if self.gate_scale < 1:
-            raise UserError(f"gate scale must be >= 1, got {self.gate_scale}")
-        if self.student_width is not None and self.student_width < 1:
-            raise UserError(f"student width must be >= 1, got {self.student_width}")
-        if self.pattern_step < 0 or self.distill_weight < 0:
-            raise UserError("the pattern step and the distillation weight must be >= 0")
 
     @classmethod
     def from_options(cls, options: dict[str, Any]) -> "UGEConfig":
