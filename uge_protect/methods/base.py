@@ -168,6 +168,23 @@ class ProtectionMethod(ABC):
         """
 
 
+class FittedMethod(ProtectionMethod):
+    """A method applied from a fitted artifact: its ε, config and fingerprint come from it."""
+
+    def __init__(self, config: dict[str, Any], fingerprint: str | None = None):
+        super().__init__(epsilon=float(config["epsilon"]))
+        self._config = dict(config)
+        self._fingerprint = fingerprint
+
+    def fingerprint(self) -> str | None:
+        return self._fingerprint
+
+    def public_config(self, keep: tuple[str, ...], **extra: Any) -> dict[str, Any]:
+        """:meth:`config`: the base fields, the artifact's ``keep`` fields (public ones only),
+        then ``extra``."""
+        return {**ProtectionMethod.config(self), **{k: self._config.get(k) for k in keep}, **extra}
+
+
 @dataclass(frozen=True)
 class FitContext:
     """Where and how a fit runs, handed to every fitter by the pipeline.

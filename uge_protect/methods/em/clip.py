@@ -29,8 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from uge_protect.errors import UserError
-from uge_protect.methods.base import (APPLY_CHUNK, FitContext, ProtectBatch, ProtectionMethod, clip_arch_id,
-    in_fixed_chunks)
+from uge_protect.methods.base import APPLY_CHUNK, FitContext, FittedMethod, ProtectBatch, clip_arch_id, in_fixed_chunks
 from uge_protect.methods.budget import pgd_minimize, seeded_uniform
 from uge_protect.methods.em.config import EMClipConfig
 from uge_protect.methods.fitting import BatchCursor, FitResult, check_images, fit_record
@@ -158,7 +157,7 @@ def fit_em_clip(images: torch.Tensor, captions: list[str], cfg: EMClipConfig, ct
     return config, {"surrogate": clip_state(bundle), "bank": {"tokens": bank.detach().cpu().clone()}}
 
 
-class ErrorMinimizingClip(ProtectionMethod):
+class ErrorMinimizingClip(FittedMethod):
     """Apply a fitted EM-CLIP artifact: PGD against its surrogate CLIP, per sample and caption."""
 
     name = "em"
@@ -166,9 +165,7 @@ class ErrorMinimizingClip(ProtectionMethod):
 
     def __init__(self, config: dict[str, Any], weights: dict[str, dict[str, torch.Tensor]],
                  fingerprint: str | None = None):
-        super().__init__(epsilon=float(config["epsilon"]))
-        self._config = dict(config)
-        self._fingerprint = fingerprint
+        super().__init__(config, fingerprint)
         self.mode = "clip"
         self.step_size = float(config["step_size"])
         self.pgd_steps = int(config["pgd_steps"])
@@ -191,9 +188,6 @@ class ErrorMinimizingClip(ProtectionMethod):
             self.bank_emb = self.bundle.encode_tokens(self.bank)
         return self
 
-    def fingerprint(self) -> str | None:
-        return self._fingerprint
-
     def fit_architectures(self) -> list[str]:
         """The surrogate CLIP."""
         return [clip_arch_id(self._config["clip_model"])]
@@ -202,9 +196,8 @@ class ErrorMinimizingClip(ProtectionMethod):
         keep = ("mode", "step_size", "pgd_steps", "bank_size", "fit_size", "rounds", "train_error",
                 "surrogate_trained", "clip_pretrained")
         model = self._config.get("clip_model")
-        return {**super().config(), **{k: self._config.get(k) for k in keep},
-                "clip_model": model if isinstance(model, str) else "config",
-                "apply_chunk": APPLY_CHUNK}
+        return self.public_config(keep, clip_model=model if isinstance(model, str) else "config",
+                                  apply_chunk=APPLY_CHUNK)
 
     def perturb(self, batch: ProtectBatch) -> torch.Tensor:
         if any(not c for c in batch.captions):

@@ -27,7 +27,7 @@ from torch import nn
 from uge_protect.errors import UserError
 from uge_protect.methods.artifact import (artifact_fingerprint, check_config, check_fitted_epsilon, load_artifact,
     loading)
-from uge_protect.methods.base import APPLY_CHUNK, FitContext, ProtectBatch, ProtectionMethod, in_fixed_chunks
+from uge_protect.methods.base import APPLY_CHUNK, FitContext, FittedMethod, ProtectBatch, in_fixed_chunks
 from uge_protect.methods.budget import pgd_minimize, seeded_uniform
 from uge_protect.methods.em.clip import ErrorMinimizingClip
 from uge_protect.methods.em.config import MODES, EMArtifact, EMClipArtifact, EMClipConfig, EMConfig
@@ -235,7 +235,7 @@ def em_from_artifact(path: str, epsilon: float | None = None) -> "ErrorMinimizin
         return cls(config, weights, fingerprint=artifact_fingerprint(path))
 
 
-class ErrorMinimizing(ProtectionMethod):
+class ErrorMinimizing(FittedMethod):
     """Apply a fitted EM artifact: PGD against its surrogate (sample) or a class lookup (class)."""
 
     name = "em"
@@ -243,9 +243,7 @@ class ErrorMinimizing(ProtectionMethod):
 
     def __init__(self, config: dict[str, Any], weights: dict[str, dict[str, torch.Tensor]],
                  fingerprint: str | None = None):
-        super().__init__(epsilon=float(config["epsilon"]))
-        self._config = dict(config)
-        self._fingerprint = fingerprint
+        super().__init__(config, fingerprint)
         self.mode = config.get("mode")
         if self.mode not in MODES:
             raise UserError(f"EM artifact has an unknown mode {self.mode!r}")
@@ -282,13 +280,10 @@ class ErrorMinimizing(ProtectionMethod):
             self.class_delta = self.class_delta.to(self.device)
         return self
 
-    def fingerprint(self) -> str | None:
-        return self._fingerprint
-
     def config(self) -> dict[str, Any]:
         keep = ("mode", "step_size", "pgd_steps", "surrogate", "surrogate_width", "num_classes",
                 "fit_size", "rounds", "train_error")
-        return {**super().config(), **{k: self._config.get(k) for k in keep}, "apply_chunk": APPLY_CHUNK}
+        return self.public_config(keep, apply_chunk=APPLY_CHUNK)
 
     def fit_architectures(self) -> list[str]:
         """The surrogate classifier (any width counts as its architecture)."""

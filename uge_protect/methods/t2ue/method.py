@@ -30,8 +30,7 @@ import torch.nn.functional as F
 from uge_protect.errors import UserError
 from uge_protect.methods.artifact import (artifact_fingerprint, check_config, check_fitted_epsilon, load_artifact,
     loading)
-from uge_protect.methods.base import (APPLY_CHUNK, ProtectBatch, ProtectionMethod, clip_arch_id, in_fixed_chunks,
-    sample_seed)
+from uge_protect.methods.base import APPLY_CHUNK, FittedMethod, ProtectBatch, clip_arch_id, in_fixed_chunks, sample_seed
 from uge_protect.methods.t2ue.config import DEFAULT_TEMPLATE, MODES, T2UEArtifact, TEXT_POOLS
 from uge_protect.methods.t2ue.generators import build_generator
 from uge_protect.models.classifiers import set_frozen
@@ -111,7 +110,7 @@ def _artifact_sentence_encoder(config: dict[str, Any], weights: dict[str, dict[s
     return CachedEncoder(sentence)
 
 
-class TextToUnlearnable(ProtectionMethod):
+class TextToUnlearnable(FittedMethod):
     """Apply a fitted T2UE generator: noise from each sample's caption (or class prompt) and z."""
 
     name = "t2ue"
@@ -120,7 +119,7 @@ class TextToUnlearnable(ProtectionMethod):
     def __init__(self, config: dict[str, Any], weights: dict[str, dict[str, torch.Tensor]], *,
                  mode: str = "sample", class_names: list[str] | None = None, template: str = DEFAULT_TEMPLATE,
                  seed: int = 0, fingerprint: str | None = None):
-        super().__init__(epsilon=float(config["epsilon"]))
+        super().__init__(config, fingerprint)
         if mode not in MODES:
             raise UserError(f"unknown T2UE mode {mode!r}; choose sample or class")
         if mode == "class":
@@ -132,8 +131,6 @@ class TextToUnlearnable(ProtectionMethod):
         self.class_names = list(class_names or [])
         self.template = template
         self.seed = int(seed)
-        self._config = dict(config)
-        self._fingerprint = fingerprint
         self.z_dim = int(config["z_dim"])
         self.text_pool = str(config.get("text_pool", "eot"))
         if self.text_pool not in TEXT_POOLS:
@@ -223,9 +220,6 @@ class TextToUnlearnable(ProtectionMethod):
         self.generator.to(self.device)
         return self
 
-    def fingerprint(self) -> str | None:
-        return self._fingerprint
-
     def fit_architectures(self) -> list[str]:
         """em: the EM surrogate its concept noise was fitted against; infonce: the surrogate CLIP."""
         if self.objective == "em":
@@ -242,7 +236,7 @@ class TextToUnlearnable(ProtectionMethod):
         extra: dict[str, Any] = {"mode": self.mode, "seed": self.seed, "apply_chunk": APPLY_CHUNK}
         if self.mode == "class":
             extra.update(class_names=self.class_names, template=self.template)
-        return {**super().config(), **{k: self._config.get(k) for k in keep}, **extra}
+        return self.public_config(keep, **extra)
 
     def prompts_and_latents(self, batch: ProtectBatch) -> tuple[list[str], torch.Tensor]:
         """The text each sample's noise is made from, and its z (B, z_dim)."""

@@ -32,7 +32,7 @@ import torch
 from uge_protect.errors import UserError
 from uge_protect.methods.artifact import (artifact_fingerprint, check_config, check_fitted_epsilon, load_artifact,
     loading)
-from uge_protect.methods.base import APPLY_CHUNK, ProtectBatch, ProtectionMethod, clip_arch_id, in_fixed_chunks
+from uge_protect.methods.base import APPLY_CHUNK, FittedMethod, ProtectBatch, clip_arch_id, in_fixed_chunks
 from uge_protect.methods.uge.config import APPLY_FIELDS, AUTO_STUDENTS, UGEArtifact
 from uge_protect.methods.uge.generator import build_noise_generator
 from uge_protect.methods.uge.key import key_signs, levels_along_key
@@ -70,16 +70,14 @@ def load_uge_artifact(path: str, required: tuple[str, ...] = APPLY_FIELDS
     return load_artifact(path, expected_method="uge", check=check)
 
 
-class Ungeneralizable(ProtectionMethod):
+class Ungeneralizable(FittedMethod):
     """Apply a fitted UGE generator: δ from each image alone (no label or caption needed)."""
 
     name = "uge"
 
     def __init__(self, config: dict[str, Any], weights: dict[str, dict[str, torch.Tensor]],
                  fingerprint: str | None = None):
-        super().__init__(epsilon=float(config["epsilon"]))
-        self._config = dict(config)
-        self._fingerprint = fingerprint
+        super().__init__(config, fingerprint)
         self.key_projection = bool(config["key_projection"])
         self.signs = key_signs(config["key_seed"]) if self.key_projection else None
         self.label_conditioned = bool(config.get("label_conditioned", False))
@@ -112,9 +110,6 @@ class Ungeneralizable(ProtectionMethod):
         self.generator.to(self.device)
         return self
 
-    def fingerprint(self) -> str | None:
-        return self._fingerprint
-
     def fit_architectures(self) -> list[str]:
         """The students and the L_fd feature space (see :func:`uge_fit_architectures`)."""
         c = self._config
@@ -129,7 +124,7 @@ class Ungeneralizable(ProtectionMethod):
         keep = ("authorized", "key_projection", "key_fingerprint", "authorized_init_fingerprint", "fit_size",
                 "steps", "gm_weight", "fd_weight", "ud_weight", "misalign", "student", "label_conditioned",
                 "confidence_gate")
-        return {**super().config(), **{k: self._config.get(k) for k in keep}, "apply_chunk": APPLY_CHUNK}
+        return self.public_config(keep, apply_chunk=APPLY_CHUNK)
 
     @torch.no_grad()
     def perturb(self, batch: ProtectBatch) -> torch.Tensor:
