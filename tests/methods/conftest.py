@@ -20,8 +20,8 @@ from uge_protect.methods.em.clip import EMClipConfig, fit_em_clip
 from uge_protect.methods.em.config import EMConfig
 from uge_protect.methods.em.method import fit_em
 from uge_protect.methods.t2ue.config import T2UEConfig
-from uge_protect.methods.t2ue.method import fit_t2ue
-from uge_protect.methods.uge.method import fit_uge
+from uge_protect.methods.t2ue.fit import fit_t2ue
+from uge_protect.methods.uge.fit import fit_uge
 
 Weights = dict[str, dict[str, torch.Tensor]]
 

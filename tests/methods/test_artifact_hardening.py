@@ -28,9 +28,9 @@ from uge_protect.methods.em.config import EMArtifact, EMConfig
 from uge_protect.methods.em.clip import fit_em_clip
 from uge_protect.methods.em.config import EMClipArtifact, EMClipConfig
 from uge_protect.methods.registry import create_method
-from uge_protect.methods.t2ue.method import fit_t2ue
+from uge_protect.methods.t2ue.fit import fit_t2ue
 from uge_protect.methods.t2ue.config import T2UEArtifact, T2UEConfig
-from uge_protect.methods.uge.method import fit_uge
+from uge_protect.methods.uge.fit import fit_uge
 from uge_protect.methods.uge.config import UGEArtifact, UGEConfig
 
 runner = CliRunner()
@@ -157,7 +157,8 @@ def test_fit_command_turns_a_diverged_fit_into_one_error_line(tmp_path, monkeypa
     from uge_protect.methods import registry
 
     shard = write_shard(tmp_path / "in.tar", simple_samples("s", 8, size=(16, 16)))
-    fitter, needs, ckpt = registry._FITTERS["em"]
+    entry = registry._METHODS["em"]
+    fitter = entry.fit
 
     def diverged(*args, **kwargs):
         config, weights = fitter(*args, **kwargs)
@@ -165,7 +166,7 @@ def test_fit_command_turns_a_diverged_fit_into_one_error_line(tmp_path, monkeypa
         weights["surrogate"][first] = torch.full_like(weights["surrogate"][first], float("nan"))
         return config, weights
 
-    monkeypatch.setitem(registry._FITTERS, "em", (diverged, needs, ckpt))
+    monkeypatch.setitem(registry._METHODS, "em", dataclasses.replace(entry, fit=diverged))
     result = runner.invoke(app, ["fit", "em", str(shard), "-o", str(tmp_path / "art"), "--surrogate-width", "4",
                                  "--train-batches", "1", "--max-rounds", "1", "--pgd-steps", "1", "--quiet"])
     assert result.exit_code == 2 and len(_errors(result)) == 1

@@ -31,9 +31,9 @@ from uge_protect.models.clip import external_model_reference, recorded_model_con
 from uge_protect.methods.em.clip import fit_em_clip
 from uge_protect.methods.em.config import EMClipConfig
 from uge_protect.methods.registry import create_method
-from uge_protect.methods.t2ue.method import fit_t2ue
+from uge_protect.methods.t2ue.fit import fit_t2ue
 from uge_protect.methods.t2ue.config import T2UEConfig
-from uge_protect.methods.uge.method import fit_uge
+from uge_protect.methods.uge.fit import fit_uge
 
 runner = CliRunner()
 REFUSAL = "names a remote or external model"

@@ -7,8 +7,9 @@ import torch
 
 from uge_protect.errors import UserError
 from uge_protect.methods.artifact import save_artifact
-from uge_protect.methods.base import ProtectBatch, sample_seed
-from uge_protect.methods.t2ue.method import TextToUnlearnable, fit_t2ue
+from uge_protect.methods.base import FitContext, ProtectBatch, sample_seed
+from uge_protect.methods.t2ue.fit import fit_t2ue
+from uge_protect.methods.t2ue.method import TextToUnlearnable
 from uge_protect.methods.t2ue.config import T2UEConfig
 
 EPS = 8 / 255
@@ -92,18 +93,18 @@ def test_checkpoint_and_resume_give_the_same_generator():
     images, captions = _data(n=32)
     cfg = _tiny(steps=20, warmup_steps=6)
     states = []
-    full_cfg, full = fit_t2ue(images, captions, cfg, checkpoint=states.append, checkpoint_every=10)
+    full_cfg, full = fit_t2ue(images, captions, cfg, FitContext(checkpoint=states.append, checkpoint_every=10))
     assert [s["step"] for s in states] == [10, 20]
-    resumed_cfg, resumed = fit_t2ue(images, captions, cfg, state=states[0])
+    resumed_cfg, resumed = fit_t2ue(images, captions, cfg, FitContext(state=states[0]))
     for group in ("generator", "text_encoder"):
         for k, v in full[group].items():
             assert torch.equal(v, resumed[group][k]), (group, k)
     assert resumed_cfg["loss_history"] == full_cfg["loss_history"]
     # a checkpoint taken during the surrogate's warm-up resumes too
     early = []
-    fit_t2ue(images, captions, cfg, checkpoint=early.append, checkpoint_every=4)
+    fit_t2ue(images, captions, cfg, FitContext(checkpoint=early.append, checkpoint_every=4))
     assert early[0]["step"] == 4 and early[0]["conditioner"] is None
-    _, from_warmup = fit_t2ue(images, captions, cfg, state=early[0])
+    _, from_warmup = fit_t2ue(images, captions, cfg, FitContext(state=early[0]))
     for k, v in full["generator"].items():
         assert torch.equal(v, from_warmup["generator"][k]), k
 

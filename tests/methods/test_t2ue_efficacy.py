@@ -17,7 +17,8 @@ from uge_protect.shards.dataset import load_shards
 from uge_protect.shards.demo import write_demo_dataset
 from uge_protect.methods.artifact import save_artifact
 from uge_protect.methods.base import ProtectBatch
-from uge_protect.methods.t2ue.method import TextToUnlearnable, fit_t2ue
+from uge_protect.methods.t2ue.fit import fit_t2ue
+from uge_protect.methods.t2ue.method import TextToUnlearnable
 from uge_protect.methods.t2ue.config import T2UEConfig
 
 N_TRAIN, SIDE, EPOCHS = 2000, 16, 10

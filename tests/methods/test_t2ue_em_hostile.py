@@ -16,7 +16,8 @@ import torch
 from tests.methods.test_uge import stripes
 from uge_protect.errors import UserError
 from uge_protect.methods.artifact import save_artifact
-from uge_protect.methods.t2ue.method import TextToUnlearnable, fit_t2ue
+from uge_protect.methods.t2ue.fit import fit_t2ue
+from uge_protect.methods.t2ue.method import TextToUnlearnable
 from uge_protect.methods.t2ue.config import T2UEConfig
 from uge_protect.models.text_encoders import MINILM_SHA256, CachedEncoder, load_text_encoder, minilm_zip
 

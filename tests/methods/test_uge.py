@@ -7,10 +7,11 @@ import torch
 
 from uge_protect.errors import UserError
 from uge_protect.eval.classify import TrainSettings, fit_classifier
-from uge_protect.methods.base import ProtectBatch, sample_seed
+from uge_protect.methods.base import FitContext, ProtectBatch, sample_seed
 from uge_protect.methods.budget import apply_perturbation
 from uge_protect.models.classifiers import build_classifier
-from uge_protect.methods.uge.method import Ungeneralizable, class_permutation, fit_uge
+from uge_protect.methods.uge.fit import class_permutation, fit_uge
+from uge_protect.methods.uge.method import Ungeneralizable
 from uge_protect.methods.uge.config import UGEConfig
 from uge_protect.methods.uge.gate import ConfidenceGate, gate_from_artifact
 from uge_protect.methods.uge.key import (DIRECTIONS, KeyProjection, along_key, build_authorized, key_direction,
@@ -214,9 +215,9 @@ def test_resume_from_a_checkpoint_matches_an_uninterrupted_fit():
     images, labels = stripes(32)
     cfg = _tiny(steps=4)
     saved = []
-    full, w_full = fit_uge(images, labels, cfg, checkpoint=saved.append, checkpoint_every=2)
+    full, w_full = fit_uge(images, labels, cfg, FitContext(checkpoint=saved.append, checkpoint_every=2))
     assert [s["step"] for s in saved] == [0, 2]  # after phase 1, then every 2 steps
-    resumed, w_res = fit_uge(images, labels, cfg, state=saved[1])
+    resumed, w_res = fit_uge(images, labels, cfg, FitContext(state=saved[1]))
     for name, tensor in w_full["generator"].items():
         assert torch.allclose(tensor, w_res["generator"][name], atol=1e-6), name
     assert resumed["key_seed"] == full["key_seed"] and fingerprint_matches(KEY, resumed["key_fingerprint"])

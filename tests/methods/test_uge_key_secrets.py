@@ -17,7 +17,7 @@ from uge_protect.errors import UserError
 from uge_protect.pipeline.fit import _save_checkpoint
 from uge_protect.methods.artifact import save_artifact
 from uge_protect.methods.registry import create_method
-from uge_protect.methods.uge.method import fit_uge
+from uge_protect.methods.uge.fit import fit_uge
 from uge_protect.methods.uge.config import UGEConfig
 from uge_protect.methods.uge.key import fingerprint_matches, key_fingerprint, key_signs, new_key, normalize_key
 

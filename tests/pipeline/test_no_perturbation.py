@@ -78,7 +78,7 @@ def test_a_batch_left_wholly_unperturbed_stops_the_run(tmp_path):
 
 
 def test_the_cli_stops_with_one_error_line_and_writes_nothing(tmp_path, monkeypatch):
-    monkeypatch.setitem(registry._METHODS, "zeros", Zeros)
+    monkeypatch.setitem(registry._METHODS, "zeros", registry.MethodEntry("zeros", Zeros))
     shard = write_shard(tmp_path / "in.tar", simple_samples("s", 4, size=(8, 8)))
     out = tmp_path / "out"
     result = runner.invoke(app, ["shard", str(shard), "-o", str(out), "-m", "zeros", "--workers", "0", "--quiet"])

@@ -26,7 +26,7 @@ from tests.methods.test_uge import stripes
 from uge_protect.cli.app import app
 from uge_protect.pipeline.zero_contact import MAX_NOISE_PIXELS, MAX_TEXT_CHARS, META_KEY, read_noise
 from uge_protect.methods.artifact import save_artifact
-from uge_protect.methods.t2ue.method import fit_t2ue
+from uge_protect.methods.t2ue.fit import fit_t2ue
 from uge_protect.methods.t2ue.config import T2UEConfig
 
 runner = CliRunner()

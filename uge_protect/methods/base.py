@@ -12,12 +12,17 @@ import functools
 import hashlib
 import json
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
 
 import torch
 
 from uge_protect.methods.budget import check_epsilon
+from uge_protect.models.training import pick_device
+
+#: What a fit reports its progress to: one event dict at a time (``step``/``steps`` or
+#: ``round``/``max_rounds``, losses, ``seconds``; or a free-form ``message``).
+Progress = Callable[[dict[str, Any]], None]
 
 #: Methods that run a network at apply do so on chunks of exactly this many samples
 #: (zero-padded): the kernels, and so every float of a sample's δ, never depend on how many
@@ -161,3 +166,92 @@ class ProtectionMethod(ABC):
         may return values slightly outside ±epsilon. Per-sample randomness must come from
         ``batch.seeds``, never from other samples of the batch.
         """
+
+
+class FittedMethod(ProtectionMethod):
+    """A method applied from a fitted artifact: its ε, config and fingerprint come from it."""
+
+    def __init__(self, config: dict[str, Any], fingerprint: str | None = None):
+        super().__init__(epsilon=float(config["epsilon"]))
+        self._config = dict(config)
+        self._fingerprint = fingerprint
+
+    def fingerprint(self) -> str | None:
+        return self._fingerprint
+
+    def public_config(self, keep: tuple[str, ...], **extra: Any) -> dict[str, Any]:
+        """:meth:`config`: the base fields, the artifact's ``keep`` fields (public ones only),
+        then ``extra``."""
+        return {**ProtectionMethod.config(self), **{k: self._config.get(k) for k in keep}, **extra}
+
+
+@dataclass(frozen=True)
+class FitContext:
+    """Where and how a fit runs, handed to every fitter by the pipeline.
+
+    ``rank``/``world``: this process among the processes of a launch (process group already
+    joined); each takes every ``world``-th sample of a batch. ``device`` overrides a config's
+    ``auto`` device (the process's own accelerator under a launch); None leaves it to the
+    config. ``state`` resumes from an earlier ``checkpoint`` call; ``checkpoint`` (the main
+    process only) receives the full training state every ``checkpoint_every`` steps (0:
+    never). Fitters that cannot checkpoint ignore both and run the same in every process.
+    """
+
+    rank: int = 0
+    world: int = 1
+    device: str | None = None
+    state: dict[str, Any] | None = None
+    checkpoint: Callable[[dict[str, Any]], None] | None = None
+    checkpoint_every: int = 0
+    progress: Progress | None = None
+
+    def report(self, event: dict[str, Any]) -> None:
+        """Hand ``event`` to the progress callback, if any."""
+        if self.progress is not None:
+            self.progress(event)
+
+    def pick_device(self, name: str) -> torch.device:
+        """The device a fit runs on, for its config's device option ``name``."""
+        return torch.device(self.device) if name == "auto" and self.device else pick_device(name)
+
+    def checkpoint_due(self, step: int, total: int) -> bool:
+        """Whether a checkpoint is due after ``step`` of ``total`` (never after the last)."""
+        return bool(self.checkpoint_every) and step % self.checkpoint_every == 0 and step < total
+
+
+@dataclass(frozen=True)
+class AuthorizedModel:
+    """A model row that an artifact adds to an evaluation (e.g. the owner's authorized network).
+
+    ``build(num_classes)`` makes a fresh model (None: the plain architecture ``arch``, seeded
+    by the run); ``tag`` identifies the model beyond its label in the run cache (never a
+    secret); ``teach_tag`` is what the model adds to the tag of a student distilled from it
+    (a part that changes no training run of its own but what it teaches); ``teacher`` is the
+    model a row is distilled from (no labels).
+    """
+
+    label: str
+    arch: str
+    build: Callable[[int], torch.nn.Module] | None = field(default=None, compare=False)
+    tag: str = ""
+    teach_tag: str = ""
+    teacher: "AuthorizedModel | None" = None
+    #: The authorized network trained with the artifact's own key (the owner's row).
+    owner: bool = False
+    #: The authorized architecture behind another key (a hacker who knows the architecture).
+    other_key: bool = False
+
+    def factory(self, num_classes: int) -> Callable[[], torch.nn.Module] | None:
+        """What builds the model (None: the plain architecture, seeded by the run)."""
+        if self.build is None:
+            return None
+        build = self.build
+        return lambda: build(num_classes)
+
+    def cache_tag(self) -> str:
+        """What identifies the model beyond its label, for the run cache (no secret)."""
+        tag = self.tag
+        if self.teacher is not None:
+            teach = f":{self.teacher.teach_tag}" if self.teacher.teach_tag else ""
+            tag += f"<-{self.teacher.cache_tag()}{teach}"
+        return tag

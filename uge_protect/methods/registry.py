@@ -1,99 +1,178 @@
-"""The registry of protection methods, by name."""
+"""The registry of protection methods: one typed entry per method, by name.
+
+An entry is everything the pipeline and evaluation may know of a method: its class, its fit
+config class, its fit function, its artifact loader, what a fit needs of each sample,
+whether the fit checkpoints, and optional hooks (the models an artifact's owner is
+authorized to train). ``pipeline/`` and ``eval/`` reach a method only through its entry.
+"""
 
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol
 
 import torch
 
 from uge_protect.errors import UserError
-from uge_protect.methods.base import ProtectionMethod
-from uge_protect.methods.em.method import ErrorMinimizing, em_fit_needs, fit_em_from_options
+from uge_protect.methods.artifact import read_artifact_config
+from uge_protect.methods.base import AuthorizedModel, FitContext, ProtectionMethod
+from uge_protect.methods.em.config import EMConfig
+from uge_protect.methods.em.method import ErrorMinimizing, em_fit_needs, em_from_artifact, fit_em_from_options
+from uge_protect.methods.fitting import FitResult
 from uge_protect.methods.random_noise import PassThrough, RandomNoise
-from uge_protect.methods.t2ue.method import TextToUnlearnable, fit_t2ue_from_options
-from uge_protect.methods.uge.method import Ungeneralizable, fit_uge_from_options
+from uge_protect.methods.t2ue.config import T2UEConfig
+from uge_protect.methods.t2ue.fit import fit_t2ue_from_options
+from uge_protect.methods.t2ue.method import TextToUnlearnable
+from uge_protect.methods.uge import authorized as uge_authorized
+from uge_protect.methods.uge.config import UGEConfig
+from uge_protect.methods.uge.fit import fit_uge_from_options
+from uge_protect.methods.uge.method import Ungeneralizable
 
-_METHODS: dict[str, type[ProtectionMethod]] = {}
+class Fitter(Protocol):
+    """A fit: uint8 images (N, 3, H, W), int64 labels (N,, -1 where absent), captions (N,),
+    an options dict (None values mean "default") and the :class:`FitContext`; returns
+    ``(config, weights)`` for ``save_artifact``."""
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor, captions: list[str | None],
+                 options: dict[str, Any], ctx: FitContext | None = None) -> FitResult: ...
 
 
-def register_method(cls: type[ProtectionMethod]) -> type[ProtectionMethod]:
-    """Register a method class under its ``name`` (usable as a decorator)."""
-    _METHODS[cls.name] = cls
-    return cls
-
-
-for _cls in (RandomNoise, PassThrough, ErrorMinimizing, TextToUnlearnable, Ungeneralizable):
-    register_method(_cls)
-
-#: A fitter takes uint8 images (N, 3, H, W), int64 labels (N,), captions (N,), an options
-#: dict and an optional progress callback, and returns ``(config, weights)`` for
-#: ``save_artifact``.
-Fitter = Callable[..., tuple[dict[str, Any], dict[str, dict[str, torch.Tensor]]]]
 #: What a fit needs of every training sample, given its options: "labels" or "captions".
 Needs = Callable[[dict[str, Any]], str]
-
-_FITTERS: dict[str, tuple[Fitter, Needs, bool]] = {}
-
-
-def register_fitter(name: str, fitter: Fitter, needs: Needs = lambda options: "labels",
-                    checkpoints: bool = False) -> Fitter:
-    """Register the fit function of method ``name`` (used by ``uge-protect fit NAME``).
-
-    ``checkpoints``: the fitter also takes ``state``, ``checkpoint``, ``checkpoint_every``,
-    ``rank`` and ``world`` keywords (resumable, multi-process fits)."""
-    _FITTERS[name] = (fitter, needs, checkpoints)
-    return fitter
+#: The extra evaluation rows of an artifact: (artifact, other keys, students to distil, gate).
+AuthorizedModels = Callable[[str, list[int], list[str], bool], list[AuthorizedModel]]
+#: What a report says of those rows: (artifact, gate) → a JSON-ready summary.
+AuthorizedSummary = Callable[[str, bool], dict[str, Any]]
 
 
-register_fitter("em", fit_em_from_options, em_fit_needs)
-register_fitter("t2ue", fit_t2ue_from_options, lambda options: "captions", checkpoints=True)
-register_fitter("uge", fit_uge_from_options, checkpoints=True)
+def _labels(options: dict[str, Any]) -> str:
+    return "labels"
+
+
+@dataclass(frozen=True)
+class MethodEntry:
+    """One registered method."""
+
+    name: str
+    method: type[ProtectionMethod]
+    #: The dataclass of the fit's options (None: nothing to fit).
+    config: type | None = None
+    fit: Fitter | None = None
+    #: Builds the method from an artifact directory (and apply options); None: the method
+    #: takes no artifact and is built from its class.
+    from_artifact: Callable[..., ProtectionMethod] | None = None
+    needs: Needs = _labels
+    #: The fit takes ``FitContext.state``/``checkpoint`` (resumable) and shares batches
+    #: over the processes of a launch.
+    checkpoints: bool = False
+    authorized_models: AuthorizedModels | None = None
+    authorized_summary: AuthorizedSummary | None = None
+
+
+_METHODS: dict[str, MethodEntry] = {}
+
+
+def register_method(entry: MethodEntry) -> MethodEntry:
+    """Register ``entry`` under its name (replacing any entry of that name)."""
+    _METHODS[entry.name] = entry
+    return entry
+
+
+for _entry in (
+    MethodEntry(RandomNoise.name, RandomNoise),
+    MethodEntry(PassThrough.name, PassThrough),
+    MethodEntry("em", ErrorMinimizing, EMConfig, fit_em_from_options, em_from_artifact, em_fit_needs),
+    MethodEntry("t2ue", TextToUnlearnable, T2UEConfig, fit_t2ue_from_options, TextToUnlearnable.from_artifact,
+                lambda options: "captions", checkpoints=True),
+    MethodEntry("uge", Ungeneralizable, UGEConfig, fit_uge_from_options, Ungeneralizable.from_artifact,
+                checkpoints=True, authorized_models=uge_authorized.authorized_models,
+                authorized_summary=uge_authorized.authorized_summary),
+):
+    register_method(_entry)
+
+
+def method_entry(name: str) -> MethodEntry:
+    """The entry of method ``name``; :class:`UserError` when there is none."""
+    entry = _METHODS.get(name)
+    if entry is None:
+        raise UserError(f"unknown method {name!r}; choose one of: {', '.join(method_names())}")
+    return entry
+
+
+def _fit_entry(name: str) -> MethodEntry:
+    entry = _METHODS.get(name)
+    if entry is None or entry.fit is None:
+        fittable = sorted(n for n, e in _METHODS.items() if e.fit is not None)
+        raise UserError(f"method {name!r} cannot be fitted; fittable methods: {', '.join(fittable)}")
+    return entry
 
 
 def get_fitter(name: str) -> Fitter:
     """The fit function of method ``name``; :class:`UserError` when it has none."""
-    return _fitter_entry(name)[0]
+    fit = _fit_entry(name).fit
+    assert fit is not None
+    return fit
 
 
 def fit_needs(name: str, options: dict[str, Any]) -> str:
     """What fitting ``name`` with ``options`` needs of each sample: "labels" or "captions"."""
-    return _fitter_entry(name)[1](options)
+    return _fit_entry(name).needs(options)
 
 
 def fitter_supports_checkpoints(name: str) -> bool:
     """Whether ``fit NAME`` can checkpoint, resume and spread over processes."""
-    return _fitter_entry(name)[2]
-
-
-def _fitter_entry(name: str) -> tuple[Fitter, Needs, bool]:
-    if name not in _FITTERS:
-        raise UserError(f"method {name!r} cannot be fitted; fittable methods: {', '.join(sorted(_FITTERS))}")
-    return _FITTERS[name]
+    return _fit_entry(name).checkpoints
 
 
 def method_names(include_hidden: bool = False) -> list[str]:
     """Registered method names; hidden (benchmark-only) methods are left out by default."""
-    return sorted(n for n, c in _METHODS.items() if include_hidden or not c.hidden)
+    return sorted(n for n, e in _METHODS.items() if include_hidden or not e.method.hidden)
 
 
 def create_method(
     name: str, artifact: str | None = None, *, allow_hidden: bool = False, **options: Any
 ) -> ProtectionMethod:
     """Build a method by name, from an artifact directory when the method needs one."""
-    cls = _METHODS.get(name)
-    if cls is None or (cls.hidden and not allow_hidden):
+    entry = _METHODS.get(name)
+    if entry is None or (entry.method.hidden and not allow_hidden):
         raise UserError(f"unknown method {name!r}; choose one of: {', '.join(method_names())}")
-    from_artifact = getattr(cls, "from_artifact", None)
     if artifact is not None:
-        if from_artifact is None:
+        if entry.from_artifact is None:
             raise UserError(f"method {name!r} takes no --artifact")
-        _check_options(name, from_artifact, options)
-        return from_artifact(artifact, **options)
-    if from_artifact is not None and getattr(cls, "needs_artifact", True):
+        _check_options(name, entry.from_artifact, options)
+        return entry.from_artifact(artifact, **options)
+    if entry.from_artifact is not None:
         raise UserError(f"method {name!r} needs --artifact DIR (made by `uge-protect fit {name}`)")
-    _check_options(name, cls, options)
-    return cls(**options)
+    _check_options(name, entry.method, options)
+    return entry.method(**options)
+
+
+def _authorized_entry(artifact: str) -> MethodEntry:
+    """The entry of the method that made ``artifact``, which must have authorized models."""
+    method = read_artifact_config(artifact)["method"]
+    entry = _METHODS.get(method)
+    if entry is None or entry.authorized_models is None or entry.authorized_summary is None:
+        able = sorted(n for n, e in _METHODS.items() if e.authorized_models is not None)
+        raise UserError(f"artifact {artifact} was made by method {method!r}, which has no authorized models; "
+                        f"--authorized takes an artifact of: {', '.join(able)}")
+    return entry
+
+
+def authorized_models(artifact: str, other_keys: list[int], distill: list[str], gate: bool = True
+                      ) -> list[AuthorizedModel]:
+    """The models the owner of ``artifact`` is authorized to train, with the ``other_keys``
+    and ``distill`` rows around them (see the method's hook)."""
+    hook = _authorized_entry(artifact).authorized_models
+    assert hook is not None
+    return hook(artifact, list(other_keys), list(distill), gate)
+
+
+def authorized_summary(artifact: str, gate: bool = True) -> dict[str, Any]:
+    """What a report says of the authorized models of ``artifact`` (no secret)."""
+    hook = _authorized_entry(artifact).authorized_summary
+    assert hook is not None
+    return hook(artifact, gate)
 
 
 def _check_options(name: str, factory: Callable[..., Any] | None, options: dict[str, Any]) -> None:

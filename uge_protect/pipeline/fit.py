@@ -1,24 +1,27 @@
 """``uge-protect fit METHOD``: load a (small) training set and save a method artifact.
 
-The fit itself lives in ``transforms`` (looked up by name through
+The fit itself belongs to the method (its registry entry, looked up by name through
 :func:`uge_protect.methods.registry.get_fitter`); this module only reads the shards,
-checks them, reports progress and writes the artifact.
+checks them, hands the fit a :class:`~uge_protect.methods.base.FitContext`, reports progress
+and writes the artifact.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from uge_protect.errors import UserError
 from uge_protect.launch import is_launched, join_launch
-from uge_protect.shards.dataset import load_shards
+from uge_protect.shards.dataset import InMemoryDataset, load_shards
 from uge_protect.methods.artifact import artifact_fingerprint, save_artifact, write_private
+from uge_protect.methods.base import FitContext, Progress
 from uge_protect.methods.registry import fit_needs, fitter_supports_checkpoints, get_fitter
 
 
@@ -75,12 +78,59 @@ def _save_checkpoint(path: Path, state: dict[str, Any], key: str) -> None:
     write_private(path, lambda f: torch.save({**state, "options_key": key}, f))
 
 
-def _process_group() -> tuple[int, int]:
-    """(rank, world) of a multi-process launch (joining its process group), else (0, 1)."""
+def _process_group() -> tuple[int, int, str | None]:
+    """(rank, world, device) of a multi-process launch (joining its process group), else
+    (0, 1, None): None leaves the device to the fit's options."""
     if not is_launched():
-        return 0, 1
+        return 0, 1, None
     state = join_launch()
-    return state.process_index, state.num_processes
+    return state.process_index, state.num_processes, str(state.device)
+
+
+def _check_output(method: str, out: Path, resume: bool) -> None:
+    """A :class:`UserError` unless ``out`` can take the artifact (or holds a checkpoint to resume)."""
+    ckpt = out / CHECKPOINT_NAME
+    if out.exists() and not out.is_dir():
+        raise UserError(f"output exists and is not a directory: {out}")
+    if (out / "config.json").is_file():
+        raise UserError(f"{out} already holds a finished artifact; choose a new output directory")
+    others = [p.name for p in out.iterdir() if p.name != CHECKPOINT_NAME and not p.name.startswith(".")] \
+        if out.is_dir() else []
+    if others or (out.is_dir() and ckpt.is_file() and not resume):
+        hint = " (it holds a checkpoint: add --resume to continue)" if ckpt.is_file() and not others else ""
+        raise UserError(f"output directory is not empty: {out}{hint}; choose a new one")
+    if resume and not fitter_supports_checkpoints(method):
+        raise UserError(f"`fit {method}` cannot resume; start it again")
+
+
+def _training_set(method: str, train_patterns: list[str], data: InMemoryDataset, needs: str
+                  ) -> tuple[torch.Tensor, torch.Tensor, list[str | None], str]:
+    """The samples that have what the fit needs: (images, labels, captions, what it needs as words)."""
+    if needs == "captions":
+        keep = torch.tensor([bool(c) for c in data.captions], dtype=torch.bool)
+        what, field = "a caption", "a 'txt' field"
+    else:
+        keep = data.labels >= 0
+        what, field = "a class label", "a 'cls' field"
+    if int(keep.sum()) == 0:
+        raise UserError(
+            f"no sample in {' '.join(train_patterns)} has {what} ({field}); "
+            f"`fit {method}` needs them in its training data"
+        )
+    captions = [c for c, k in zip(data.captions, keep.tolist()) if k]
+    return data.images[keep], data.labels[keep], captions, what
+
+
+def _print_saved(method: str, out: Path, config: dict[str, Any], seconds: float) -> None:
+    err = config.get("train_error")
+    loss = config.get("final_loss")
+    done = f"after {config['rounds']} rounds" if "rounds" in config else f"after {config.get('steps')} steps"
+    print(
+        f"fit: saved {method} artifact to {out} {done} in {seconds:.1f} s"
+        + (f" (surrogate train error {100 * err:.2f}%)" if err is not None else "")
+        + (f" (final loss {loss:.4f})" if loss is not None else ""),
+        file=sys.stderr, flush=True,
+    )
 
 
 def fit_from_shards(
@@ -90,7 +140,7 @@ def fit_from_shards(
     options: dict[str, Any],
     *,
     quiet: bool = False,
-    progress: Callable[[dict[str, Any]], None] | None = None,
+    progress: Progress | None = None,
     resume: bool = False,
     checkpoint_every: int = 0,
 ) -> dict[str, Any]:
@@ -108,40 +158,17 @@ def fit_from_shards(
     the method's config.
     """
     fitter = get_fitter(method)
-    rank, world = _process_group()
+    rank, world, device = _process_group()
     out = Path(output_dir)
     ckpt = out / CHECKPOINT_NAME
     key = _options_key(method, train_patterns, options)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"output exists and is not a directory: {out}")
-    if (out / "config.json").is_file():
-        raise UserError(f"{out} already holds a finished artifact; choose a new output directory")
-    others = [p.name for p in out.iterdir() if p.name != CHECKPOINT_NAME and not p.name.startswith(".")] \
-        if out.is_dir() else []
-    if others or (out.is_dir() and ckpt.is_file() and not resume):
-        hint = " (it holds a checkpoint: add --resume to continue)" if ckpt.is_file() and not others else ""
-        raise UserError(f"output directory is not empty: {out}{hint}; choose a new one")
-    if resume and not fitter_supports_checkpoints(method):
-        raise UserError(f"`fit {method}` cannot resume; start it again")
+    _check_output(method, out, resume)
     state = _load_checkpoint(ckpt, key) if resume and ckpt.is_file() else None
     started = time.perf_counter()
-    image_size = options.get("image_size")
-    data = load_shards(list(train_patterns), image_size=image_size)
+    data = load_shards(list(train_patterns), image_size=options.get("image_size"))
     needs = fit_needs(method, options)
-    if needs == "captions":
-        keep = torch.tensor([bool(c) for c in data.captions], dtype=torch.bool)
-        what, field = "a caption", "a 'txt' field"
-    else:
-        keep = data.labels >= 0
-        what, field = "a class label", "a 'cls' field"
-    n_keep = int(keep.sum())
-    if n_keep == 0:
-        raise UserError(
-            f"no sample in {' '.join(train_patterns)} has {what} ({field}); "
-            f"`fit {method}` needs them in its training data"
-        )
-    images, labels = data.images[keep], data.labels[keep]
-    captions = [c for c, k in zip(data.captions, keep.tolist()) if k]
+    images, labels, captions, what = _training_set(method, train_patterns, data, needs)
+    n_keep = len(images)
     quiet = quiet or rank != 0
     if not quiet:
         size = f"{images.shape[-1]}x{images.shape[-2]}"
@@ -153,19 +180,19 @@ def fit_from_shards(
             + (f"; {world} processes" if world > 1 else ""),
             file=sys.stderr, flush=True,
         )
-    report = progress or (None if quiet else _print_progress)
-    extra: dict[str, Any] = {}
+    ctx = FitContext(rank=rank, world=world, device=device, progress=progress or (None if quiet else _print_progress))
     if fitter_supports_checkpoints(method):
         out.mkdir(mode=0o700, parents=True, exist_ok=True)
         save = (lambda st: _save_checkpoint(ckpt, st, key)) if rank == 0 else None
-        extra = {"state": state, "checkpoint": save, "checkpoint_every": checkpoint_every,
-                 "rank": rank, "world": world}
-    config, weights = fitter(images, labels, captions, dict(options), report, **extra)
+        ctx = dataclasses.replace(ctx, state=state, checkpoint=save, checkpoint_every=checkpoint_every)
+    config, weights = fitter(images, labels, captions, dict(options), ctx)
     if rank == 0:
         save_artifact(out, config, weights)
         ckpt.unlink(missing_ok=True)
     seconds = time.perf_counter() - started
-    summary = {
+    if not quiet:
+        _print_saved(method, out, config, seconds)
+    return {
         "artifact": str(out),
         "fingerprint": artifact_fingerprint(out) if rank == 0 else None,
         "samples": n_keep,
@@ -174,14 +201,3 @@ def fit_from_shards(
         "seconds": round(seconds, 3),
         "config": config,
     }
-    if not quiet:
-        err = config.get("train_error")
-        loss = config.get("final_loss")
-        done = f"after {config['rounds']} rounds" if "rounds" in config else f"after {config.get('steps')} steps"
-        print(
-            f"fit: saved {method} artifact to {out} {done} in {seconds:.1f} s"
-            + (f" (surrogate train error {100 * err:.2f}%)" if err is not None else "")
-            + (f" (final loss {loss:.4f})" if loss is not None else ""),
-            file=sys.stderr, flush=True,
-        )
-    return summary

@@ -76,7 +76,7 @@ def noise_levels(artifact: str, text: str, size: tuple[int, int], *, key: str | 
     q = budget_levels(protector.epsilon)
     levels = delta_levels(delta, protector.epsilon)[0]
     if not bool(levels.any()):
-        raise UserError(f"the artifact made no noise for this caption (zero everywhere): it would leave the image "
+        raise UserError("the artifact made no noise for this caption (zero everywhere): it would leave the image "
                         "unprotected (no_perturbation); nothing was written")
     meta = {"method": method, "epsilon": protector.epsilon, "budget_levels": q, "key": key, "seed": seed,
             "text": text, "size": [h, w], "artifact_fingerprint": protector.fingerprint()}

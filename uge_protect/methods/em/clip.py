@@ -22,24 +22,20 @@ the noise an easier match for the caption than the image content.
 
 from __future__ import annotations
 
-import dataclasses
 import time
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from uge_protect.errors import UserError
-from uge_protect.methods.base import APPLY_CHUNK, ProtectBatch, ProtectionMethod, clip_arch_id, in_fixed_chunks
+from uge_protect.methods.base import APPLY_CHUNK, FitContext, FittedMethod, ProtectBatch, clip_arch_id, in_fixed_chunks
 from uge_protect.methods.budget import pgd_minimize, seeded_uniform
+from uge_protect.methods.em.config import EMClipConfig
+from uge_protect.methods.fitting import BatchCursor, FitResult, check_images, fit_record
 from uge_protect.models.classifiers import set_frozen
 from uge_protect.models.clip import (TINY_CLIP_CONFIG, ClipBundle, build_clip_model, clamp_logit_scale, clip_infonce,
     clip_state, load_clip_state, logit_scale, recorded_model_config, resolve_model_config)
-from uge_protect.models.training import pick_device
-
-from uge_protect.methods.em.config import EMClipConfig
-
-Progress = Callable[[dict[str, Any]], None]
 
 
 def _same_caption(tokens: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
@@ -79,23 +75,57 @@ def _retrieval_error(bundle: ClipBundle, images: torch.Tensor, delta: torch.Tens
     return wrong / len(images)
 
 
-def fit_em_clip(images: torch.Tensor, captions: list[str], cfg: EMClipConfig, progress: Progress | None = None
-                ) -> tuple[dict[str, Any], dict[str, dict[str, torch.Tensor]]]:
+def _train_clip(bundle: ClipBundle, opt: torch.optim.Optimizer, images: torch.Tensor, tokens: torch.Tensor,
+                delta: torch.Tensor, cursor: BatchCursor, batches: int) -> None:
+    """A few AdamW steps of the surrogate CLIP on the perturbed pairs."""
+    bundle.model.train()
+    set_frozen(bundle.model, False)
+    for _ in range(batches):
+        idx = cursor.next().to(images.device)
+        x = (images[idx].float().div_(255.0) + delta[idx]).clamp_(0.0, 1.0)
+        loss = clip_infonce(bundle, x, tokens[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        clamp_logit_scale(bundle.model)
+
+
+def _pgd_sweep(bundle: ClipBundle, images: torch.Tensor, tokens: torch.Tensor, bank: torch.Tensor,
+               delta: torch.Tensor, cfg: EMClipConfig) -> torch.Tensor:
+    """A PGD sweep over the training set lowering each sample's loss against the bank (in
+    place); returns the bank's embeddings under the frozen surrogate."""
+    bundle.model.eval()
+    set_frozen(bundle.model, True)
+    with torch.no_grad():
+        bank_emb = bundle.encode_tokens(bank)
+    bs = cfg.batch_size
+    for s in range(0, len(images), bs):
+        t = tokens[s:s + bs]
+        x = images[s:s + bs].float().div_(255.0)
+        with torch.no_grad():
+            text_emb = bundle.encode_tokens(t)
+        delta[s:s + bs] = pgd_min_clip(bundle, x, text_emb, bank_emb, _same_caption(t, bank), delta[s:s + bs],
+                                       cfg.epsilon, cfg.step_size, cfg.pgd_steps)
+    return bank_emb
+
+
+def fit_em_clip(images: torch.Tensor, captions: list[str], cfg: EMClipConfig, ctx: FitContext | None = None
+                ) -> FitResult:
     """Fit EM-CLIP noise by min-min on uint8 ``images`` (N, 3, H, W) and their ``captions``.
 
     Returns ``(config, weights)`` for :func:`artifact.save_artifact`: the surrogate CLIP's
     state under ``"surrogate"`` and the bank's caption tokens under ``"bank"``.
     """
+    ctx = ctx or FitContext()
     cfg.validate()
-    if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
-        raise ValueError(f"images must be uint8 (N, 3, H, W), got {images.dtype} {tuple(images.shape)}")
+    check_images(images)
     if len(captions) != len(images):
         raise ValueError("one caption per image is needed")
     if len(images) < 2:
         raise UserError("EM's CLIP mode needs at least two captioned images")
     started = time.perf_counter()
     n, _, h, w = images.shape
-    device = pick_device(cfg.device)
+    device = ctx.pick_device(cfg.device)
     model_cfg = resolve_model_config(cfg.clip_model, TINY_CLIP_CONFIG, image_size=h if h == w else None)
     recorded_cfg = recorded_model_config(model_cfg, "the CLIP model")
     bundle = build_clip_model(model_cfg, seed=cfg.seed, pretrained=cfg.clip_pretrained)
@@ -103,70 +133,31 @@ def fit_em_clip(images: torch.Tensor, captions: list[str], cfg: EMClipConfig, pr
     trainable = cfg.clip_pretrained is None
     gen = torch.Generator().manual_seed(cfg.seed)
     tokens = bundle.tokenize(list(captions)).to(device)
-    bank_idx = torch.randperm(n, generator=gen)[: min(cfg.bank_size, n)]
-    bank = tokens[bank_idx.to(device)]
+    bank = tokens[torch.randperm(n, generator=gen)[: min(cfg.bank_size, n)].to(device)]
     images = images.to(device)
-    eps = cfg.epsilon
-    delta = ((torch.rand((n, 3, h, w), generator=gen) * 2 - 1) * eps).to(device)
+    delta = ((torch.rand((n, 3, h, w), generator=gen) * 2 - 1) * cfg.epsilon).to(device)
     opt = torch.optim.AdamW([p for p in bundle.model.parameters()], lr=cfg.lr, weight_decay=cfg.weight_decay)
-    bs = min(cfg.batch_size, n)
-    order, cursor = torch.randperm(n, generator=gen), 0
+    cursor = BatchCursor(n, min(cfg.batch_size, n), gen)
     history: list[float] = []
     for rnd in range(1, cfg.max_rounds + 1):
         if trainable:
-            bundle.model.train()
-            set_frozen(bundle.model, False)
-            for _ in range(cfg.train_batches):
-                if cursor + bs > n:
-                    order, cursor = torch.randperm(n, generator=gen), 0
-                idx = order[cursor:cursor + bs].to(device)
-                cursor += bs
-                x = (images[idx].float().div_(255.0) + delta[idx]).clamp_(0.0, 1.0)
-                loss = clip_infonce(bundle, x, tokens[idx])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                clamp_logit_scale(bundle.model)
-        bundle.model.eval()
-        set_frozen(bundle.model, True)
-        with torch.no_grad():
-            bank_emb = bundle.encode_tokens(bank)
-        for s in range(0, n, cfg.batch_size):
-            t = tokens[s:s + cfg.batch_size]
-            x = images[s:s + cfg.batch_size].float().div_(255.0)
-            with torch.no_grad():
-                text_emb = bundle.encode_tokens(t)
-            delta[s:s + cfg.batch_size] = pgd_min_clip(bundle, x, text_emb, bank_emb, _same_caption(t, bank),
-                                                       delta[s:s + cfg.batch_size], eps, cfg.step_size,
-                                                       cfg.pgd_steps)
+            _train_clip(bundle, opt, images, tokens, delta, cursor, cfg.train_batches)
+        bank_emb = _pgd_sweep(bundle, images, tokens, bank, delta, cfg)
         error = _retrieval_error(bundle, images, delta, tokens, bank, bank_emb, cfg.batch_size)
         history.append(round(error, 6))
-        if progress is not None:
-            progress({"round": rnd, "max_rounds": cfg.max_rounds, "train_error": error,
-                      "seconds": time.perf_counter() - started})
+        ctx.report({"round": rnd, "max_rounds": cfg.max_rounds, "train_error": error,
+                    "seconds": time.perf_counter() - started})
         if error < cfg.stop_error:
             break
     set_frozen(bundle.model, False)
-    config = {
-        "method": "em",
-        **dataclasses.asdict(cfg),
-        "clip_model": recorded_cfg,
-        "device": device.type,
-        "fit_size": [h, w],
-        "n_train": n,
-        "bank_size": int(len(bank)),
-        "rounds": len(history),
-        "train_error": history[-1],
-        "train_error_history": history,
-        "converged": history[-1] < cfg.stop_error,
-        "surrogate_trained": trainable,
-        "fit_architectures": [clip_arch_id(recorded_cfg)],
-    }
-    weights = {"surrogate": clip_state(bundle), "bank": {"tokens": bank.detach().cpu().clone()}}
-    return config, weights
+    config = fit_record("em", cfg, clip_model=recorded_cfg, device=device.type, fit_size=[h, w], n_train=n,
+                        bank_size=int(len(bank)), rounds=len(history), train_error=history[-1],
+                        train_error_history=history, converged=history[-1] < cfg.stop_error,
+                        surrogate_trained=trainable, fit_architectures=[clip_arch_id(recorded_cfg)])
+    return config, {"surrogate": clip_state(bundle), "bank": {"tokens": bank.detach().cpu().clone()}}
 
 
-class ErrorMinimizingClip(ProtectionMethod):
+class ErrorMinimizingClip(FittedMethod):
     """Apply a fitted EM-CLIP artifact: PGD against its surrogate CLIP, per sample and caption."""
 
     name = "em"
@@ -174,9 +165,7 @@ class ErrorMinimizingClip(ProtectionMethod):
 
     def __init__(self, config: dict[str, Any], weights: dict[str, dict[str, torch.Tensor]],
                  fingerprint: str | None = None):
-        super().__init__(epsilon=float(config["epsilon"]))
-        self._config = dict(config)
-        self._fingerprint = fingerprint
+        super().__init__(config, fingerprint)
         self.mode = "clip"
         self.step_size = float(config["step_size"])
         self.pgd_steps = int(config["pgd_steps"])
@@ -199,9 +188,6 @@ class ErrorMinimizingClip(ProtectionMethod):
             self.bank_emb = self.bundle.encode_tokens(self.bank)
         return self
 
-    def fingerprint(self) -> str | None:
-        return self._fingerprint
-
     def fit_architectures(self) -> list[str]:
         """The surrogate CLIP."""
         return [clip_arch_id(self._config["clip_model"])]
@@ -210,9 +196,8 @@ class ErrorMinimizingClip(ProtectionMethod):
         keep = ("mode", "step_size", "pgd_steps", "bank_size", "fit_size", "rounds", "train_error",
                 "surrogate_trained", "clip_pretrained")
         model = self._config.get("clip_model")
-        return {**super().config(), **{k: self._config.get(k) for k in keep},
-                "clip_model": model if isinstance(model, str) else "config",
-                "apply_chunk": APPLY_CHUNK}
+        return self.public_config(keep, clip_model=model if isinstance(model, str) else "config",
+                                  apply_chunk=APPLY_CHUNK)
 
     def perturb(self, batch: ProtectBatch) -> torch.Tensor:
         if any(not c for c in batch.captions):

@@ -17,7 +17,6 @@ This module works on tensors only; files are the business of :mod:`artifact` and
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from typing import Any, Callable
 
@@ -28,13 +27,13 @@ from torch import nn
 from uge_protect.errors import UserError
 from uge_protect.methods.artifact import (artifact_fingerprint, check_config, check_fitted_epsilon, load_artifact,
     loading)
-from uge_protect.methods.base import APPLY_CHUNK, ProtectBatch, ProtectionMethod, in_fixed_chunks
+from uge_protect.methods.base import APPLY_CHUNK, FitContext, FittedMethod, ProtectBatch, in_fixed_chunks
 from uge_protect.methods.budget import pgd_minimize, seeded_uniform
-from uge_protect.methods.em.config import MODES, EMArtifact, EMConfig
+from uge_protect.methods.em.clip import ErrorMinimizingClip
+from uge_protect.methods.em.config import MODES, EMArtifact, EMClipArtifact, EMClipConfig, EMConfig
+from uge_protect.methods.fitting import BatchCursor, FitResult, check_images, check_labels, fit_record, module_weights
 from uge_protect.models.classifiers import Normalized, build_classifier, set_frozen, small_cnn
-from uge_protect.models.training import pick_device, shift_flip
-
-Progress = Callable[[dict[str, Any]], None]
+from uge_protect.models.training import shift_flip
 
 
 def build_surrogate(name: str, num_classes: int, width: int | None = None, seed: int | None = None) -> nn.Module:
@@ -84,22 +83,79 @@ def _error(model: nn.Module, x: torch.Tensor, delta_of: Callable[[torch.Tensor],
     return wrong / len(x)
 
 
-def fit_em(
-    images: torch.Tensor, labels: torch.Tensor, cfg: EMConfig, progress: Progress | None = None,
-) -> tuple[dict[str, Any], dict[str, dict[str, torch.Tensor]]]:
+class _Noise:
+    """The δ an EM fit learns: one per training sample (sample mode) or one per class on a
+    grid of at most ``pattern_size`` (class mode), with its random start drawn from ``gen``."""
+
+    def __init__(self, cfg: EMConfig, n: int, num_classes: int, size: tuple[int, int], labels: torch.Tensor,
+                 gen: torch.Generator, device: torch.device):
+        h, w = size
+        self.mode, self.size, self.labels, self.num_classes = cfg.mode, size, labels, num_classes
+        self.grid = (min(cfg.pattern_size, h), min(cfg.pattern_size, w)) if cfg.mode == "class" and cfg.pattern_size \
+            else size
+        shape = (n, 3, h, w) if cfg.mode == "sample" else (num_classes, 3, *self.grid)
+        self.delta = ((torch.rand(shape, generator=gen) * 2 - 1) * cfg.epsilon).to(device)
+
+    def up(self, d: torch.Tensor) -> torch.Tensor:
+        """Class patterns brought from their grid to the image size (nearest)."""
+        return d if self.grid == self.size else F.interpolate(d, size=self.size, mode="nearest")
+
+    def of(self, idx: torch.Tensor) -> torch.Tensor:
+        """δ of the training samples ``idx``."""
+        return self.delta[idx] if self.mode == "sample" else self.up(self.delta)[self.labels[idx]]
+
+
+def _train_surrogate(model: nn.Module, opt: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor,
+                     noise: _Noise, view: Callable[[torch.Tensor], torch.Tensor], cursor: BatchCursor,
+                     batches: int, device: torch.device) -> None:
+    """A few SGD batches of the surrogate on the perturbed data."""
+    model.train()
+    set_frozen(model, False)
+    for _ in range(batches):
+        idx = cursor.next().to(device)
+        xb = images[idx].float().div_(255.0)
+        loss = F.cross_entropy(model(view((xb + noise.of(idx)).clamp_(0.0, 1.0))), labels[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+
+def _pgd_sweep(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, noise: _Noise, cfg: EMConfig,
+               view: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    """A PGD sweep over the whole (un-shuffled) training set, minimising the loss: each
+    sample's δ, or each class's δ from the mean of its samples' steps."""
+    model.eval()
+    set_frozen(model, True)
+    eps, delta, n = cfg.epsilon, noise.delta, len(images)
+    for start in range(0, n, cfg.batch_size):
+        idx = torch.arange(start, min(start + cfg.batch_size, n), device=images.device)
+        xb = images[idx].float().div_(255.0)
+        yb = labels[idx]
+        if cfg.mode == "sample":
+            delta[idx] = pgd_min(model, xb, yb, delta[idx], eps, cfg.step_size, cfg.pgd_steps)
+            continue
+        if noise.grid == noise.size and not cfg.augment:  # the reference update
+            moved = pgd_min(model, xb, yb, delta[yb], eps, cfg.step_size, 1)
+        else:
+            moved = _class_step(model, xb, yb, delta[yb], noise.up, view, eps, cfg.step_size)
+        sums = torch.zeros_like(delta).index_add_(0, yb, moved)
+        counts = torch.bincount(yb, minlength=noise.num_classes)
+        present = counts > 0
+        delta[present] = (sums[present] / counts[present].view(-1, 1, 1, 1)).clamp_(-eps, eps)
+
+
+def fit_em(images: torch.Tensor, labels: torch.Tensor, cfg: EMConfig, ctx: FitContext | None = None) -> FitResult:
     """Fit EM noise by min-min on uint8 ``images`` (N, 3, H, W) with int ``labels`` (N,).
 
     Returns ``(config, weights)`` for :func:`artifact.save_artifact`: weights hold the
     surrogate's state dict under ``"surrogate"`` and, in class mode, ``{"delta": (C,3,H,W)}``
     under ``"class_noise"``. Deterministic for a given seed on a given device and thread count.
-    ``progress`` is called after every round with ``round``, ``train_error`` and ``seconds``.
+    ``ctx.progress`` is called after every round with ``round``, ``train_error`` and ``seconds``.
     """
+    ctx = ctx or FitContext()
     cfg.validate()
-    if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
-        raise ValueError(f"images must be uint8 (N, 3, H, W), got {images.dtype} {tuple(images.shape)}")
-    labels = labels.to(torch.int64)
-    if labels.shape != (images.shape[0],):
-        raise ValueError(f"labels must have shape ({images.shape[0]},), got {tuple(labels.shape)}")
+    check_images(images)
+    labels = check_labels(images, labels)
     if len(labels) == 0 or int(labels.min()) < 0:
         raise UserError("every training sample needs a class label >= 0")
     num_classes = int(labels.max()) + 1
@@ -108,102 +164,46 @@ def fit_em(
 
     started = time.perf_counter()
     n, _, h, w = images.shape
-    device = pick_device(cfg.device)
+    device = ctx.pick_device(cfg.device)
     gen = torch.Generator().manual_seed(cfg.seed)  # on the CPU: the same draws on every device
     model = build_surrogate(cfg.surrogate, num_classes, cfg.surrogate_width, seed=cfg.seed).to(device)
     images, labels = images.to(device), labels.to(device)
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    eps = cfg.epsilon
-    grid = (min(cfg.pattern_size, h), min(cfg.pattern_size, w)) if cfg.mode == "class" and cfg.pattern_size else (h, w)
-    up = (lambda d: d) if grid == (h, w) else (lambda d: F.interpolate(d, size=(h, w), mode="nearest"))  # noqa: E731
     view = (lambda x: shift_flip(x, gen)) if cfg.augment else (lambda x: x)  # noqa: E731
-    if cfg.mode == "sample":
-        delta = ((torch.rand((n, 3, h, w), generator=gen) * 2 - 1) * eps).to(device)
-        delta_of = lambda idx: delta[idx]  # noqa: E731
-    else:
-        delta = ((torch.rand((num_classes, 3, *grid), generator=gen) * 2 - 1) * eps).to(device)
-        delta_of = lambda idx: up(delta)[labels[idx]]  # noqa: E731
-
-    order = torch.randperm(n, generator=gen)
-    cursor = 0
+    noise = _Noise(cfg, n, num_classes, (h, w), labels, gen, device)
+    cursor = BatchCursor(n, cfg.batch_size, gen)
     history: list[float] = []
-    train_error = 1.0
     for rnd in range(1, cfg.max_rounds + 1):
-        # 1. a few surrogate SGD batches on the perturbed data
-        model.train()
-        set_frozen(model, False)
-        for _ in range(cfg.train_batches):
-            if cursor + cfg.batch_size > n and cursor > 0:
-                order, cursor = torch.randperm(n, generator=gen), 0
-            idx = order[cursor : cursor + cfg.batch_size].to(device)
-            cursor += cfg.batch_size
-            xb = images[idx].float().div_(255.0)
-            loss = F.cross_entropy(model(view((xb + delta_of(idx)).clamp_(0.0, 1.0))), labels[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        # 2. a PGD sweep over the whole (un-shuffled) training set, minimising the loss
-        model.eval()
-        set_frozen(model, True)
-        for start in range(0, n, cfg.batch_size):
-            idx = torch.arange(start, min(start + cfg.batch_size, n), device=device)
-            xb = images[idx].float().div_(255.0)
-            yb = labels[idx]
-            if cfg.mode == "sample":
-                delta[idx] = pgd_min(model, xb, yb, delta[idx], eps, cfg.step_size, cfg.pgd_steps)
-            else:
-                if grid == (h, w) and not cfg.augment:  # the reference update
-                    moved = pgd_min(model, xb, yb, delta[yb], eps, cfg.step_size, 1)
-                else:
-                    moved = _class_step(model, xb, yb, delta[yb], up, view, eps, cfg.step_size)
-                sums = torch.zeros_like(delta).index_add_(0, yb, moved)
-                counts = torch.bincount(yb, minlength=num_classes)
-                present = counts > 0
-                delta[present] = (sums[present] / counts[present].view(-1, 1, 1, 1)).clamp_(-eps, eps)
-        # 3. stop when the surrogate fits the perturbed training set
-        train_error = _error(model, images, delta_of, labels, cfg.batch_size)
+        _train_surrogate(model, opt, images, labels, noise, view, cursor, cfg.train_batches, device)
+        _pgd_sweep(model, images, labels, noise, cfg, view)
+        # stop when the surrogate fits the perturbed training set
+        train_error = _error(model, images, noise.of, labels, cfg.batch_size)
         history.append(round(train_error, 6))
-        if progress is not None:
-            progress({"round": rnd, "max_rounds": cfg.max_rounds, "train_error": train_error,
-                      "seconds": time.perf_counter() - started})
+        ctx.report({"round": rnd, "max_rounds": cfg.max_rounds, "train_error": train_error,
+                    "seconds": time.perf_counter() - started})
         if train_error < cfg.stop_error:
             break
     set_frozen(model, False)
 
-    config = {
-        "method": "em",
-        **dataclasses.asdict(cfg),
-        "device": device.type,
-        "num_classes": num_classes,
-        "fit_size": [h, w],
-        "n_train": n,
-        "rounds": len(history),
-        "train_error": history[-1],
-        "train_error_history": history,
-        "converged": history[-1] < cfg.stop_error,
-        "fit_architectures": [cfg.surrogate],
-    }
-    weights: dict[str, dict[str, torch.Tensor]] = {
-        "surrogate": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-    }
+    config = fit_record("em", cfg, device=device.type, num_classes=num_classes, fit_size=[h, w], n_train=n,
+                        rounds=len(history), train_error=history[-1], train_error_history=history,
+                        converged=history[-1] < cfg.stop_error, fit_architectures=[cfg.surrogate])
+    weights = {"surrogate": module_weights(model)}
     if cfg.mode == "class":
-        weights["class_noise"] = {"delta": up(delta).cpu().clone()}  # at the fit's resolution
+        weights["class_noise"] = {"delta": noise.up(noise.delta).cpu().clone()}  # at the fit's resolution
     return config, weights
 
 
-def fit_em_from_options(
-    images: torch.Tensor, labels: torch.Tensor, captions: list[str | None], options: dict[str, Any],
-    progress: Progress | None = None,
-) -> tuple[dict[str, Any], dict[str, dict[str, torch.Tensor]]]:
+def fit_em_from_options(images: torch.Tensor, labels: torch.Tensor, captions: list[str | None],
+                        options: dict[str, Any], ctx: FitContext | None = None) -> FitResult:
     """The fitter registered under ``"em"``: sample/class modes fit against a classifier on
     the labels (:func:`fit_em`), the ``clip`` mode against a CLIP on the captions
     (:func:`uge_protect.methods.em.clip.fit_em_clip`)."""
     if options.get("mode") == "clip":
         from uge_protect.methods.em.clip import fit_em_clip
-        from uge_protect.methods.em.config import EMClipConfig
 
-        return fit_em_clip(images, [str(c) for c in captions], EMClipConfig.from_options(options), progress)
-    return fit_em(images, labels, EMConfig.from_options(options), progress)
+        return fit_em_clip(images, [str(c) for c in captions], EMClipConfig.from_options(options), ctx)
+    return fit_em(images, labels, EMConfig.from_options(options), ctx)
 
 
 def em_fit_needs(options: dict[str, Any]) -> str:
@@ -214,8 +214,6 @@ def em_fit_needs(options: dict[str, Any]) -> str:
 def _check_em_config(path: str, config: dict[str, Any]) -> None:
     """Check an EM artifact's config against the schema of its mode."""
     if config.get("mode") == "clip":
-        from uge_protect.methods.em.config import EMClipArtifact
-
         check_config(path, config, EMClipArtifact, required=("epsilon", "mode", "step_size", "pgd_steps", "clip_model"))
         return
     # surrogate_width: artifacts older than the field had the architecture's own width
@@ -223,7 +221,21 @@ def _check_em_config(path: str, config: dict[str, Any]) -> None:
                  required=("epsilon", "mode", "num_classes", "step_size", "pgd_steps", "surrogate"))
 
 
-class ErrorMinimizing(ProtectionMethod):
+def em_from_artifact(path: str, epsilon: float | None = None) -> "ErrorMinimizing | ErrorMinimizingClip":
+    """Load an artifact made by ``uge-protect fit em``: an :class:`ErrorMinimizing` (sample or
+    class mode) or an :class:`~uge_protect.methods.em.clip.ErrorMinimizingClip` (clip mode).
+    Its ε is authoritative: an ``epsilon`` that differs is an error; None means "not given".
+    The default budget (8/255, what the CLI passes when ``--epsilon`` is absent) also counts
+    as "not given" for an artifact fitted with a smaller ε, so a run never exceeds the
+    default silently."""
+    config, weights = load_artifact(path, expected_method="em", check=lambda c: _check_em_config(path, c))
+    check_fitted_epsilon(path, config, epsilon)
+    cls = ErrorMinimizingClip if config["mode"] == "clip" else ErrorMinimizing
+    with loading(path, "EM"):
+        return cls(config, weights, fingerprint=artifact_fingerprint(path))
+
+
+class ErrorMinimizing(FittedMethod):
     """Apply a fitted EM artifact: PGD against its surrogate (sample) or a class lookup (class)."""
 
     name = "em"
@@ -231,9 +243,7 @@ class ErrorMinimizing(ProtectionMethod):
 
     def __init__(self, config: dict[str, Any], weights: dict[str, dict[str, torch.Tensor]],
                  fingerprint: str | None = None):
-        super().__init__(epsilon=float(config["epsilon"]))
-        self._config = dict(config)
-        self._fingerprint = fingerprint
+        super().__init__(config, fingerprint)
         self.mode = config.get("mode")
         if self.mode not in MODES:
             raise UserError(f"EM artifact has an unknown mode {self.mode!r}")
@@ -256,18 +266,12 @@ class ErrorMinimizing(ProtectionMethod):
 
     @classmethod
     def from_artifact(cls, path: str, epsilon: float | None = None) -> "ErrorMinimizing":
-        """Load an artifact made by ``uge-protect fit em``. Its ε is authoritative: an
-        ``epsilon`` that differs is an error; None means "not given". The default budget
-        (8/255, what the CLI passes when ``--epsilon`` is absent) also counts as "not given"
-        for an artifact fitted with a smaller ε, so a run never exceeds the default silently."""
-        config, weights = load_artifact(path, expected_method="em", check=lambda c: _check_em_config(path, c))
-        check_fitted_epsilon(path, config, epsilon)
-        with loading(path, "EM"):
-            if config["mode"] == "clip":
-                from uge_protect.methods.em.clip import ErrorMinimizingClip
-
-                return ErrorMinimizingClip(config, weights, fingerprint=artifact_fingerprint(path))  # type: ignore[return-value]
-            return cls(config, weights, fingerprint=artifact_fingerprint(path))
+        """Load a sample- or class-mode artifact (see :func:`em_from_artifact`, which also
+        loads the clip mode's)."""
+        method = em_from_artifact(path, epsilon)
+        if not isinstance(method, ErrorMinimizing):
+            raise UserError(f"EM artifact {path} is a clip-mode artifact; load it with em_from_artifact")
+        return method
 
     def to(self, device: torch.device | str) -> "ErrorMinimizing":
         super().to(device)
@@ -276,13 +280,10 @@ class ErrorMinimizing(ProtectionMethod):
             self.class_delta = self.class_delta.to(self.device)
         return self
 
-    def fingerprint(self) -> str | None:
-        return self._fingerprint
-
     def config(self) -> dict[str, Any]:
         keep = ("mode", "step_size", "pgd_steps", "surrogate", "surrogate_width", "num_classes",
                 "fit_size", "rounds", "train_error")
-        return {**super().config(), **{k: self._config.get(k) for k in keep}, "apply_chunk": APPLY_CHUNK}
+        return self.public_config(keep, apply_chunk=APPLY_CHUNK)
 
     def fit_architectures(self) -> list[str]:
         """The surrogate classifier (any width counts as its architecture)."""

@@ -17,18 +17,17 @@ image; the fit itself is where the images are used. This module works on tensors
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
 
 from uge_protect.errors import UserError
+from uge_protect.methods.base import FitContext, Progress
 from uge_protect.methods.em.method import fit_em
 from uge_protect.methods.em.config import EMConfig
 from uge_protect.methods.t2ue.generators import build_generator
 from uge_protect.models.training import pick_device
-
-Progress = Callable[[dict[str, Any]], None]
 
 
 class CaptionEncoder(Protocol):
@@ -174,7 +173,7 @@ def fit_amortised(images: torch.Tensor, labels: torch.Tensor | None, captions: l
                          **(em_options or {})})
     em_cfg.validate()
     # a concept no sample holds keeps its random start: it is never a target
-    em_record, em_weights = fit_em(images, concepts, em_cfg, em_progress)
+    em_record, em_weights = fit_em(images, concepts, em_cfg, FitContext(progress=em_progress))
     noise = em_weights["class_noise"]["delta"].float()
     if tuple(noise.shape[-2:]) != (noise_size, noise_size):
         noise = F.interpolate(noise, size=(noise_size, noise_size), mode="area")

@@ -16,15 +16,13 @@ image-caption pairs trivially easy to match, so a model trained on them learns t
 Apply needs only captions: ``sample`` mode draws z from the sample's seed (key + run seed);
 ``class`` mode turns the label into a caption with a template and uses one fixed z per class.
 The noise is generated at ``noise_size`` and resized bilinearly to each image (a convex
-combination, so the budget holds). This module works on tensors; files belong to the pipeline.
+combination, so the budget holds). Fitting is :mod:`uge_protect.methods.t2ue.fit`; this module
+applies a fitted artifact.
 """
 
 from __future__ import annotations
 
-import copy
-import dataclasses
-import time
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -32,21 +30,11 @@ import torch.nn.functional as F
 from uge_protect.errors import UserError
 from uge_protect.methods.artifact import (artifact_fingerprint, check_config, check_fitted_epsilon, load_artifact,
     loading)
-from uge_protect.methods.base import (APPLY_CHUNK, ProtectBatch, ProtectionMethod, clip_arch_id, in_fixed_chunks,
-    sample_seed)
-from uge_protect.methods.t2ue.config import DEFAULT_TEMPLATE, MODES, T2UEArtifact, T2UEConfig, TEXT_POOLS
+from uge_protect.methods.base import APPLY_CHUNK, FittedMethod, ProtectBatch, clip_arch_id, in_fixed_chunks, sample_seed
+from uge_protect.methods.t2ue.config import DEFAULT_TEMPLATE, MODES, T2UEArtifact, TEXT_POOLS
 from uge_protect.methods.t2ue.generators import build_generator
 from uge_protect.models.classifiers import set_frozen
-from uge_protect.models.clip import (TINY_CLIP_CONFIG, ClipBundle, build_clip_model, clamp_logit_scale, clip_infonce,
-    clip_state, load_clip_state, recorded_model_config, resolve_model_config, zero_shot_loss)
-from uge_protect.models.training import pick_device, shift_flip, sync_buffers, sync_grads
-
-Progress = Callable[[dict[str, Any]], None]
-
-
-# --------------------------------------------------------------------------- caption features
-
-
+from uge_protect.models.clip import ClipBundle, build_clip_model
 
 
 def text_features(bundle: ClipBundle, tokens: torch.Tensor, pool: str = "eot"
@@ -76,32 +64,9 @@ def text_features(bundle: ClipBundle, tokens: torch.Tensor, pool: str = "eot"
     return F.normalize(pooled.float(), dim=-1), (x.float(), mask)
 
 
-@torch.no_grad()
-def caption_mean(bundle: ClipBundle, tokens: torch.Tensor, pool: str = "eot", batch_size: int = 512) -> torch.Tensor:
-    """Mean pooled embedding (D,) of ``tokens`` under ``bundle``'s text tower."""
-    device = next(bundle.model.parameters()).device
-    total = None
-    for s in range(0, len(tokens), batch_size):
-        e, _ = text_features(bundle, tokens[s:s + batch_size].to(device), pool)
-        part = e.sum(0)
-        total = part if total is None else total + part
-    assert total is not None
-    return (total / len(tokens)).cpu()
-
-
 def centered(emb: torch.Tensor, mean: torch.Tensor | None) -> torch.Tensor:
     """``emb`` minus the caption mean, renormalised (unchanged when ``mean`` is None)."""
     return emb if mean is None else F.normalize(emb - mean.to(emb.device), dim=-1)
-
-
-def _text_dims(bundle: ClipBundle, context: int, pool: str) -> tuple[int, int]:
-    with torch.no_grad():
-        pooled, (states, _) = text_features(bundle, torch.zeros((1, context), dtype=torch.long), pool)
-    return pooled.shape[-1], states.shape[-1]
-
-
-def _text_only_state(bundle: ClipBundle) -> dict[str, torch.Tensor]:
-    return {k: v for k, v in clip_state(bundle).items() if not k.startswith("visual.")}
 
 
 def class_latent(seed: int, label: int, z_dim: int) -> torch.Tensor:
@@ -109,21 +74,9 @@ def class_latent(seed: int, label: int, z_dim: int) -> torch.Tensor:
     return latent(sample_seed(seed, f"class:{int(label)}"), z_dim)
 
 
-def _is_image_side(name: str) -> bool:
-    return name.startswith("visual.") or name == "logit_scale"
-
-
-def _surrogate_trainable(bundle: ClipBundle, lock_text: bool) -> list[torch.nn.Parameter]:
-    """The surrogate's parameters a from-scratch fit trains: all, or the image side only."""
-    return [p for name, p in bundle.model.named_parameters() if not lock_text or _is_image_side(name)]
-
-
 def latent(seed: int, z_dim: int) -> torch.Tensor:
     """z ~ N(0, I) from a seed, drawn on the CPU (the same on every device)."""
     return torch.randn(z_dim, generator=torch.Generator().manual_seed(int(seed)))
-
-
-# --------------------------------------------------------------------------- fit
 
 
 def _resize_noise(delta: torch.Tensor, h: int, w: int) -> torch.Tensor:
@@ -132,351 +85,32 @@ def _resize_noise(delta: torch.Tensor, h: int, w: int) -> torch.Tensor:
     return F.interpolate(delta, size=(h, w), mode="bilinear", align_corners=False)
 
 
-class ClipCaptionEncoder:
-    """An open_clip text tower as a caption encoder (its pooled, normalised embedding)."""
+def _artifact_sentence_encoder(config: dict[str, Any], weights: dict[str, dict[str, torch.Tensor]]) -> Any:
+    """The caption encoder of an ``em``-objective artifact with a sentence encoder, cached."""
+    from uge_protect.models import static_text
+    from uge_protect.models.text_encoders import MINILM, CachedEncoder, encoder_from_tensors, load_text_encoder
 
-    def __init__(self, bundle: ClipBundle, pool: str = "eot"):
-        self.bundle, self.pool = bundle, pool
-        context = int(bundle.tokenize(["x"]).shape[1])
-        self.dim = _text_dims(bundle, context, pool)[0]
-
-    def to(self, device: torch.device | str) -> "ClipCaptionEncoder":
-        self.bundle.model.to(device)
-        return self
-
-    @torch.no_grad()
-    def encode(self, texts: list[str]) -> torch.Tensor:
-        device = next(self.bundle.model.parameters()).device
-        tokens = self.bundle.tokenize(list(texts)).to(device)
-        return in_fixed_chunks(lambda t: text_features(self.bundle, t, self.pool)[0], tokens).cpu()
-
-
-def _state_sha256(state: dict[str, torch.Tensor]) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    for k in sorted(state):
-        h.update(k.encode("utf-8"))
-        h.update(state[k].detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
-
-
-def _fit_em_objective(images: torch.Tensor, captions: list[str], cfg: T2UEConfig, progress: Progress | None,
-                      labels: torch.Tensor | None) -> tuple[dict[str, Any], dict[str, dict[str, torch.Tensor]]]:
-    from uge_protect.methods.t2ue.amortised import fit_amortised
-    from uge_protect.models.static_text import centred_static, distil
-    from uge_protect.models.text_encoders import (MINILM, MINILM_SHA256, CachedEncoder, SentenceEncoder, encoder_files,
-        files_as_tensors)
-
-    n, _, h, w = images.shape
-    extra: dict[str, Any] = {}
-    weights: dict[str, dict[str, torch.Tensor]] = {}
-    if cfg.text_encoder == "open_clip":
-        model_cfg = resolve_model_config(cfg.surrogate, TINY_CLIP_CONFIG, image_size=h if h == w else None)
-        recorded_cfg = recorded_model_config(model_cfg, "the caption encoder's CLIP")
-        bundle = build_clip_model(model_cfg, seed=cfg.seed, pretrained=cfg.surrogate_pretrained)
-        bundle.model.eval()
-        set_frozen(bundle.model, True)
-        encoder: Any = ClipCaptionEncoder(bundle, cfg.text_pool)
-        state = _text_only_state(bundle)
-        weights["text_encoder"] = state
-        identity = {"name": f"open_clip:{clip_arch_id(recorded_cfg)}", "sha256": _state_sha256(state),
-                    "dim": encoder.dim, "pooling": cfg.text_pool}
-        extra.update(surrogate=recorded_cfg, text_dim=encoder.dim, token_dim=1,
-                     context_length=int(bundle.tokenize(["x"]).shape[1]))
+    ident = config["text_encoder_identity"]
+    # the static table or encoder files the artifact carries, or the installed MiniLM
+    # package: never a path or a Hub name read from the (untrusted) artifact
+    if ident.get("pooling") == static_text.POOLING:
+        if "text_encoder" not in weights:
+            raise UserError("T2UE artifact records a static caption encoder but does not carry it "
+                            "(text_encoder.safetensors); refit it")
+        sentence = static_text.from_tensors(weights["text_encoder"], ident)
+    elif ident["name"] == MINILM:
+        sentence = load_text_encoder(MINILM, expected_sha256=str(ident["sha256"]))
+    elif "text_encoder" in weights:
+        sentence = encoder_from_tensors(weights["text_encoder"], name=str(ident["name"]),
+                                        where="T2UE artifact's caption encoder",
+                                        expected_sha256=str(ident["sha256"]))
     else:
-        files, name, where = encoder_files(cfg.text_encoder)
-        sentence = SentenceEncoder(files, name=name, where=where,
-                                   expected_sha256=MINILM_SHA256 if name == MINILM else None)
-        if cfg.text_encoding == "static":  # the artifact carries the token table: apply reads nothing else
-            static = centred_static(distil(sentence), captions)
-            encoder, identity = CachedEncoder(static), static.identity
-            weights["text_encoder"] = static.tensors()
-        else:
-            encoder, identity = CachedEncoder(sentence), sentence.identity
-            if name != MINILM:  # the artifact carries its encoder: loading it reads nothing outside it
-                weights["text_encoder"] = files_as_tensors(files)
-        extra.update(surrogate=None, text_dim=sentence.dim, token_dim=1, context_length=sentence.max_length)
-    em_options = {k: v for k, v in (("max_rounds", cfg.em_rounds), ("stop_error", cfg.em_stop_error))
-                  if v is not None}
-    record, tensors, generator = fit_amortised(
-        images, labels, captions, encoder, epsilon=cfg.epsilon, noise_size=cfg.noise_size, z_dim=cfg.z_dim,
-        width=cfg.width, backbone=cfg.backbone, steps=int(cfg.steps), batch_size=cfg.batch_size,
-        lr=float(cfg.lr), weight_decay=cfg.weight_decay, seed=cfg.seed, device=cfg.device,
-        clusters=cfg.clusters, concept_names=cfg.concepts, class_names=cfg.class_names,
-        template=cfg.template, em_options=em_options, progress=progress)
-    config = {
-        "method": "t2ue",
-        **dataclasses.asdict(cfg),
-        **extra,
-        "device": pick_device(cfg.device).type,
-        "fit_size": [h, w],
-        "n_train": n,
-        "text_encoder_identity": identity,
-        "concept_source": record["concept_source"],
-        "num_concepts": record["num_concepts"],
-        "concept_counts": record["concept_counts"],
-        "regression": record["regression"],
-        "em": record["em"],
-        "final_loss": record["regression"]["mse"],
-        "loss_history": [],
-        "surrogate_trained": False,
-        "processes": 1,
-        "fit_architectures": record["fit_architectures"],
-    }
-    weights["generator"] = {k: v.detach().cpu().clone() for k, v in generator.state_dict().items()}
-    weights["concepts"] = tensors
-    return config, weights
+        raise UserError("T2UE artifact names a caption encoder other than minilm but does not carry "
+                        "its files (text_encoder.safetensors); refit it")
+    return CachedEncoder(sentence)
 
 
-def _check_fit_inputs(images: torch.Tensor, captions: list[str], labels: torch.Tensor | None) -> None:
-    if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
-        raise ValueError(f"images must be uint8 (N, 3, H, W), got {images.dtype} {tuple(images.shape)}")
-    if labels is not None and len(labels) != len(images):
-        raise ValueError(f"{len(labels)} labels for {len(images)} images")
-    if len(captions) != len(images) or len(images) < 2:
-        raise UserError("T2UE needs at least two captioned training images")
-
-
-def fit_t2ue(images: torch.Tensor, captions: list[str], cfg: T2UEConfig, progress: Progress | None = None,
-             *, labels: torch.Tensor | None = None, state: dict[str, Any] | None = None,
-             checkpoint: Callable[[dict[str, Any]], None] | None = None, checkpoint_every: int = 0,
-             rank: int = 0, world: int = 1) -> tuple[dict[str, Any], dict[str, dict[str, torch.Tensor]]]:
-    """Fit T2UE on uint8 ``images`` (N, 3, H, W) and their ``captions`` with ``cfg.objective``.
-
-    ``em`` (:mod:`t2ue_amortised`) runs the same in every process of a launch and ignores
-    checkpoints (it takes minutes); ``infonce`` is :func:`fit_t2ue_infonce`.
-    """
-    cfg.validate()
-    cfg = cfg.resolved()
-    if cfg.objective == "infonce":
-        return fit_t2ue_infonce(images, captions, cfg, progress, labels=labels, state=state,
-                                checkpoint=checkpoint, checkpoint_every=checkpoint_every, rank=rank, world=world)
-    _check_fit_inputs(images, captions, labels)
-    if state is not None:
-        raise UserError("the checkpoint was written by a fit with the infonce objective; give --objective "
-                        "infonce to resume it, or delete it")
-    config, weights = _fit_em_objective(images, captions, cfg, progress, labels)
-    config["processes"] = world  # each process ran the same fit; the main one writes it
-    return config, weights
-
-
-def fit_t2ue_infonce(images: torch.Tensor, captions: list[str], cfg: T2UEConfig, progress: Progress | None = None,
-                     *, labels: torch.Tensor | None = None, state: dict[str, Any] | None = None,
-                     checkpoint: Callable[[dict[str, Any]], None] | None = None, checkpoint_every: int = 0,
-                     rank: int = 0, world: int = 1) -> tuple[dict[str, Any], dict[str, dict[str, torch.Tensor]]]:
-    """Train a T2UE generator by the paper's Eq. 4 on uint8 ``images`` and their ``captions``.
-
-    ``labels`` (int64, -1 where absent) are needed only with ``cfg.class_names``. ``state`` (from an earlier ``checkpoint`` call) resumes a fit; ``checkpoint`` is called
-    with the full training state every ``checkpoint_every`` steps. Under a launch of
-    ``world`` processes (process group already joined) each takes every ``world``-th sample
-    of each batch, its InfoNCE uses the negatives it holds, and gradients are averaged.
-    Returns ``(config, weights)`` for :func:`artifact.save_artifact`: ``generator`` and
-    ``text_encoder`` (the conditioning CLIP's text tower).
-    """
-    cfg.validate()
-    cfg = cfg.resolved()
-    _check_fit_inputs(images, captions, labels)
-    if min(cfg.batch_size, len(images)) < 2 * world:
-        raise UserError(f"batch size {cfg.batch_size} is too small for {world} processes (at least 2 each)")
-    started = time.perf_counter()
-    n, _, h, w = images.shape
-    device = pick_device(cfg.device)
-    model_cfg = resolve_model_config(cfg.surrogate, TINY_CLIP_CONFIG, image_size=h if h == w else None)
-    recorded_cfg = recorded_model_config(model_cfg, "the surrogate")
-    surrogate = build_clip_model(model_cfg, seed=cfg.seed, pretrained=cfg.surrogate_pretrained)
-    surrogate.model.to(device)
-    pretrained = cfg.surrogate_pretrained is not None
-    tokens = surrogate.tokenize(list(captions))
-    text_dim, token_dim = _text_dims(surrogate, tokens.shape[1], cfg.text_pool)
-    prompt_tokens = None
-    if cfg.class_names:
-        if labels is None or not bool((labels >= 0).any()):
-            raise UserError("T2UE class names need labelled training samples (cls or a label field)")
-        if int(labels.max()) >= len(cfg.class_names):
-            raise UserError(f"label {int(labels.max())} has no class name ({len(cfg.class_names)} given)")
-        prompt_tokens = surrogate.tokenize([cfg.template.format(c) for c in cfg.class_names]).to(device)
-        # the fixed z of each class that `shard --mode class` uses (with its default --seed 0)
-        class_z = torch.stack([class_latent(0, c, cfg.z_dim) for c in range(len(cfg.class_names))]).to(device)
-    generator = build_generator(cfg.backbone, text_dim=text_dim, token_dim=token_dim, z_dim=cfg.z_dim,
-                                size=cfg.noise_size, width=cfg.width, epsilon=cfg.epsilon, seed=cfg.seed).to(device)
-    g_opt = torch.optim.AdamW(generator.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    lock_text = cfg.lock_text and not pretrained
-    trainable = _surrogate_trainable(surrogate, lock_text)
-    set_frozen(surrogate.model, True)
-    s_opt = torch.optim.AdamW(trainable, lr=cfg.surrogate_lr, weight_decay=0.1)
-    warmup = 0 if pretrained else cfg.warmup_steps
-    total = warmup + cfg.steps
-    g_sched = torch.optim.lr_scheduler.CosineAnnealingLR(g_opt, T_max=cfg.steps)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    step = 0
-    # the caption encoder: the pretrained surrogate, else a frozen copy taken after the warm-up
-    # (with no warm-up or a locked text tower: the surrogate's initial, random text tower)
-    conditioner: ClipBundle | None = (surrogate if pretrained else copy.deepcopy(surrogate)
-                                      if warmup == 0 or lock_text else None)
-    history: list[dict[str, float]] = []
-    if state is not None:
-        step = int(state["step"])
-        generator.load_state_dict(state["generator"])
-        load_clip_state(surrogate, state["surrogate"])
-        g_opt.load_state_dict(state["g_opt"])
-        s_opt.load_state_dict(state["s_opt"])
-        g_sched.load_state_dict(state["g_sched"])
-        history = list(state["history"])
-        if not pretrained and step >= warmup:
-            conditioner = copy.deepcopy(surrogate)
-            load_clip_state(conditioner, state["conditioner"])
-    if conditioner is not None:
-        conditioner.model.eval()
-        set_frozen(conditioner.model, True)
-    text_mean = caption_mean(conditioner, tokens, cfg.text_pool) if conditioner is not None and cfg.center_text else None
-    def surrogate_step(loss: torch.Tensor) -> None:
-        s_opt.zero_grad(set_to_none=True)
-        loss.backward()
-        sync_grads(trainable, world)
-        s_opt.step()
-        clamp_logit_scale(surrogate.model)
-
-    bs = min(cfg.batch_size, n)
-    order, cursor = torch.randperm(n, generator=gen), 0
-    seen = 0
-    tick = started
-    window: list[float] = []
-    if state is not None:
-        order, cursor, window = state["order"].clone(), int(state["cursor"]), list(state["window"])
-        gen.set_state(state["rng"])
-    while step < total:
-        if cursor + bs > n:
-            order, cursor = torch.randperm(n, generator=gen), 0
-        batch = order[cursor:cursor + bs]
-        cursor += bs
-        idx = batch[rank::world]  # this process's share of the batch
-        x = images[idx].to(device).float().div_(255.0)
-        t = tokens[idx].to(device)
-        if step < warmup:  # clean CLIP steps: the surrogate learns the data before noise is made
-            surrogate.model.train()
-            set_frozen(trainable, False)
-            loss = clip_infonce(surrogate, x, t)
-            surrogate_step(loss)
-            if step + 1 == warmup:
-                if not lock_text:
-                    conditioner = copy.deepcopy(surrogate)
-                    conditioner.model.eval()
-                    set_frozen(conditioner.model, True)
-                    if cfg.center_text:
-                        text_mean = caption_mean(conditioner, tokens, cfg.text_pool)
-                if cfg.restart_surrogate:
-                    # min-min from a fresh surrogate: it learns the data *with* the noise from the
-                    # start, so the noise can become its easiest feature (as in EM's min-min)
-                    fresh = clip_state(build_clip_model(model_cfg, seed=cfg.seed + 1))
-                    if lock_text:  # a fresh image tower; the locked text tower stays
-                        fresh = {k: v for k, v in fresh.items() if _is_image_side(k)}
-                    load_clip_state(surrogate, fresh, strict=not lock_text)
-                    s_opt = torch.optim.AdamW(trainable, lr=cfg.surrogate_lr, weight_decay=0.1)
-        else:
-            assert conditioner is not None
-            z = torch.randn((len(batch), cfg.z_dim), generator=gen)[rank::world].to(device)
-            view = (lambda v: shift_flip(v, gen)) if cfg.augment else (lambda v: v)
-            y = None  # the class term's labels: this share's labelled samples, when class names are set
-            if prompt_tokens is not None and bool((labels[idx] >= 0).any()):
-                labelled = (labels[idx] >= 0).to(device)
-                y, x_lab = labels[idx].to(device)[labelled], x[labelled]
-            with torch.no_grad():
-                emb, states = text_features(conditioner, t, cfg.text_pool)
-                emb = centered(emb, text_mean)
-                if y is not None:
-                    p_emb, p_states = text_features(conditioner, prompt_tokens[y], cfg.text_pool)
-                    p_emb = centered(p_emb, text_mean)
-                    p_z = class_z[y]
-
-            def objective(delta: torch.Tensor, p_delta: torch.Tensor | None) -> torch.Tensor:
-                """What both players minimise: Eq. 4, plus the optional noise-only and class terms."""
-                out = clip_infonce(surrogate, view((x + delta).clamp(0.0, 1.0)), t)
-                if cfg.noise_weight > 0:
-                    out = out + cfg.noise_weight * clip_infonce(surrogate, view((0.5 + delta).clamp(0.0, 1.0)), t)
-                if p_delta is not None:
-                    out = out + cfg.class_weight * zero_shot_loss(
-                        surrogate, view((x_lab + p_delta).clamp(0.0, 1.0)), prompt_tokens, y)
-                return out
-
-            # generator step: lower the objective through δ, surrogate fixed
-            generator.train()
-            surrogate.model.eval()
-            set_frozen(surrogate.model, True)
-            delta = _resize_noise(generator(emb, z, states), h, w)
-            p_delta = _resize_noise(generator(p_emb, p_z, p_states), h, w) if y is not None else None
-            loss = objective(delta, p_delta)
-            g_opt.zero_grad(set_to_none=True)
-            loss.backward()
-            sync_grads(generator.parameters(), world)
-            g_opt.step()
-            g_sched.step()
-            if not pretrained:  # surrogate step on the perturbed pairs (min-min)
-                set_frozen(trainable, False)
-                surrogate.model.train()
-                surrogate_step(objective(delta.detach(), p_delta.detach() if p_delta is not None else None))
-        step += 1
-        seen += len(batch)
-        window.append(float(loss.detach()))
-        in_warmup = step <= warmup
-        if step % 20 == 0 or step in (warmup, total):
-            now = time.perf_counter()
-            phase = "surrogate warm-up" if in_warmup else "generator"
-            record = {"phase": phase, "step": step if in_warmup else step - warmup,
-                      "loss": sum(window) / len(window)}
-            if not in_warmup:
-                history.append(dict(record))
-            if progress is not None:
-                progress({**record, "steps": warmup if in_warmup else cfg.steps, "seconds": now - started,
-                          "images_per_s": seen / max(now - tick, 1e-9)})
-            window, seen, tick = [], 0, now
-        if checkpoint_every and step % checkpoint_every == 0 and step < total:
-            sync_buffers(generator, world)  # every process holds the same state from here
-        if checkpoint is not None and checkpoint_every and step % checkpoint_every == 0 and step < total:
-            checkpoint(copy.deepcopy({  # a snapshot: the live tensors keep changing
-                "step": step, "generator": generator.state_dict(), "surrogate": clip_state(surrogate),
-                "conditioner": clip_state(conditioner) if conditioner is not None else None, "g_opt": g_opt.state_dict(), "s_opt": s_opt.state_dict(),
-                "g_sched": g_sched.state_dict(), "rng": gen.get_state(), "history": history,
-                "order": order, "cursor": cursor, "window": window,
-            }))
-    assert conditioner is not None
-    sync_buffers(generator, world)
-    config = {
-        "method": "t2ue",
-        **dataclasses.asdict(cfg),
-        "surrogate": recorded_cfg,
-        "device": device.type,
-        "fit_size": [h, w],
-        "n_train": n,
-        "text_dim": text_dim,
-        "token_dim": token_dim,
-        "context_length": int(tokens.shape[1]),
-        "loss_history": history,
-        "final_loss": history[-1]["loss"] if history else None,
-        "surrogate_trained": not pretrained,
-        "processes": world,
-        "fit_architectures": [clip_arch_id(recorded_cfg)],
-    }
-    weights = {
-        "generator": {k: v.detach().cpu().clone() for k, v in generator.state_dict().items()},
-        "text_encoder": {**_text_only_state(conditioner),
-                         **({"caption_mean": text_mean} if text_mean is not None else {})},
-    }
-    return config, weights
-
-
-def fit_t2ue_from_options(images: torch.Tensor, labels: torch.Tensor, captions: list[str | None],
-                          options: dict[str, Any], progress: Progress | None = None, **kwargs: Any
-                          ) -> tuple[dict[str, Any], dict[str, dict[str, torch.Tensor]]]:
-    """The fitter registered under ``"t2ue"`` (needs captions; checkpoints, resumes, multi-process)."""
-    return fit_t2ue(images, [str(c) for c in captions], T2UEConfig.from_options(options), progress,
-                    labels=labels, **kwargs)
-
-
-# --------------------------------------------------------------------------- apply
-
-
-class TextToUnlearnable(ProtectionMethod):
+class TextToUnlearnable(FittedMethod):
     """Apply a fitted T2UE generator: noise from each sample's caption (or class prompt) and z."""
 
     name = "t2ue"
@@ -485,7 +119,7 @@ class TextToUnlearnable(ProtectionMethod):
     def __init__(self, config: dict[str, Any], weights: dict[str, dict[str, torch.Tensor]], *,
                  mode: str = "sample", class_names: list[str] | None = None, template: str = DEFAULT_TEMPLATE,
                  seed: int = 0, fingerprint: str | None = None):
-        super().__init__(epsilon=float(config["epsilon"]))
+        super().__init__(config, fingerprint)
         if mode not in MODES:
             raise UserError(f"unknown T2UE mode {mode!r}; choose sample or class")
         if mode == "class":
@@ -497,8 +131,6 @@ class TextToUnlearnable(ProtectionMethod):
         self.class_names = list(class_names or [])
         self.template = template
         self.seed = int(seed)
-        self._config = dict(config)
-        self._fingerprint = fingerprint
         self.z_dim = int(config["z_dim"])
         self.text_pool = str(config.get("text_pool", "eot"))
         if self.text_pool not in TEXT_POOLS:
@@ -508,27 +140,7 @@ class TextToUnlearnable(ProtectionMethod):
         if self.objective == "em" and config.get("text_encoder") != "open_clip":
             if "generator" not in weights:
                 raise UserError("T2UE artifact lacks its generator weights")
-            from uge_protect.models import static_text
-            from uge_protect.models.text_encoders import MINILM, CachedEncoder, encoder_from_tensors, load_text_encoder
-
-            ident = config["text_encoder_identity"]
-            # the static table or encoder files the artifact carries, or the installed MiniLM
-            # package: never a path or a Hub name read from the (untrusted) artifact
-            if ident.get("pooling") == static_text.POOLING:
-                if "text_encoder" not in weights:
-                    raise UserError("T2UE artifact records a static caption encoder but does not carry it "
-                                    "(text_encoder.safetensors); refit it")
-                sentence = static_text.from_tensors(weights["text_encoder"], ident)
-            elif ident["name"] == MINILM:
-                sentence = load_text_encoder(MINILM, expected_sha256=str(ident["sha256"]))
-            elif "text_encoder" in weights:
-                sentence = encoder_from_tensors(weights["text_encoder"], name=str(ident["name"]),
-                                                where="T2UE artifact's caption encoder",
-                                                expected_sha256=str(ident["sha256"]))
-            else:
-                raise UserError("T2UE artifact names a caption encoder other than minilm but does not carry "
-                                "its files (text_encoder.safetensors); refit it")
-            self.sentence_encoder = CachedEncoder(sentence)
+            self.sentence_encoder = _artifact_sentence_encoder(config, weights)
             if self.sentence_encoder.encoder.dim != int(config["text_dim"]):
                 raise UserError("T2UE artifact's caption encoder does not have the recorded dimension")
             self.encoder = None
@@ -608,9 +220,6 @@ class TextToUnlearnable(ProtectionMethod):
         self.generator.to(self.device)
         return self
 
-    def fingerprint(self) -> str | None:
-        return self._fingerprint
-
     def fit_architectures(self) -> list[str]:
         """em: the EM surrogate its concept noise was fitted against; infonce: the surrogate CLIP."""
         if self.objective == "em":
@@ -627,7 +236,7 @@ class TextToUnlearnable(ProtectionMethod):
         extra: dict[str, Any] = {"mode": self.mode, "seed": self.seed, "apply_chunk": APPLY_CHUNK}
         if self.mode == "class":
             extra.update(class_names=self.class_names, template=self.template)
-        return {**super().config(), **{k: self._config.get(k) for k in keep}, **extra}
+        return self.public_config(keep, **extra)
 
     def prompts_and_latents(self, batch: ProtectBatch) -> tuple[list[str], torch.Tensor]:
         """The text each sample's noise is made from, and its z (B, z_dim)."""
