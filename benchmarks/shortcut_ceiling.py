@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from efficacy_common import protocol_data, write_table
 from efficacy_protocol import _git, _hardware
 
-from uge_protect.eval.classify import TrainSettings, train_classifier
+from uge_protect.eval.classify import TrainSettings, fit_classifier
 
 
 def shortcut(labels: torch.Tensor, classes: int, side: int, epsilon: float, block: int, seed: int) -> torch.Tensor:
@@ -54,7 +54,7 @@ def main() -> None:
         k, side = train.num_classes, train.images.shape[-1]
         for arch in a.archs:
             s = TrainSettings(arch=arch, epochs=a.epochs, seed=a.seed)
-            clean = train_classifier(train.images, train.labels, test.images, test.labels, k, s)["final_test_acc"]
+            clean = fit_classifier(train.images, train.labels, test.images, test.labels, k, s)[1]["final_test_acc"]
             row = {"dataset": dataset, "arch": arch, "clean": clean, "shortcut": {}}
             if clean < 2 / k:  # it does not learn this data in the budget: no shortcut can show anything
                 print(f"[{dataset}] {arch}: clean {100 * clean:.1f}%: did not learn, left out", flush=True)
@@ -62,7 +62,7 @@ def main() -> None:
             for eps in a.epsilons:
                 delta = shortcut(train.labels, k, side, eps / 255, a.block, a.seed)
                 x = ((train.images.float() / 255 + delta).clamp(0, 1) * 255).round().to(torch.uint8)
-                acc = train_classifier(x, train.labels, test.images, test.labels, k, s)["final_test_acc"]
+                acc = fit_classifier(x, train.labels, test.images, test.labels, k, s)[1]["final_test_acc"]
                 row["shortcut"][f"{eps:g}"] = acc
                 print(f"[{dataset}] {arch}: clean {100 * clean:.1f}%, shortcut ±{eps:g}/255 {100 * acc:.1f}%", flush=True)
             rows.append(row)

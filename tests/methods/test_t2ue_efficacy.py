@@ -12,7 +12,7 @@ import glob
 import pytest
 import torch
 
-from uge_protect.eval.classify import TrainSettings, train_classifier
+from uge_protect.eval.classify import TrainSettings, fit_classifier
 from uge_protect.shards.dataset import load_shards
 from uge_protect.shards.demo import write_demo_dataset
 from uge_protect.methods.artifact import save_artifact
@@ -45,8 +45,8 @@ def test_a_classifier_trained_on_t2ue_data_learns_the_noise_not_the_shapes(demo)
     protected = ((train.images.float() / 255 + delta).clamp(0, 1) * 255).round().to(torch.uint8)
     assert int((protected.int() - train.images.int()).abs().max()) <= 8
     settings = TrainSettings(arch="small_cnn", epochs=EPOCHS)
-    clean = train_classifier(train.images, train.labels, test.images, test.labels, 10, settings)["final_test_acc"]
-    prot = train_classifier(protected, train.labels, test.images, test.labels, 10, settings)["final_test_acc"]
+    clean = fit_classifier(train.images, train.labels, test.images, test.labels, 10, settings)[1]["final_test_acc"]
+    prot = fit_classifier(protected, train.labels, test.images, test.labels, 10, settings)[1]["final_test_acc"]
     # measured: clean 61%, protected 16% (chance 10%)
     assert clean >= 0.45, clean
     assert prot <= 0.28 and prot <= clean - 0.25, (clean, prot)

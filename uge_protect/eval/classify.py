@@ -79,11 +79,6 @@ def evaluate(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
     return confusion_matrix(torch.cat(preds), labels, num_classes)
 
 
-def train_classifier(*args: Any, **kwargs: Any) -> dict[str, Any]:
-    """Train a classifier and return its results (see :func:`fit_classifier`, which also returns the model)."""
-    return fit_classifier(*args, **kwargs)[1]
-
-
 def fit_classifier(
     train_images: torch.Tensor,
     train_labels: torch.Tensor,
@@ -114,34 +109,15 @@ def fit_classifier(
     s = settings
     if s.epochs < 1 or s.batch_size < 1:
         raise ValueError("epochs and batch size must be at least 1")
-    device = s.device
     g = torch.Generator().manual_seed(s.seed)
-    model = (build_model() if build_model is not None else build_classifier(s.arch, num_classes, seed=s.seed)).to(device)
+    model = (build_model() if build_model is not None else build_classifier(s.arch, num_classes, seed=s.seed)).to(s.device)
     if teacher is not None:
-        teacher = teacher.to(device).eval()
-    params = [p for p in model.parameters() if p.requires_grad]
-    if s.optimizer == "sgd":
-        opt: torch.optim.Optimizer = torch.optim.SGD(params, lr=s.lr, momentum=0.9, nesterov=True,
-                                                     weight_decay=s.weight_decay)
-    elif s.optimizer == "adamw":
-        opt = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
-    else:
-        raise ValueError(f"unknown optimizer {s.optimizer!r}; choose sgd or adamw")
+        teacher = teacher.to(s.device).eval()
     n = train_images.shape[0]
-    steps_per_epoch = max(1, math.ceil(n / s.batch_size))
-    total = s.epochs * steps_per_epoch
-    if s.schedule == "onecycle" and total >= 4:
-        # warm up over a quarter of the steps (at least two, so very short runs stay valid)
-        sched: torch.optim.lr_scheduler.LRScheduler = torch.optim.lr_scheduler.OneCycleLR(
-            opt, max_lr=s.lr, total_steps=total, pct_start=min(0.5, max(0.25, 2.0 / total)))
-    elif s.schedule in ("cosine", "onecycle"):  # onecycle needs a few steps; tiny runs use cosine
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
-    else:
-        raise ValueError(f"unknown schedule {s.schedule!r}; choose onecycle or cosine")
-    side = min(train_images.shape[-2:])
-    cut = s.cutout_size or max(1, side // 2)
+    opt, sched = _optimizer_and_schedule(model, s, s.epochs * max(1, math.ceil(n / s.batch_size)))
+    step = _Step(model, opt, sched, s, defense, num_classes, g, teacher, temperature,
+                 cut=s.cutout_size or max(1, min(train_images.shape[-2:]) // 2))
     labels = train_labels.long()
-
     per_epoch: list[dict[str, Any]] = []
     cm = None
     started = time.perf_counter()
@@ -152,52 +128,95 @@ def fit_classifier(
         epoch_images = train_images
         if defense.name == "strong-aug":
             epoch_images = trivial_augment(train_images, seed=int(torch.randint(0, 2**31 - 1, (1,), generator=g)))
-        loss_sum = 0.0
-        correct = 0
-        seen = 0
+        loss_sum, correct, seen = 0.0, 0, 0
         for i in range(0, n, s.batch_size):
             idx = order[i:i + s.batch_size]
             if idx.numel() == 1 and n > 1:
                 continue  # a last batch of one sample: batch norm cannot train on it
-            x = _to_float(epoch_images[idx], device)
-            y = labels[idx].to(device)
-            x = random_crop_flip(x, s.crop_padding, s.flip, g)
-            soft = None
-            if defense.name == "cutout":
-                x = cutout(x, cut, g)
-            elif defense.name == "mixup":
-                x, soft, _ = mixup(x, y, num_classes, s.mixup_alpha, g)
-            elif defense.name == "adv-train":
-                x = pgd_attack(model, x, y, epsilon=s.adv_epsilon, step=s.adv_step, steps=s.adv_steps, generator=g)
-            logits = model(x)
-            if teacher is not None:
-                with torch.no_grad():
-                    target = teacher(x)
-                loss = distillation(logits, target, temperature)
-            else:
-                loss = F.cross_entropy(logits, soft if soft is not None else y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            loss_sum += loss.detach().item() * y.shape[0]
-            correct += int((logits.argmax(1) == y).sum())
-            seen += y.shape[0]
-        cm = evaluate(model, test_images, test_labels, num_classes, device, s.eval_batch_size)
-        record = {
-            "epoch": epoch,
-            "train_loss": loss_sum / seen,
-            "train_acc": correct / seen,
-            "test_acc": accuracy_from_confusion(cm),
-            "seconds": time.perf_counter() - t0,
-        }
+            batch_loss, batch_correct, batch_seen = step(epoch_images[idx], labels[idx])
+            loss_sum += batch_loss
+            correct += batch_correct
+            seen += batch_seen
+        cm = evaluate(model, test_images, test_labels, num_classes, s.device, s.eval_batch_size)
+        record = {"epoch": epoch, "train_loss": loss_sum / seen, "train_acc": correct / seen,
+                  "test_acc": accuracy_from_confusion(cm), "seconds": time.perf_counter() - t0}
         per_epoch.append(record)
         if on_epoch is not None:
             on_epoch(record)
     assert cm is not None
+    return model, _results(s, defense, per_epoch, cm, started)
+
+
+def _optimizer_and_schedule(model: torch.nn.Module, s: TrainSettings, total: int
+                            ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """The optimizer and learning-rate schedule of ``s`` over ``total`` steps."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if s.optimizer == "sgd":
+        opt: torch.optim.Optimizer = torch.optim.SGD(params, lr=s.lr, momentum=0.9, nesterov=True,
+                                                     weight_decay=s.weight_decay)
+    elif s.optimizer == "adamw":
+        opt = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
+    else:
+        raise ValueError(f"unknown optimizer {s.optimizer!r}; choose sgd or adamw")
+    if s.schedule == "onecycle" and total >= 4:
+        # warm up over a quarter of the steps (at least two, so very short runs stay valid)
+        sched: torch.optim.lr_scheduler.LRScheduler = torch.optim.lr_scheduler.OneCycleLR(
+            opt, max_lr=s.lr, total_steps=total, pct_start=min(0.5, max(0.25, 2.0 / total)))
+    elif s.schedule in ("cosine", "onecycle"):  # onecycle needs a few steps; tiny runs use cosine
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
+    else:
+        raise ValueError(f"unknown schedule {s.schedule!r}; choose onecycle or cosine")
+    return opt, sched
+
+
+@dataclass
+class _Step:
+    """One training step on a uint8 batch: augmentation, the training-time defense, the loss
+    (labels, or a teacher's softened outputs) and the update."""
+
+    model: torch.nn.Module
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LRScheduler
+    s: TrainSettings
+    defense: Defense
+    num_classes: int
+    g: torch.Generator
+    teacher: torch.nn.Module | None
+    temperature: float
+    cut: int
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[float, int, int]:
+        """Train on one batch; returns (summed loss, correct predictions, samples)."""
+        s, g = self.s, self.g
+        x = random_crop_flip(_to_float(images, s.device), s.crop_padding, s.flip, g)
+        y = labels.to(s.device)
+        soft = None
+        if self.defense.name == "cutout":
+            x = cutout(x, self.cut, g)
+        elif self.defense.name == "mixup":
+            x, soft, _ = mixup(x, y, self.num_classes, s.mixup_alpha, g)
+        elif self.defense.name == "adv-train":
+            x = pgd_attack(self.model, x, y, epsilon=s.adv_epsilon, step=s.adv_step, steps=s.adv_steps, generator=g)
+        logits = self.model(x)
+        if self.teacher is not None:
+            with torch.no_grad():
+                target = self.teacher(x)
+            loss = distillation(logits, target, self.temperature)
+        else:
+            loss = F.cross_entropy(logits, soft if soft is not None else y)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        self.sched.step()
+        return loss.detach().item() * y.shape[0], int((logits.argmax(1) == y).sum()), y.shape[0]
+
+
+def _results(s: TrainSettings, defense: Defense, per_epoch: list[dict[str, Any]], cm: torch.Tensor,
+             started: float) -> dict[str, Any]:
+    """What :func:`fit_classifier` returns besides the model."""
     accs = [r["test_acc"] for r in per_epoch]
     best = max(range(len(accs)), key=lambda i: accs[i])
-    return model, {
+    return {
         "settings": {**asdict(s), "defense": defense.spec},
         "per_epoch": per_epoch,
         "final_test_acc": accs[-1],

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import sys
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -24,8 +24,10 @@ from uge_protect.methods.artifact import artifact_fingerprint, save_artifact, wr
 from uge_protect.methods.base import FitContext, Progress
 from uge_protect.methods.registry import fit_needs, fitter_supports_checkpoints, get_fitter
 
+log = logging.getLogger(__name__)
 
-def _print_progress(event: dict[str, Any]) -> None:
+
+def _log_progress(event: dict[str, Any]) -> None:
     if "step" in event:
         phase = f"{event['phase']} " if event.get("phase") else ""
         parts = [f"{phase}step {event['step']}/{event.get('steps')}"]
@@ -36,11 +38,10 @@ def _print_progress(event: dict[str, Any]) -> None:
             parts.append(f"{event['images_per_s']:.0f} img/s")
         if "seconds" in event:
             parts.append(f"{event['seconds']:.1f} s")
-        print("fit: " + ", ".join(parts), file=sys.stderr, flush=True)
+        log.info("fit: " + ", ".join(parts))
         return
     if "message" in event:  # a free-form stage of a fit (what it does next)
-        print(f"fit: {event['message']}" + (f", {event['seconds']:.1f} s" if "seconds" in event else ""),
-              file=sys.stderr, flush=True)
+        log.info(f"fit: {event['message']}" + (f", {event['seconds']:.1f} s" if "seconds" in event else ""))
         return
     parts = [f"round {event.get('round')}/{event.get('max_rounds')}"]
     if event.get("phase"):
@@ -49,7 +50,7 @@ def _print_progress(event: dict[str, Any]) -> None:
         parts.append(f"surrogate train error {100 * event['train_error']:.2f}%")
     if "seconds" in event:
         parts.append(f"{event['seconds']:.1f} s")
-    print("fit: " + ", ".join(parts), file=sys.stderr, flush=True)
+    log.info("fit: " + ", ".join(parts))
 
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -121,16 +122,14 @@ def _training_set(method: str, train_patterns: list[str], data: InMemoryDataset,
     return data.images[keep], data.labels[keep], captions, what
 
 
-def _print_saved(method: str, out: Path, config: dict[str, Any], seconds: float) -> None:
+def _log_saved(method: str, out: Path, config: dict[str, Any], seconds: float) -> None:
     err = config.get("train_error")
     loss = config.get("final_loss")
     done = f"after {config['rounds']} rounds" if "rounds" in config else f"after {config.get('steps')} steps"
-    print(
+    log.info(
         f"fit: saved {method} artifact to {out} {done} in {seconds:.1f} s"
         + (f" (surrogate train error {100 * err:.2f}%)" if err is not None else "")
-        + (f" (final loss {loss:.4f})" if loss is not None else ""),
-        file=sys.stderr, flush=True,
-    )
+        + (f" (final loss {loss:.4f})" if loss is not None else ""))
 
 
 def fit_from_shards(
@@ -173,14 +172,12 @@ def fit_from_shards(
     if not quiet:
         size = f"{images.shape[-1]}x{images.shape[-2]}"
         classes = f", {int(labels.max()) + 1} classes" if needs == "labels" else ""
-        print(
+        log.info(
             f"fit: {n_keep} training images ({size}{classes}); "
             f"{len(data) - n_keep} without {what} and {data.skipped} undecodable left out"
             + (f"; resuming at step {state['step']}" if state else "")
-            + (f"; {world} processes" if world > 1 else ""),
-            file=sys.stderr, flush=True,
-        )
-    ctx = FitContext(rank=rank, world=world, device=device, progress=progress or (None if quiet else _print_progress))
+            + (f"; {world} processes" if world > 1 else ""))
+    ctx = FitContext(rank=rank, world=world, device=device, progress=progress or (None if quiet else _log_progress))
     if fitter_supports_checkpoints(method):
         out.mkdir(mode=0o700, parents=True, exist_ok=True)
         save = (lambda st: _save_checkpoint(ckpt, st, key)) if rank == 0 else None
@@ -191,7 +188,7 @@ def fit_from_shards(
         ckpt.unlink(missing_ok=True)
     seconds = time.perf_counter() - started
     if not quiet:
-        _print_saved(method, out, config, seconds)
+        _log_saved(method, out, config, seconds)
     return {
         "artifact": str(out),
         "fingerprint": artifact_fingerprint(out) if rank == 0 else None,
