@@ -161,8 +161,8 @@ def fit_t2ue(images: torch.Tensor, captions: list[str], cfg: T2UEConfig, ctx: Fi
              *, labels: torch.Tensor | None = None) -> FitResult:
     """Fit T2UE on uint8 ``images`` (N, 3, H, W) and their ``captions`` with ``cfg.objective``.
 
-    ``em`` (:mod:`t2ue_amortised`) runs the same in every process of a launch and ignores
-    checkpoints (it takes minutes); ``infonce`` is :func:`fit_t2ue_infonce`.
+    ``em`` (:mod:`uge_protect.methods.t2ue.amortised`) runs the same in every process of a
+    launch and ignores checkpoints (it takes minutes); ``infonce`` is :func:`fit_t2ue_infonce`.
     """
     ctx = ctx or FitContext()
     cfg.validate()

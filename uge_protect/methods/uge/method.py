@@ -13,8 +13,8 @@ the image, δ = ε·tanh(G(x)), and is trained with three losses (:mod:`uge_prot
 * L_gm (gradient matching): the authorized network's gradients on x + δ match those on x at
   points of its training trajectory (snapshots taken while it is first trained on x).
 
-Authorization (:mod:`uge_key`). With the key projection on (the default) the authorized
-network's first operation removes each pixel's colour component along a secret direction
+Authorization (:mod:`uge_protect.methods.uge.key`). With the key projection on (the default)
+the authorized network's first operation removes each pixel's colour component along a secret direction
 v drawn from the key, and δ is written along v only: the authorized network sees exactly the
 clean images (L_gm is then identically zero and is not computed), every other network sees
 the noise. With ``key_projection=False`` the authorized network is the bare architecture,
