@@ -39,7 +39,7 @@ PHOTO_RATIO, DEMO_ABSOLUTE, OWNER_GAP = 0.5, 0.25, 0.03
 
 
 def _order(arch: str) -> tuple[int, str]:
-    from uge_protect.eval.runner import DEFAULT_ARCHS
+    from uge_protect.eval.config import DEFAULT_ARCHS
 
     return (DEFAULT_ARCHS.index(arch) if arch in DEFAULT_ARCHS else len(DEFAULT_ARCHS), arch)
 
@@ -168,7 +168,7 @@ def main() -> None:
     p.add_argument("--tag", default=None,
                    help="write <dataset>-<tag>.md/.json (a trial or a subset of methods) instead of <dataset>.md")
     a = p.parse_args()
-    from uge_protect.eval.runner import DEFAULT_ARCHS
+    from uge_protect.eval.config import DEFAULT_ARCHS
 
     archs = list(a.archs) if a.archs else list(DEFAULT_ARCHS)
     fit_args = {m: v.split() for m, v in (item.split("=", 1) for item in a.fit_args)}

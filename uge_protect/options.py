@@ -35,7 +35,8 @@ class OptionSpec:
     ``passed``: the command line always passes its value (default included), e.g. because it
     is part of a fit's identity; other options pass only what was given. ``modes``: the modes
     that use the option, for the help of a command over several configs (default: the modes
-    of the configs that have it).
+    of the configs that have it). ``repeatable``: a list given by repeating the option (else
+    a list of names is given as one text, see ``cli.common.class_names_option``).
     """
 
     help: str
@@ -53,6 +54,7 @@ class OptionSpec:
     required: bool = False
     passed: bool = False
     modes: str | None = None
+    repeatable: bool = False
 
 
 def option(default: Any = dataclasses.MISSING, *, help: str, factory: Callable[[], Any] | None = None,

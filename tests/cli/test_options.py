@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 import pytest
 import typer
@@ -11,12 +12,14 @@ from typer.testing import CliRunner
 from uge_protect.cli.app import SHARD_SOURCES, app
 from uge_protect.cli.fit_cmd import FIT_SOURCES
 from uge_protect.errors import UserError
+from uge_protect.eval.config import EvalConfig
 from uge_protect.methods.em.config import EMClipConfig, EMConfig
 from uge_protect.methods.t2ue.config import T2UEConfig
 from uge_protect.options import check_options, default_text, field_default, format_value, spec_of
 
 runner = CliRunner()
-COMMANDS = {("fit", name): sources for name, sources in FIT_SOURCES.items()} | {("shard",): SHARD_SOURCES}
+COMMANDS = ({("fit", name): sources for name, sources in FIT_SOURCES.items()}
+            | {("shard",): SHARD_SOURCES, ("eval",): ((EvalConfig, None),)})
 
 
 def _click_command(path):
@@ -88,13 +91,14 @@ def test_the_command_passes_what_was_given_and_the_passed_defaults(monkeypatch, 
     out = str(tmp_path / "a")
     assert runner.invoke(app, ["fit", "em", "x.tar", "-o", out]).exit_code == 0
     assert calls[-1] == ("em", ["x.tar"], out, {"mode": "sample", "epsilon": 8 / 255, "seed": 0, "device": "auto"},
-                         {"quiet": False})
+                         {})
     result = runner.invoke(app, ["fit", "t2ue", "x.tar", "-o", out, "--class-names", "a,b", "--lock-text",
                                  "--steps", "3", "-q"])
     assert result.exit_code == 0, result.output
     assert calls[-1][3] == {"epsilon": 8 / 255, "seed": 0, "device": "auto", "class_names": ["a", "b"],
                             "lock_text": True, "steps": 3}
-    assert calls[-1][4] == {"quiet": True, "checkpoint_every": 100, "resume": False}
+    assert calls[-1][4] == {"checkpoint_every": 100, "resume": False}
+    assert logging.getLogger("uge_protect").handlers[0].level == logging.WARNING  # -q: warnings only
     result = runner.invoke(app, ["fit", "uge", "x.tar", "-o", out, "--authorized", "small_cnn", "--image-only"])
     assert result.exit_code == 0, result.output
     assert calls[-1][3] == {"authorized": "small_cnn", "label_conditioned": False, "epsilon": 8 / 255, "seed": 0,

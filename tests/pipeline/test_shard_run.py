@@ -186,7 +186,10 @@ def test_log_json_records_shards(make_shards, tmp_path):
     events = [json.loads(line) for line in log.read_text().splitlines()]
     done = [e for e in events if e["event"] == "shard_done"]
     assert sorted(e["shard"] for e in done) == [p.name for p in shards]
-    assert events[-1]["event"] == "rank_done" and events[-1]["written"] == 6
+    names = [e["event"] for e in events]
+    assert names[0] == "run_start" and events[0]["inputs"] == 2
+    assert names[-2:] == ["rank_done", "run_end"] and events[-2]["written"] == 6
+    assert events[-1]["written"] == 6 and events[-1]["samples"] == 6 and events[-1]["failed"] == 0
 
 
 def test_inspect_reports_a_damaged_output_shard(make_shards, tmp_path):

@@ -161,7 +161,8 @@ def test_cli_writes_shards_that_load(photo_dir, tmp_path):
 def test_the_protocol_runs_on_the_photographs_in_small(built, tmp_path):
     """The photo benchmark and every default hacker architecture, in small: one epoch each on
     the tiny build, protected with `random`; every row gets its role and the report its headline."""
-    from uge_protect.eval.runner import DEFAULT_ARCHS, EvalConfig, run_evaluation
+    from uge_protect.eval.config import DEFAULT_ARCHS
+    from uge_protect.eval.runner import EvalConfig, run_evaluation
     from uge_protect.pipeline import ShardJobConfig, run_shard_job
     from uge_protect.methods.registry import create_method
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
 import re
 import signal
 from pathlib import Path
@@ -12,13 +13,15 @@ from typing import Any, List, NoReturn, Optional
 
 import typer
 
-from uge_protect.cli.common import fail, one_error_line, os_error_text
+from uge_protect.cli.common import LOG_JSON, QUIET, fail, logged_command, one_error_line, os_error_text
 from uge_protect.cli.options import Source, cli_options, command_with_options, given_values, parameter
 from uge_protect.errors import RunFailed, Terminated, UserError
-from uge_protect.methods.t2ue.config import T2UEApplyOptions
+from uge_protect.methods.registry import apply_option_sources
 from uge_protect.options import help_of
 from uge_protect.pipeline.config import MethodOptions, ShardJobConfig
 from uge_protect.shards.decode import DEFAULT_MAX_PIXELS
+
+_log = logging.getLogger("uge_protect.cli")
 
 app = typer.Typer(
     add_completion=False,
@@ -38,50 +41,57 @@ def _root() -> None:
 
 
 
-#: ``shard``'s options: the run's, every method's, and each method's own (labelled in the help).
-SHARD_SOURCES: tuple[Source, ...] = ((ShardJobConfig, None), (MethodOptions, None), (T2UEApplyOptions, "t2ue"))
+#: ``shard``'s options: the run's, every method's, and each method's own from its registry
+#: entry (labelled with the method's name in the help).
+SHARD_SOURCES: tuple[Source, ...] = ((ShardJobConfig, None), (MethodOptions, None), *apply_option_sources())
 _SHARD_OPTIONS = cli_options(*SHARD_SOURCES)
 _JOB_FIELDS = {f.name for f in dataclasses.fields(ShardJobConfig)}
 
 
 def _shard(values: dict[str, Any], inputs: List[str], output: Path, method: str, artifact: Optional[Path]) -> None:
     """Protect every image of the input shards into OUTPUT (one output shard per input shard)."""
-    from uge_protect.methods.registry import create_method
-    from uge_protect.pipeline import run_shard_job
-    from uge_protect.pipeline.lifecycle import sigterm_stops_the_run, stop_point, stop_requested
+    from uge_protect.pipeline.lifecycle import sigterm_stops_the_run
 
     quiet = bool(values["quiet"])
-    summary = None
     # Until the run begins a stop signal raises at once; the run sets where it may raise.
-    with sigterm_stops_the_run(at_once=True, ignore_when_done=_ENDS_WITH_THE_COMMAND):
-        try:
-            given = {k: v for k, v in given_values(_SHARD_OPTIONS, values).items() if v is not None}
-            job = {k: v for k, v in given.items() if k in _JOB_FIELDS}
-            method_options = {k: v for k, v in given.items() if k not in _JOB_FIELDS}
-            method_obj = create_method(method, str(artifact) if artifact else None, **method_options)
-            cfg = ShardJobConfig(inputs=list(inputs), output=str(output), **job)
-            if cfg.lossy:
-                typer.echo(
-                    f"warning: {cfg.image_format} output is lossy and weakens the protection; "
-                    "this is recorded in the manifests", err=True,
-                )
-            summary = run_shard_job(cfg, method_obj)
-            stop_point()  # a signal after the run finished still means the command was stopped
-        except RunFailed as exc:  # written, but not acceptable as it is
-            if not quiet:
-                _print_summary(exc.summary, output)
-            typer.echo(f"error: {exc}", err=True)
-            raise typer.Exit(code=1) from None
-        except (UserError, ValueError) as exc:
-            fail(str(exc))
-        except OSError as exc:  # disk full, permissions changed mid-run, ...
-            if stop_requested() is not None:  # e.g. writing to the terminal SIGHUP said was closed
-                _interrupted(stop_requested())
-            fail(f"{os_error_text(exc)} (rerun to resume)")
-        except KeyboardInterrupt as exc:  # Ctrl-C, SIGTERM, SIGHUP (Terminated)
-            _interrupted(exc.signum if isinstance(exc, Terminated) else signal.SIGINT)
-    if summary and "counts" in summary and not quiet:
-        _print_summary(summary, output)
+    with logged_command("shard", quiet, values["log_json"]):
+        with sigterm_stops_the_run(at_once=True, ignore_when_done=_ENDS_WITH_THE_COMMAND):
+            summary = _run_shard(values, inputs, output, method, artifact)
+        if summary and "counts" in summary:
+            _print_summary(summary, output)
+
+
+def _run_shard(values: dict[str, Any], inputs: List[str], output: Path, method: str,
+               artifact: Optional[Path]) -> dict[str, Any] | None:
+    """The run of ``shard``, each failure as one ``error:`` line and its exit status."""
+    from uge_protect.methods.registry import create_method
+    from uge_protect.pipeline import run_shard_job
+    from uge_protect.pipeline.lifecycle import stop_point, stop_requested
+
+    try:
+        given = {k: v for k, v in given_values(_SHARD_OPTIONS, values).items() if v is not None}
+        job = {k: v for k, v in given.items() if k in _JOB_FIELDS}
+        method_options = {k: v for k, v in given.items() if k not in _JOB_FIELDS}
+        method_obj = create_method(method, str(artifact) if artifact else None, **method_options)
+        cfg = ShardJobConfig(inputs=list(inputs), output=str(output), **job)
+        if cfg.lossy:
+            _log.warning(f"{cfg.image_format} output is lossy and weakens the protection; "
+                         "this is recorded in the manifests")
+        summary = run_shard_job(cfg, method_obj)
+        stop_point()  # a signal after the run finished still means the command was stopped
+        return summary
+    except RunFailed as exc:  # written, but not acceptable as it is
+        _print_summary(exc.summary, output)
+        _log.error(str(exc))
+        raise typer.Exit(code=1) from None
+    except (UserError, ValueError) as exc:
+        fail(str(exc))
+    except OSError as exc:  # disk full, permissions changed mid-run, ...
+        if stop_requested() is not None:  # e.g. writing to the terminal SIGHUP said was closed
+            _interrupted(stop_requested())
+        fail(f"{os_error_text(exc)} (rerun to resume)")
+    except KeyboardInterrupt as exc:  # Ctrl-C, SIGTERM, SIGHUP (Terminated)
+        _interrupted(exc.signum if isinstance(exc, Terminated) else signal.SIGINT)
 
 
 app.command("shard")(command_with_options(_shard, [
@@ -104,11 +114,10 @@ def _interrupted(signum: int) -> NoReturn:
 def _print_summary(summary: dict, output: Path) -> None:
     c = summary["counts"]
     t = summary["timings"]
-    typer.echo(
+    _log.info(
         f"protected {c['written']} of {c['samples']} samples in {c['shards']} shards "
         f"({c['failed']} failed{': ' + ', '.join(f'{k} {v}' for k, v in summary['failures'].items()) if c['failed'] else ''}); "
-        f"{t['images_per_second']} img/s this run; output: {output}",
-        err=True,
+        f"{t['images_per_second']} img/s this run; output: {output}"
     )
 
 
@@ -225,20 +234,23 @@ def demo_data(
     image_size: int = typer.Option(32, "--image-size", help="Image side in pixels."),
     per_shard: int = typer.Option(1000, "--per-shard", help="Samples per shard."),
     seed: int = typer.Option(0, "--seed", help="Generator seed."),
+    quiet: bool = QUIET,
+    log_json: Optional[Path] = LOG_JSON,
 ) -> None:
     """Write the embedded, deterministic demo image-text dataset."""
     from uge_protect.shards.demo import write_demo_dataset
 
-    try:
+    with logged_command("demo-data", quiet, log_json), one_error_line():
         summary = write_demo_dataset(
             directory, n_train=n_train, n_test=n_test, image_size=image_size,
             samples_per_shard=per_shard, seed=seed,
         )
-    except (ValueError, OSError) as exc:
-        fail(str(exc))
-        return
+        _log_dataset_written(summary, directory, image_size)
+
+
+def _log_dataset_written(summary: dict[str, Any], directory: Path, image_size: int) -> None:
     splits = summary["splits"]
-    typer.echo(
+    _log.info(
         f"wrote {splits['train']['n']} train and {splits['test']['n']} test samples "
         f"({len(summary['classes'])} classes, {image_size}x{image_size}) to {directory}/train and {directory}/test"
     )
@@ -253,23 +265,21 @@ def photo_data(
     per_shard: int = typer.Option(1000, "--per-shard", "--shard-size", help="Samples per shard."),
     seed: int = typer.Option(0, "--seed", help="Generator seed."),
     photos: Optional[List[Path]] = typer.Option(None, "--photos", help="Directory holding the photographs (usr/share/backgrounds or a root above it; repeatable). Default: /usr/share/backgrounds, then .cache/photos (`make photos`)."),
+    quiet: bool = QUIET,
+    log_json: Optional[Path] = LOG_JSON,
 ) -> None:
     """Write the benchmark of real photographs with captions (crops of Debian wallpapers; test crops from regions never used in training)."""
     from uge_protect.shards.photos import write_photo_dataset
 
-    with one_error_line():
+    with logged_command("photo-data", quiet, log_json), one_error_line():
         summary = write_photo_dataset(
             directory, train_per_class=train_per_class, test_per_class=test_per_class,
             image_size=image_size, samples_per_shard=per_shard, seed=seed,
             photo_dirs=list(photos) if photos else None,
         )
-    for name, counts in summary["counts"].items():
-        typer.echo(f"{name:>16}: {counts['train']} train, {counts['test']} test")
-    splits = summary["splits"]
-    typer.echo(
-        f"wrote {splits['train']['n']} train and {splits['test']['n']} test samples "
-        f"({len(summary['classes'])} classes, {image_size}x{image_size}) to {directory}/train and {directory}/test"
-    )
+        for name, counts in summary["counts"].items():
+            _log.info(f"{name:>16}: {counts['train']} train, {counts['test']} test")
+        _log_dataset_written(summary, directory, image_size)
 
 
 from uge_protect.cli.eval_cmd import eval_command  # noqa: E402

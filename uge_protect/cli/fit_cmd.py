@@ -11,10 +11,9 @@ from typing import Any, Callable, List
 
 import typer
 
-from uge_protect.cli.common import fail
+from uge_protect.cli.common import fail, logged_command, output_parameters
 from uge_protect.cli.options import CliOption, Source, cli_options, command_with_options, given_values, parameter
 from uge_protect.errors import UserError
-from uge_protect.logs import configure
 from uge_protect.methods.em.config import EMClipConfig, EMConfig
 from uge_protect.methods.t2ue.config import T2UEConfig
 from uge_protect.methods.uge.config import UGEConfig
@@ -46,7 +45,7 @@ def _fit_command(method: str, doc: str, data: str, output: str, checkpoints: boo
         parameter("train", List[str], typer.Argument(..., help=f"{data} training shards: paths, globs, {{000..099}} patterns.")),
         parameter("output", Path, typer.Option(..., "--output", "-o", help=output)),
     ]
-    tail = [parameter("quiet", bool, typer.Option(False, "--quiet", "-q", help="No progress output."))]
+    tail = output_parameters()
     if checkpoints:
         tail += [
             parameter("checkpoint_every", int, typer.Option(100, "--checkpoint-every", help=(
@@ -55,16 +54,17 @@ def _fit_command(method: str, doc: str, data: str, output: str, checkpoints: boo
                 "Continue from OUTPUT/checkpoint.pt (same data and options)."))),
         ]
 
-    def body(values: dict[str, Any], train: List[str], output: Path, quiet: bool, **run: Any) -> None:
+    def body(values: dict[str, Any], train: List[str], output: Path, quiet: bool, log_json: Path | None,
+             **run: Any) -> None:
         from uge_protect.pipeline.fit import fit_from_shards
 
-        configure(quiet=quiet)
-        if run.get("checkpoint_every", 0) < 0:
-            fail("--checkpoint-every must be >= 0")
-        try:
-            fit_from_shards(method, list(train), str(output), given_values(options, values), quiet=quiet, **run)
-        except (UserError, ValueError) as exc:
-            fail(str(exc))
+        with logged_command(f"fit {method}", quiet, log_json):
+            if run.get("checkpoint_every", 0) < 0:
+                fail("--checkpoint-every must be >= 0")
+            try:
+                fit_from_shards(method, list(train), str(output), given_values(options, values), **run)
+            except (UserError, ValueError) as exc:
+                fail(str(exc))
 
     return command_with_options(body, fixed, options, doc, tail)
 

@@ -65,7 +65,7 @@ def cli_options(*sources: Source) -> list[CliOption]:
 
 def _cli_option(name: str, entries: list[_Entry], n_sources: int) -> CliOption:
     first = entries[0]
-    spec, kind, parse = first.spec, *_cli_type(first.hint)
+    spec, kind, parse = first.spec, *_cli_type(first.hint, first.spec.repeatable)
     flags = [spec.flag or (f"--{_dashed(name)}/--no-{_dashed(name)}" if kind is bool else f"--{_dashed(name)}")]
     if spec.short:
         flags.append(spec.short)
@@ -74,13 +74,16 @@ def _cli_option(name: str, entries: list[_Entry], n_sources: int) -> CliOption:
     text = f"{prefix}: {_lower_first(spec.help)}" if prefix else spec.help
     # a plain flag (no --off form) is False when absent, so it passes its default
     passed = spec.passed or (kind is bool and "/" not in flags[0])
-    if spec.required:
+    required = spec.required or field_default(first.field) is dataclasses.MISSING
+    if required:
         default: Any = ...
     else:
         default = field_default(first.field) if passed else None
         text += f" (default: {_default_shown(entries)})"
-    annotation = kind if spec.required or passed else Optional[kind]
-    info = typer.Option(default, *flags, help=text, show_default=False)
+    annotation = kind if required or passed else Optional[kind]
+    element = typing.get_args(kind)[0] if typing.get_origin(kind) is list else None
+    info = typer.Option(default, *flags, help=text, show_default=False,
+                        metavar=f"<{element.__name__}>" if element else None)
     parameter = inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=info, annotation=annotation)
     return CliOption(name, parameter, parse, spec, field_default(first.field), passed)
 
@@ -94,12 +97,15 @@ def _default_shown(entries: list[_Entry]) -> str:
                      for t, e in zip(texts, entries))
 
 
-def _cli_type(hint: Any) -> tuple[type, Callable[[Any], Any] | None]:
+def _cli_type(hint: Any, repeatable: bool = False) -> tuple[Any, Callable[[Any], Any] | None]:
     """The command-line type of a field annotated ``hint`` (its first non-None type) and the
-    parser of its given value: a list of names is given as text (see :func:`class_names_option`)."""
+    parser of its given value: a list is given by repeating the option when ``repeatable``,
+    else a list of names is given as text (see :func:`class_names_option`)."""
     args = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
     first = next(a for a in args if a is not type(None))
     if typing.get_origin(first) is list:
+        if repeatable:
+            return typing.List[typing.get_args(first)[0]], list
         return str, class_names_option
     if first in (bool, int, float, str):
         return first, None

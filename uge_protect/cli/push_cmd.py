@@ -3,41 +3,15 @@
 from __future__ import annotations
 
 import logging
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
 import typer
 
-from uge_protect.cli.common import fail
+from uge_protect.cli.common import LOG_JSON, QUIET, fail, logged_command, os_error_text
 from uge_protect.errors import UserError
 
-
-class _EchoHandler(logging.Handler):
-    """Log records as the command's stderr lines, warnings as ``warning: ...``."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        try:
-            msg = record.getMessage()
-            typer.echo(f"warning: {msg}" if record.levelno >= logging.WARNING else msg, err=True)
-        except Exception:  # noqa: BLE001 - logging's own convention: report, never raise
-            self.handleError(record)
-
-
-@contextmanager
-def _hub_messages(quiet: bool) -> Iterator[None]:
-    """Show what ``uge_protect.hub`` logs while the command runs: progress and warnings, or only
-    warnings with ``--quiet``."""
-    logger = logging.getLogger("uge_protect.hub")
-    handler = _EchoHandler(logging.WARNING if quiet else logging.INFO)
-    level = logger.level
-    logger.addHandler(handler)
-    logger.setLevel(handler.level)
-    try:
-        yield
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
+_log = logging.getLogger("uge_protect.cli")
 
 
 def push_command(
@@ -50,41 +24,42 @@ def push_command(
     no_manifests: bool = typer.Option(False, "--no-manifests", help="Leave the parquet manifests (and their config) out."),
     report: Optional[Path] = typer.Option(None, "--report", help="Evaluation report directory to publish (default: DIR/eval, or the one report directory inside DIR)."),
     files_per_commit: int = typer.Option(50, "--files-per-commit", help="Files per commit (the Hub advises < 100)."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress lines."),
+    quiet: bool = QUIET,
+    log_json: Optional[Path] = LOG_JSON,
 ) -> None:
     """Upload DIR to the Hub as a dataset (resumable, several commits), with a generated dataset card."""
+    with logged_command("push", quiet, log_json):
+        _push(directory, repo_id, private, revision, license, dry_run, not no_manifests, report, files_per_commit, quiet)
+
+
+def _push(directory: Path, repo_id: str, private: bool, revision: Optional[str], license: str,
+          dry_run: Optional[Path], include_manifests: bool, report: Optional[Path], files_per_commit: int,
+          quiet: bool) -> None:
     from uge_protect.hub.push import push_output, stage_output
 
     if quiet:
         from huggingface_hub.utils import disable_progress_bars
 
         disable_progress_bars()
-
-    def say(msg: str) -> None:
-        if not quiet or msg.startswith("warning:"):
-            typer.echo(msg, err=True)
-
     try:
         if dry_run is not None:
             plan = stage_output(directory, repo_id, dry_run, license=license,
-                                include_manifests=not no_manifests, report_dir=report)
+                                include_manifests=include_manifests, report_dir=report)
             for warning in plan.warnings:
-                say(f"warning: {warning}")
-            say(f"staged {len(plan.files)} files ({plan.total_bytes / 1e6:.1f} MB) in {dry_run}; nothing was uploaded")
+                _log.warning(warning)
+            _log.info(f"staged {len(plan.files)} files ({plan.total_bytes / 1e6:.1f} MB) in {dry_run}; "
+                      "nothing was uploaded")
             return
-        with _hub_messages(quiet):
-            result = push_output(directory, repo_id, private=private, revision=revision, license=license,
-                                 include_manifests=not no_manifests, report_dir=report,
-                                 files_per_commit=files_per_commit)
+        result = push_output(directory, repo_id, private=private, revision=revision, license=license,
+                             include_manifests=include_manifests, report_dir=report,
+                             files_per_commit=files_per_commit)
     except UserError as exc:
         fail(str(exc))
-        return
     except OSError as exc:
-        fail(f"{exc.strerror or exc}{f': {exc.filename}' if exc.filename else ''}")
-        return
+        fail(os_error_text(exc))
     where = f"https://huggingface.co/datasets/{repo_id}" + (f"/tree/{revision}" if revision else "")
     if result.uploaded:
-        say(f"uploaded {len(result.uploaded)} files ({result.uploaded_bytes / 1e6:.1f} MB) in {result.commits} "
-            f"commit(s); {len(result.skipped)} were already there: {where}")
+        _log.info(f"uploaded {len(result.uploaded)} files ({result.uploaded_bytes / 1e6:.1f} MB) in {result.commits} "
+                  f"commit(s); {len(result.skipped)} were already there: {where}")
     else:
-        say(f"nothing to upload: {repo_id} already holds all {len(result.skipped)} files: {where}")
+        _log.info(f"nothing to upload: {repo_id} already holds all {len(result.skipped)} files: {where}")

@@ -16,113 +16,27 @@ import json
 import logging
 import platform
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
 from uge_protect.errors import UserError
-from uge_protect.eval.authorized import ModelEntry, authorized_entries, authorized_summary
+from uge_protect.eval.authorized import ModelEntry, authorized_summary
 from uge_protect.eval.cache import RunCache, dataset_digest, run_key
 from uge_protect.eval.classify import TrainSettings, fit_classifier
-from uge_protect.eval.defenses import Defense, apply_data_defense, parse_defense, partial_protection
+from uge_protect.eval.config import EvalConfig
+from uge_protect.eval.defenses import Defense, apply_data_defense, partial_protection
 from uge_protect.eval.metrics import summarize
 from uge_protect.eval.parallel import Workers, run_spread, start_workers
 from uge_protect.eval.protocol import (classifier_headline, clip_headline, covers_every_row, fit_architectures,
     mark_classifier_rows, role)
 from uge_protect.shards.dataset import InMemoryDataset, load_shards
 from uge_protect.methods.base import clip_arch_id
-from uge_protect.models.classifiers import ARCHITECTURES, MIN_SIDE
+from uge_protect.models.classifiers import MIN_SIDE
 
 log = logging.getLogger(__name__)
-
-#: Hacker architectures of different inductive biases, each learning clean data in 8 CPU epochs.
-DEFAULT_ARCHS = ("mlp", "vit_tiny", "small_cnn", "resnet_cifar", "vgg11", "mobilenet_v2")
-DEFAULT_DEFENSES = ("none",)
-TASKS = ("classify", "clip", "both")
-
-
-@dataclass
-class EvalConfig:
-    """Settings of one evaluation (all recorded in report.json)."""
-
-    protected: str
-    clean_train: list[str]
-    test: list[str]
-    output: str
-    task: str = "classify"
-    archs: list[str] = field(default_factory=lambda: list(DEFAULT_ARCHS))
-    defenses: list[str] = field(default_factory=lambda: list(DEFAULT_DEFENSES))
-    epochs: int = 8
-    # AdamW at 3e-3, batch 64: small_cnn learns the demo data in 8 CPU epochs, where SGD at
-    # 0.05, batch 128 did far worse (docs/eval.md).
-    batch_size: int = 64
-    optimizer: str = "adamw"
-    lr: float = 3e-3
-    weight_decay: float = 5e-4
-    schedule: str = "onecycle"
-    flip: bool = True
-    crop_padding: int = 4
-    seed: int = 0
-    repeats: int = 1
-    clean_fraction: float = 0.0
-    adv_epsilon: float = 8 / 255
-    adv_step: float = 2 / 255
-    adv_steps: int = 3
-    image_size: int | None = None
-    clip_epochs: int | None = None
-    clip_model_config: str | None = None
-    device: str = "auto"
-    #: Directory of finished runs to reuse (see :mod:`uge_protect.eval.cache`); None: off.
-    cache_dir: str | None = None
-    #: A UGE artifact: adds its authorized network (``ARCH+key``) to the classifiers.
-    authorized: str | None = None
-    #: Other keys for the authorized architecture (rows ``ARCH+key:N``); need ``authorized``.
-    other_keys: list[int] = field(default_factory=list)
-    #: Student architectures distilled from the authorized network; need ``authorized``.
-    distill: list[str] = field(default_factory=list)
-    #: Whether the authorized network carries the artifact's confidence gate (when it has one).
-    gate: bool = True
-    quiet: bool = False
-    figures: bool = True
-
-    def validate(self) -> list[Defense]:
-        if self.task not in TASKS:
-            raise UserError(f"unknown task {self.task!r}; choose classify, clip or both")
-        if not self.archs and not self.authorized:
-            raise UserError("give at least one --arch")
-        for a in self.archs:
-            if a not in ARCHITECTURES:
-                raise UserError(f"unknown architecture {a!r}; choose {', '.join(ARCHITECTURES)}")
-        if self.epochs < 1:
-            raise UserError("--epochs must be at least 1")
-        if self.batch_size < 1:
-            raise UserError("--batch-size must be at least 1")
-        if self.repeats < 1:
-            raise UserError("--repeats must be at least 1")
-        if not 0.0 <= self.clean_fraction <= 1.0:
-            raise UserError(f"--clean-fraction must be between 0 and 1, got {self.clean_fraction}")
-        if not 0.0 <= self.adv_epsilon <= 1.0:
-            raise UserError("--adv-epsilon must be between 0 and 1 (image units, e.g. 0.0314 for 8/255)")
-        if self.image_size is not None and self.image_size < 8:
-            raise UserError("--image-size must be at least 8")
-        if self.optimizer not in ("sgd", "adamw"):
-            raise UserError("--optimizer must be sgd or adamw")
-        if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
-            raise UserError("--device must be auto, cpu or cuda[:N]")
-        defenses = [parse_defense(d) for d in (self.defenses or ["none"])]
-        specs = [d.spec for d in defenses]
-        if len(set(specs)) != len(specs):
-            raise UserError(f"a defense is given twice: {' '.join(specs)}")
-        return defenses
-
-    def models(self) -> list[ModelEntry]:
-        """Every classifier row: the plain architectures, then the ``--authorized`` ones."""
-        return [ModelEntry(a, a) for a in self.archs] + authorized_entries(self.authorized, self.other_keys,
-                                                                         self.distill, self.gate)
-
-
 
 def _protected_shards(directory: str) -> tuple[str, dict[str, Any] | None]:
     d = Path(directory)

@@ -21,7 +21,7 @@ from uge_protect.methods.em.config import EMConfig
 from uge_protect.methods.em.method import ErrorMinimizing, em_fit_needs, em_from_artifact, fit_em_from_options
 from uge_protect.methods.fitting import FitResult
 from uge_protect.methods.random_noise import PassThrough, RandomNoise
-from uge_protect.methods.t2ue.config import T2UEConfig
+from uge_protect.methods.t2ue.config import T2UEApplyOptions, T2UEConfig
 from uge_protect.methods.t2ue.fit import fit_t2ue_from_options
 from uge_protect.methods.t2ue.method import TextToUnlearnable
 from uge_protect.methods.uge import authorized as uge_authorized
@@ -68,9 +68,16 @@ class MethodEntry:
     checkpoints: bool = False
     authorized_models: AuthorizedModels | None = None
     authorized_summary: AuthorizedSummary | None = None
+    #: The dataclass of the method's own ``shard`` options (None: it has none).
+    apply_options: type | None = None
 
 
 _METHODS: dict[str, MethodEntry] = {}
+
+
+def apply_option_sources() -> list[tuple[type, str]]:
+    """Each method's own ``shard`` options dataclass with the method's name, in registry order."""
+    return [(e.apply_options, e.name) for e in _METHODS.values() if e.apply_options is not None]
 
 
 def register_method(entry: MethodEntry) -> MethodEntry:
@@ -84,7 +91,7 @@ for _entry in (
     MethodEntry(PassThrough.name, PassThrough),
     MethodEntry("em", ErrorMinimizing, EMConfig, fit_em_from_options, em_from_artifact, em_fit_needs),
     MethodEntry("t2ue", TextToUnlearnable, T2UEConfig, fit_t2ue_from_options, TextToUnlearnable.from_artifact,
-                lambda options: "captions", checkpoints=True),
+                lambda options: "captions", checkpoints=True, apply_options=T2UEApplyOptions),
     MethodEntry("uge", Ungeneralizable, UGEConfig, fit_uge_from_options, Ungeneralizable.from_artifact,
                 checkpoints=True, authorized_models=uge_authorized.authorized_models,
                 authorized_summary=uge_authorized.authorized_summary),

@@ -7,6 +7,7 @@ import json
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from uge_protect.logs import LOG_JSON_HELP, QUIET_HELP
 from uge_protect.options import epsilon_option, option
 from uge_protect.shards.decode import DEFAULT_MAX_PIXELS, RESIZE_MODES
 from uge_protect.shards.tario import DEFAULT_MAX_SAMPLE_BYTES
@@ -52,8 +53,8 @@ class ShardJobConfig:
     label_field: str | None = option(None, default_help="cls", help="Read labels from this json field instead of cls.")
     mixed_precision: str = option("no", help="no | fp16 | bf16 for the method's pass.")
     overwrite: bool = option(False, flag="--overwrite", help="Replace output of a different configuration.")
-    quiet: bool = option(False, flag="--quiet", short="-q", help="No progress bar or summary.")
-    log_json: str | None = option(None, default_help="none", help="Append JSON-lines progress events to this file.")
+    quiet: bool = option(False, flag="--quiet", short="-q", help=QUIET_HELP)
+    log_json: str | None = option(None, default_help="none", help=LOG_JSON_HELP)
     #: Merged over the directory. It does not change output bytes, so it is not part of the fingerprint.
     max_failure_rate: float = option(0.5, help="Exit 1 when a larger share of the samples failed (0-1; 1: never).")
 

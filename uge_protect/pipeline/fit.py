@@ -19,6 +19,7 @@ import torch
 
 from uge_protect.errors import UserError
 from uge_protect.launch import is_launched, join_launch
+from uge_protect.logs import event as log_event
 from uge_protect.shards.dataset import InMemoryDataset, load_shards
 from uge_protect.methods.artifact import artifact_fingerprint, save_artifact, write_private
 from uge_protect.methods.base import FitContext, Progress
@@ -28,29 +29,33 @@ log = logging.getLogger(__name__)
 
 
 def _log_progress(event: dict[str, Any]) -> None:
+    """A fit's progress event as one line for people and a ``fit_progress`` event for machines."""
+    log_event(log, "fit_progress", "fit: " + _progress_text(event), **event)
+
+
+#: Loss fields of a step event, by the name a person reads.
+_STEP_VALUES = {"loss": "loss", "ud": "L_ud", "fd": "L_fd", "gm": "L_gm", "student": "student loss",
+                "teacher_train_acc": "authorized train acc"}
+
+
+def _progress_text(event: dict[str, Any]) -> str:
     if "step" in event:
         phase = f"{event['phase']} " if event.get("phase") else ""
         parts = [f"{phase}step {event['step']}/{event.get('steps')}"]
-        names = {"loss": "loss", "ud": "L_ud", "fd": "L_fd", "gm": "L_gm", "student": "student loss",
-                 "teacher_train_acc": "authorized train acc"}
-        parts += [f"{label} {event[k]:.4f}" for k, label in names.items() if isinstance(event.get(k), float)]
+        parts += [f"{label} {event[k]:.4f}" for k, label in _STEP_VALUES.items() if isinstance(event.get(k), float)]
         if "images_per_s" in event:
             parts.append(f"{event['images_per_s']:.0f} img/s")
-        if "seconds" in event:
-            parts.append(f"{event['seconds']:.1f} s")
-        log.info("fit: " + ", ".join(parts))
-        return
-    if "message" in event:  # a free-form stage of a fit (what it does next)
-        log.info(f"fit: {event['message']}" + (f", {event['seconds']:.1f} s" if "seconds" in event else ""))
-        return
-    parts = [f"round {event.get('round')}/{event.get('max_rounds')}"]
-    if event.get("phase"):
-        parts.insert(0, str(event["phase"]))
-    if "train_error" in event:
-        parts.append(f"surrogate train error {100 * event['train_error']:.2f}%")
+    elif "message" in event:  # a free-form stage of a fit (what it does next)
+        parts = [str(event["message"])]
+    else:
+        parts = [f"round {event.get('round')}/{event.get('max_rounds')}"]
+        if event.get("phase"):
+            parts.insert(0, str(event["phase"]))
+        if "train_error" in event:
+            parts.append(f"surrogate train error {100 * event['train_error']:.2f}%")
     if "seconds" in event:
         parts.append(f"{event['seconds']:.1f} s")
-    log.info("fit: " + ", ".join(parts))
+    return ", ".join(parts)
 
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -126,10 +131,13 @@ def _log_saved(method: str, out: Path, config: dict[str, Any], seconds: float) -
     err = config.get("train_error")
     loss = config.get("final_loss")
     done = f"after {config['rounds']} rounds" if "rounds" in config else f"after {config.get('steps')} steps"
-    log.info(
+    log_event(
+        log, "fit_saved",
         f"fit: saved {method} artifact to {out} {done} in {seconds:.1f} s"
         + (f" (surrogate train error {100 * err:.2f}%)" if err is not None else "")
-        + (f" (final loss {loss:.4f})" if loss is not None else ""))
+        + (f" (final loss {loss:.4f})" if loss is not None else ""),
+        method=method, artifact=str(out), seconds=round(seconds, 3), rounds=config.get("rounds"),
+        steps=config.get("steps"), train_error=err, final_loss=loss)
 
 
 def fit_from_shards(
@@ -172,11 +180,14 @@ def fit_from_shards(
     if not quiet:
         size = f"{images.shape[-1]}x{images.shape[-2]}"
         classes = f", {int(labels.max()) + 1} classes" if needs == "labels" else ""
-        log.info(
+        log_event(
+            log, "fit_data",
             f"fit: {n_keep} training images ({size}{classes}); "
             f"{len(data) - n_keep} without {what} and {data.skipped} undecodable left out"
             + (f"; resuming at step {state['step']}" if state else "")
-            + (f"; {world} processes" if world > 1 else ""))
+            + (f"; {world} processes" if world > 1 else ""),
+            samples=n_keep, left_out=len(data) - n_keep, undecodable=data.skipped,
+            resumed_at=state["step"] if state else None, processes=world)
     ctx = FitContext(rank=rank, world=world, device=device, progress=progress or (None if quiet else _log_progress))
     if fitter_supports_checkpoints(method):
         out.mkdir(mode=0o700, parents=True, exist_ok=True)

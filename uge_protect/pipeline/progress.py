@@ -1,29 +1,33 @@
-"""Progress reporting: a bar for people (samples/s, shards, failures) and JSON lines for machines."""
+"""Progress reporting: a bar for people (samples/s, shards, failures) and events for machines.
+
+Events go through :func:`uge_protect.logs.event`, so ``--log-json`` records them with every
+other log record of the run (see :mod:`uge_protect.logs`).
+"""
 
 from __future__ import annotations
 
-import json
+import logging
 import sys
 import time
-from typing import Any, TextIO
+from typing import Any
 
 from tqdm.auto import tqdm
 
+from uge_protect.logs import event
+
+log = logging.getLogger(__name__)
+
 
 class Progress:
-    """Tracks samples, shards and failures of one process; renders a bar and/or JSON lines."""
+    """Tracks samples, shards and failures of one process; renders a bar and logs events."""
 
-    def __init__(self, total_shards: int, *, show: bool, log_path: str | None, rank: int = 0):
+    def __init__(self, total_shards: int, *, show: bool, rank: int = 0):
         self.total_shards = total_shards
         self.shards_done = 0
         self.samples = 0
         self.failed = 0
         self.started = time.perf_counter()
         self._bar = tqdm(unit="img", desc="protect", dynamic_ncols=True, file=sys.stderr) if show else None
-        self._log: TextIO | None = None
-        if log_path:
-            path = log_path if rank == 0 else f"{log_path}.rank{rank}"
-            self._log = open(path, "a", encoding="utf-8")
         self.rank = rank
         self._refresh()
 
@@ -46,14 +50,10 @@ class Progress:
         self.event("shard_done", **{k: stats[k] for k in ("shard", "samples", "written", "failed", "failures", "seconds")})
 
     def event(self, name: str, **data: Any) -> None:
-        """Append one JSON line ``{"event": name, "rank": r, "time": t, ...}`` to the log."""
-        if self._log is not None:
-            record = {"event": name, "rank": self.rank, "elapsed": round(time.perf_counter() - self.started, 3), **data}
-            self._log.write(json.dumps(record, ensure_ascii=False) + "\n")
-            self._log.flush()
+        """Log event ``name`` (for machines only) with this process's rank, the seconds since
+        it started (``elapsed``) and ``data``."""
+        event(log, name, rank=self.rank, elapsed=round(time.perf_counter() - self.started, 3), **data)
 
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()
-        if self._log is not None:
-            self._log.close()

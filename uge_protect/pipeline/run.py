@@ -13,6 +13,7 @@ import contextlib
 import ctypes
 import functools
 import gc
+import logging
 import os
 import time
 from collections import deque
@@ -25,6 +26,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from uge_protect.errors import RunFailed, UserError
+from uge_protect.logs import event, json_log
 from uge_protect.pipeline.config import PNG_STRATEGIES, ShardJobConfig, config_fingerprint
 from uge_protect.pipeline.encode import EncodedImage, EncodeSettings, encode_protected
 from uge_protect.pipeline.lifecycle import (
@@ -40,6 +42,8 @@ from uge_protect.shards.discover import check_output_apart, expand_inputs, shard
 from uge_protect.shards.layout import OutputLayout
 from uge_protect.methods.base import ProtectBatch, ProtectionMethod, sample_seed
 from uge_protect.methods.budget import apply_perturbation, budget_levels
+
+log = logging.getLogger(__name__)
 
 
 def _identity(batch: ShardBatch) -> ShardBatch:
@@ -211,7 +215,14 @@ def run_shard_job(cfg: ShardJobConfig, method: ProtectionMethod, accelerator=Non
         accelerator = accelerator or _make_accelerator()
         ok = False
         try:
-            result = _run(cfg, method, accelerator, inputs)
+            with json_log(cfg.log_json, accelerator.process_index):
+                if accelerator.is_main_process:
+                    event(log, "run_start", inputs=len(inputs), output=cfg.output, method=method.name,
+                          processes=accelerator.num_processes)
+                result = _run(cfg, method, accelerator, inputs)
+                if "counts" in result:
+                    event(log, "run_end", **result["counts"], failures=result["failures"],
+                          seconds=result["timings"]["seconds"])
             ok = True
         finally:
             if own_accelerator and accelerator.num_processes > 1:
@@ -423,9 +434,7 @@ def _protect_shards(
         pin_memory=device.type == "cuda",
         prefetch_factor=2 if workers > 0 else None,
     )
-    progress = Progress(
-        len(shards), show=not cfg.quiet and accelerator.is_local_main_process, log_path=cfg.log_json, rank=rank
-    )
+    progress = Progress(len(shards), show=not cfg.quiet and accelerator.is_local_main_process, rank=rank)
     outputs = _Outputs(layout, encode, fingerprint, progress)
     inflight: deque[tuple[ShardBatch, Future]] = deque()
     max_inflight = cfg.encode_threads + 1  # one batch per encoder and one waiting
