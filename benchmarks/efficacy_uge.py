@@ -15,9 +15,11 @@ settings) and tests on the clean test shards:
   by architecture and initialisation only, L_gm active) with and without L_gm. (Without L_gm
   under the key projection is the default itself: there L_gm is zero by construction.)
 
+Writes ``docs/efficacy/uge.md`` and ``.json`` (``--docs``), labelled by date, commit and hardware:
+
     .venv/bin/python benchmarks/efficacy_uge.py [--workdir DIR] [--data DIR] [--epochs 8]
         [--archs small_cnn vgg11 mobilenet_v2 resnet18] [--defenses grayscale jpeg:75 ...]
-        [--ablations no-fd no-ud nokey nokey-no-gm] [--processes 2]
+        [--ablations no-fd no-ud nokey nokey-no-gm] [--processes 2] [--docs docs/efficacy]
 
 Runs are kept under --workdir and the run cache is shared with the other efficacy benchmarks
 (same data, same clean models), so an interrupted benchmark resumes where it stopped.
@@ -27,10 +29,13 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 
-from efficacy_common import classify_rows, evaluate, finish, sh
+from efficacy_common import classify_rows, evaluate, finish, sh, write_table
+from efficacy_protocol import _git, _hardware
 
 ABLATIONS = {
     "no-fd": ["--fd-weight", "0"],
@@ -38,6 +43,90 @@ ABLATIONS = {
     "nokey": ["--no-key-projection"],
     "nokey-no-gm": ["--no-key-projection", "--gm-weight", "0"],
 }
+#: The default key: fixed and published, so that runs repeat (never protect real data with it).
+BENCHMARK_KEY = hashlib.sha256(b"uge-protect benchmark key").hexdigest()
+#: What each ablation's fit leaves out, for the page.
+ABLATION_TEXT = {
+    "no-fd": "without L_fd",
+    "no-ud": "without L_ud",
+    "nokey": "no key projection, L_gm on (the paper's form)",
+    "nokey-no-gm": "no key projection, no L_gm",
+}
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}"
+
+
+def _role(row: dict) -> str:
+    role = row.get("role") or "–"
+    return role if row.get("learned", True) else f"{role}, did not learn"
+
+
+def markdown(results: dict, meta: dict) -> list[str]:
+    """The lines of ``uge.md``: ``results`` holds ``rows`` (one per classifier result: ``data``
+    (``random``, ``uge``, ``uge (no gate)`` or ``uge-ABLATION``), ``arch``, ``defense``,
+    ``role``, ``learned``, ``clean``, ``protected``; accuracies in [0, 1]) and the ``headline``
+    of the UGE report without a defense; ``meta`` the run's settings."""
+    rows = results["rows"]
+    fit_args = " ".join(meta.get("fit_args") or [])
+    lines = [
+        "# UGE on the demo shapes: the owner, hackers, another key, distilled students, defenses, ablations",
+        "",
+        f"Measured {meta['date']} at commit `{meta['commit']}` on {meta['hardware']}; written by "
+        f"`benchmarks/efficacy_uge.py` ({meta['epochs']} epochs per classifier, seed {meta['seed']}; "
+        f"`fit uge --authorized {meta['authorized']}` with "
+        + ("the benchmark's published key" if meta.get("published_key", True) else "a key given with `--key-seed`")
+        + (f" and `{fit_args}`" if fit_args else ", default options otherwise") + "). "
+        "Each model was trained on the UGE-protected and on the clean training shards (same seed and "
+        "settings) and tested on the clean test shards; accuracy in %. `ARCH+key` is the owner's "
+        f"network, `ARCH+key:{meta['other_key']}` the same architecture behind another key, "
+        "`STUDENT<-ARCH+key` a student distilled without labels from the owner's network (with its "
+        "confidence gate; `uge (no gate)`: from the bare network). How UGE works: "
+        "[../methods/uge.md](../methods/uge.md); the held-out protocol's headline: [demo.md](demo.md).",
+        "",
+    ]
+    fit = results.get("fit_architectures")
+    if fit is not None:
+        names = ", ".join(f"`{n}`" for n in fit) or "nothing"
+        lines += [(f"The fit trained against {names}: rows of those architectures are *seen in fit*, "
+                   "the others *held out* (the role column)."), ""]
+    head = results.get("headline") or {}
+    w, o = head.get("worst"), head.get("owner_worst")
+    if w or o:
+        parts = []
+        if w:
+            parts.append(f"worst held-out `{w['arch']}` {_pct(w['protected_acc'])} against {_pct(w['clean_acc'])} clean")
+        if o:
+            parts.append(f"the owner `{o['arch']}` {_pct(o['protected_acc'])} against {_pct(o['clean_acc'])} clean")
+        lines += ["Headline of the report without a defense: " + "; ".join(parts) + ".", ""]
+
+    def table(header: list[str], picked: list[dict], first: Callable[[dict], list[str]]) -> list[str]:
+        out = ["| " + " | ".join(header) + " |", "|" + "---|" * (len(header) - 2) + "---:|---:|"]
+        for r in picked:
+            cells = [*first(r), f"`{r['arch']}`", _role(r), _pct(r["clean"]), _pct(r["protected"])]
+            out.append("| " + " | ".join(cells) + " |")
+        return out
+
+    cols = ["model", "role", "clean-trained", "protected-trained"]
+    plain = [r for r in rows if r["defense"] == "none" and r["data"] in ("uge", "uge (no gate)", "random")]
+    lines += ["## Efficacy (no defense)", ""]
+    lines += table(["training data", *cols], plain, lambda r: [r["data"]]) + [""]
+    defended = [r for r in rows if r["data"] == "uge" and r["defense"] != "none"]
+    if defended:
+        lines += ["## Defenses", "",
+                  "A data-level defense (grayscale, JPEG) preprocesses the training and the test images alike.", ""]
+        lines += table(["defense", *cols], defended, lambda r: [r["defense"]]) + [""]
+    ablated = [r for r in rows if r["data"].startswith("uge-")]
+    if ablated:
+        lines += ["## Ablations", "", "Each a fit with the default options except the one named.", ""]
+        def fit_text(r: dict) -> list[str]:
+            name = r["data"][len("uge-"):]
+            return [f"{ABLATION_TEXT.get(name, name)} (`{' '.join(ABLATIONS.get(name, []))}`)"]
+
+        lines += table(["fit", *cols], ablated, fit_text) + [""]
+    lines += ["## Time (s)", ""] + [f"- {k}: {v:.0f}" for k, v in (meta.get("timings") or {}).items()] + [""]
+    return lines
 
 
 def main() -> None:
@@ -50,7 +139,7 @@ def main() -> None:
     p.add_argument("--authorized", default="small_cnn",
                    help="the owner's architecture (small_cnn: ResNet-18's stock stem reaches only ~56%% on the "
                         "32x32 demo in 8 epochs, too weak a teacher for the distillation row)")
-    p.add_argument("--key-seed", default=hashlib.sha256(b"uge-protect benchmark key").hexdigest(),
+    p.add_argument("--key-seed", default=BENCHMARK_KEY,
                    help="the key, 32+ hex digits (default: a fixed, published benchmark key, so that runs "
                         "repeat; never use a published key to protect real data)")
     p.add_argument("--other-key", type=int, default=99)
@@ -63,10 +152,13 @@ def main() -> None:
                    help="partial protection: this fraction of the training set left clean (0: skip)")
     p.add_argument("--ablations", nargs="*", default=list(ABLATIONS), choices=list(ABLATIONS))
     p.add_argument("--processes", type=int, default=1, help="evaluate under accelerate launch with N CPU processes")
+    p.add_argument("--docs", default="docs/efficacy", help="where uge.md and uge.json go")
     p.add_argument("--fit-args", nargs=argparse.REMAINDER, default=[], help="extra `fit uge` options (last)")
     a = p.parse_args()
     work, data = Path(a.workdir), Path(a.data)
-    timings: dict[str, float] = {}
+    # timings of earlier, resumed invocations are kept beside the runs
+    timing_file = work / "timings.json"
+    timings: dict[str, float] = json.loads(timing_file.read_text()) if timing_file.is_file() else {}
     if not (data / "classes.json").is_file():
         sh("demo-data", str(data))
     train = str(data / "train" / "*.tar")
@@ -82,13 +174,21 @@ def main() -> None:
             start = time.perf_counter()
             sh("shard", train, "-o", str(out), "-m", "uge", "--artifact", str(art), "--quiet")
             timings[f"shard {name}"] = time.perf_counter() - start
+        work.mkdir(parents=True, exist_ok=True)
+        timing_file.write_text(json.dumps(timings, indent=2))
         return art, out
 
     common = dict(epochs=a.epochs, seed=a.seed, cache=Path(a.cache), processes=a.processes)
     table: list[tuple] = []
+    rows: list[dict] = []
 
     def add(name: str, report: dict, defense_label: str | None = None) -> None:
         table.extend((name, arch, defense_label or d, c, pr) for arch, d, c, pr in classify_rows(report))
+        for r in report["tasks"].get("classify", {}).get("summary", []):
+            rows.append({"data": name, "arch": r["arch"], "defense": defense_label or r["defense"],
+                         "role": r.get("role"), "learned": r.get("learned", True),
+                         "clean": r["clean"]["final_test_acc"]["mean"],
+                         "protected": r["protected"]["final_test_acc"]["mean"]})
 
     random_out = work / "random"
     if not (random_out / "protection.json").is_file():
@@ -98,8 +198,9 @@ def main() -> None:
     art, out = protect("uge", [])
     owner = ["--authorized", str(art)]
     extra = [*owner, "--other-key", str(a.other_key), *(x for s in a.distill for x in ("--distill", s))]
-    add("uge", evaluate(out, data, work / "reports" / "uge" / "none", archs=a.archs, defenses=["none"],
-                        extra=extra, **common))
+    main_report = evaluate(out, data, work / "reports" / "uge" / "none", archs=a.archs, defenses=["none"],
+                           extra=extra, **common)
+    add("uge", main_report)
     if a.distill:  # what the confidence gate does: the same students, from the bare network
         add("uge (no gate)", evaluate(out, data, work / "reports" / "uge" / "no-gate", archs=[], defenses=["none"],
                                       extra=[*owner, "--no-gate", *(x for s in a.distill for x in ("--distill", s))],
@@ -119,6 +220,14 @@ def main() -> None:
 
     finish(work, f"UGE: clean test accuracy of models trained on protected vs clean demo shards "
            f"({a.epochs} epochs, seed {a.seed}, authorized {a.authorized})", table, [], timings)
+    meta = {"date": time.strftime("%Y-%m-%d"), "commit": _git("rev-parse", "--short", "HEAD"),
+            "hardware": _hardware(), "epochs": a.epochs, "seed": a.seed, "authorized": a.authorized,
+            "other_key": a.other_key, "published_key": a.key_seed == BENCHMARK_KEY, "archs": a.archs, "distill": a.distill, "defenses": a.defenses,
+            "defense_archs": a.defense_archs, "clean_fraction": a.clean_fraction, "ablations": a.ablations,
+            "fit_args": a.fit_args, "timings": timings}
+    results = {"rows": rows, "headline": main_report.get("headline", {}).get("classify"),
+               "fit_architectures": main_report.get("protection", {}).get("fit_architectures")}
+    write_table(a.docs, "uge", markdown(results, meta), {"meta": meta, "results": results})
 
 
 if __name__ == "__main__":
