@@ -13,7 +13,7 @@ from typing import Any, List, NoReturn, Optional
 
 import typer
 
-from uge_protect.cli.common import LOG_JSON, QUIET, fail, logged_command, one_error_line, os_error_text
+from uge_protect.cli.common import LOG_JSON, QUIET, error_line, fail, logged_command, one_error_line, os_error_text
 from uge_protect.cli.options import Source, cli_options, command_with_options, given_values, parameter
 from uge_protect.errors import RunFailed, Terminated, UserError
 from uge_protect.methods.registry import apply_option_sources
@@ -82,8 +82,7 @@ def _run_shard(values: dict[str, Any], inputs: List[str], output: Path, method: 
         return summary
     except RunFailed as exc:  # written, but not acceptable as it is
         _print_summary(exc.summary, output)
-        _log.error(str(exc))
-        raise typer.Exit(code=1) from None
+        fail(str(exc), code=1)
     except (UserError, ValueError) as exc:
         fail(str(exc))
     except OSError as exc:  # disk full, permissions changed mid-run, ...
@@ -107,7 +106,7 @@ def _interrupted(signum: int) -> NoReturn:
     """One ``error:`` line (if stderr is still there: SIGHUP closes the terminal), exit 128 + signum."""
     by = "" if signum == signal.SIGINT else f" by {signal.Signals(signum).name}"
     with contextlib.suppress(OSError):
-        typer.echo(f"error: interrupted{by}; rerun the same command to resume", err=True)
+        error_line(f"interrupted{by}; rerun the same command to resume")
     raise typer.Exit(code=128 + signum)
 
 

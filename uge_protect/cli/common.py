@@ -18,13 +18,17 @@ from uge_protect.logs import LOG_JSON_HELP, QUIET_HELP, configure, event, json_l
 _log = logging.getLogger("uge_protect.cli")
 
 
-def fail(message: str) -> NoReturn:
-    """Print one ``error:`` line on stderr (and an ``error`` event for ``--log-json``) and
-    exit with status 2."""
+def error_line(message: str) -> None:
+    """Print one ``error:`` line on stderr (and an ``error`` event for ``--log-json``)."""
     typer.echo(f"error: {message}", err=True)
     if json_logging():
         event(_log, "error", level=logging.ERROR, error=message)
-    raise typer.Exit(code=2)
+
+
+def fail(message: str, code: int = 2) -> NoReturn:
+    """One ``error:`` line (:func:`error_line`), then exit with status ``code``."""
+    error_line(message)
+    raise typer.Exit(code=code)
 
 
 def os_error_text(exc: OSError) -> str:

@@ -18,7 +18,7 @@ def budget_levels(epsilon: float) -> int:
 
 def check_epsilon(epsilon: float) -> None:
     """A :class:`UserError` unless ``epsilon`` is in [0, 1] and at least one uint8 level after
-    rounding (ε ≥ 0.5/255 rounds to 0 levels: a method would write every image unchanged)."""
+    rounding (ε ≤ 0.5/255 rounds to 0 levels: a method would write every image unchanged)."""
     if not isinstance(epsilon, (int, float)) or isinstance(epsilon, bool) or not 0.0 <= epsilon <= 1.0:
         raise UserError(f"epsilon must be in [0, 1] image units, got {epsilon!r}")
     if budget_levels(epsilon) < 1:

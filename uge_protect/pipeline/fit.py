@@ -160,8 +160,9 @@ def fit_from_shards(
 
     Fitters that support it write a checkpoint (``OUTPUT/checkpoint.pt``) every
     ``checkpoint_every`` steps; ``resume`` continues from it (same data and options only).
-    Under a multi-process launch every process fits its share of each batch and the main
-    process writes. Returns a summary: artifact path and fingerprint, counts, seconds and
+    Under a multi-process launch a fit that shares batches (UGE, T2UE's infonce objective)
+    gives each process its share of each batch, the others run the same fit in every
+    process; the main process writes. Returns a summary: artifact path and fingerprint, counts, seconds and
     the method's config.
     """
     fitter = get_fitter(method)

@@ -21,7 +21,7 @@ AUTO_STUDENTS = ("small_cnn", "vgg11")
 @dataclass
 class UGEConfig:
     """Hyper-parameters of a UGE fit; the defaults fit the 5,000 demo images (32×32) in
-    minutes on 2 CPU cores (measured figures: docs/methods/uge-efficacy.md)."""
+    minutes on 2 CPU cores (measured figures: docs/efficacy/uge.md)."""
 
     authorized: str = option("resnet18", choices=ARCHITECTURES, label="authorized architecture", required=True,
                              help=f"The authorized architecture: {', '.join(ARCHITECTURES)}.")
@@ -37,7 +37,7 @@ class UGEConfig:
     steps: int = option(400, min=1, help="Generator steps.")
     batch_size: int = option(128, min=1, help="Batch size over all processes.")
     #: The generator's image-conditioned body learns slowly: early, its image-dependent output
-    #: drowns the class patterns the student would pick up (measured: docs/methods/uge-efficacy.md).
+    #: drowns the class patterns the student would pick up (measured: docs/efficacy/uge.md).
     lr: float = option(1e-4, min=0, min_open=True, label="learning rate",
                        help="Generator learning rate, AdamW with a cosine schedule.")
     authorized_epochs: int = option(3, min=1, help=(
@@ -47,7 +47,7 @@ class UGEConfig:
     snapshots: int = option(4, min=1, help="Points of the authorized network's trajectory L_gm matches at.")
     #: L_ud is the students' mean loss (several make the noise transfer to more architectures).
     #: A resnet18 student made the noise transfer worse and slowed the CPU fit
-    #: (docs/methods/uge-efficacy.md).
+    #: (docs/efficacy/uge.md).
     student: str = option("auto", help=(
         "Architecture(s) of the L_ud students, comma-separated, or auto: small_cnn (width 8) and vgg11; the "
         "plain authorized architecture is one only under the key projection."))
