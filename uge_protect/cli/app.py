@@ -4,22 +4,19 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
-import re
 import signal
 from pathlib import Path
 from typing import Any, List, NoReturn, Optional
 
 import typer
 
-from uge_protect.cli.common import LOG_JSON, QUIET, error_line, fail, logged_command, one_error_line, os_error_text
+from uge_protect.cli.common import error_line, fail, logged_command, os_error_text
 from uge_protect.cli.options import Source, cli_options, command_with_options, given_values, parameter
 from uge_protect.errors import RunFailed, Terminated, UserError
 from uge_protect.methods.registry import apply_option_sources
 from uge_protect.options import help_of
 from uge_protect.pipeline.config import MethodOptions, ShardJobConfig
-from uge_protect.shards.decode import DEFAULT_MAX_PIXELS
 
 _log = logging.getLogger("uge_protect.cli")
 
@@ -120,166 +117,14 @@ def _print_summary(summary: dict, output: Path) -> None:
     )
 
 
-@app.command()
-def inspect(
-    directory: Path = typer.Argument(..., help="An output directory of `uge-protect shard`."),
-    no_sources: bool = typer.Option(False, "--no-sources", help="Skip re-reading the source shards."),
-    sources: Optional[List[str]] = typer.Option(
-        None, "--sources",
-        help="Source shards to compare with (paths, globs, {000..099} patterns; repeatable), matched to output "
-        "shards by name. Without it only recorded sources that are local files are compared.",
-    ),
-    max_pixels: int = typer.Option(
-        DEFAULT_MAX_PIXELS, "--max-pixels",
-        help="Most pixels a source image may decode to when sources are compared (as `shard --max-pixels`); "
-        "sources of a run.json that allows more are not compared.",
-    ),
-    as_json: bool = typer.Option(False, "--json", help="Print the full report as JSON."),
-) -> None:
-    """Summarise and verify an output directory; exits 1 on any mismatch.
+from uge_protect.cli.inspect_cmd import inspect_command  # noqa: E402
 
-    Nothing named inside DIRECTORY is executed or fetched."""
-    from uge_protect.pipeline.inspect import inspect_output
+app.command("inspect")(inspect_command)
 
-    if not directory.is_dir():
-        fail(f"output directory not found: {directory}")
-    try:
-        report = inspect_output(directory, check_sources=not no_sources, sources=sources or None, max_pixels=max_pixels)
-    except UserError as exc:
-        fail(str(exc))
-    typer.echo(_report_json(report) if as_json else _format_report(report))
-    if report["problems"]:
-        raise typer.Exit(code=1)
+from uge_protect.cli.data_cmd import demo_data_command, photo_data_command  # noqa: E402
 
-
-#: Shards listed by name when their source was not compared.
-_LISTED = 10
-
-
-#: What must not reach a terminal from the (untrusted) directory: C0 controls (newlines,
-#: escapes), DEL and C1 controls, and lone surrogates (from undecodable names; unprintable).
-_UNSAFE_TEXT = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
-#: The same, less the C0 controls that json escapes itself.
-_UNSAFE_JSON = re.compile(r"[\x7f-\x9f\ud800-\udfff]")
-
-
-def printable(text: str) -> str:
-    """``text`` safe to print on one line: control characters become ``\\xNN``, lone
-    surrogates ``\\uXXXX``."""
-    return _UNSAFE_TEXT.sub(_escape, text)
-
-
-def _escape(match: re.Match) -> str:
-    code = ord(match.group())
-    return f"\\u{code:04x}" if code >= 0xD800 else f"\\x{code:02x}"
-
-
-def _report_json(report: dict) -> str:
-    """The report as JSON whose text holds no control character: json escapes C0 controls,
-    and DEL, C1 controls and lone surrogates become ``\\uXXXX`` escapes here (they only ever
-    occur inside strings, so the JSON decodes to the same report)."""
-    text = json.dumps(report, indent=2, ensure_ascii=False)
-    return _UNSAFE_JSON.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
-
-
-def _format_report(report: dict) -> str:
-    """The report as text. Every line passes through :func:`printable`: names, keys, reasons
-    and methods come from the (untrusted) directory, and a newline or terminal escape in one
-    must not forge a line or reach the terminal."""
-    return "\n".join(printable(line) for line in _report_lines(report))
-
-
-def _report_lines(report: dict) -> list[str]:
-    if "counts" not in report:
-        return [f"problem: {p}" for p in report["problems"]]
-    c = report["counts"]
-    lines = [
-        f"directory: {report['directory']}",
-        f"method: {json.dumps(report['method'])}",
-        f"shards: {c.get('shards', 0)}  samples: {c.get('samples', 0)}  written: {c.get('written', 0)}  failed: {c.get('failed', 0)}",
-    ]
-    if report["failures"]:
-        lines.append("failures: " + ", ".join(f"{k} {v}" for k, v in report["failures"].items()))
-    if c.get("skipped_members"):
-        lines.append("skipped tar members (no files): " + ", ".join(f"{k} {v}" for k, v in report["skipped_members"].items()))
-    lines.append(f"budget: {report['budget_levels']} levels; L∞ histogram: {report['linf_histogram']}")
-    if report["psnr"]:
-        p = report["psnr"]
-        lines.append(f"PSNR dB: min {p['min']:.2f}  median {p['median']:.2f}  mean {p['mean']:.2f}")
-    n_shards = c.get("shards", 0)
-    lines.append(f"sources re-read and compared for {report['sources_checked']} of {n_shards} shards")
-    not_compared = report["sources_not_compared"]
-    for name, why in list(not_compared.items())[:_LISTED]:
-        lines.append(f"  source not compared for {name}: {why}")
-    if len(not_compared) > _LISTED:
-        lines.append(f"  … and {len(not_compared) - _LISTED} more shards not compared")
-    lines.extend(f"warning: {w}" for w in report["warnings"])
-    if report["problems"]:
-        lines.append(f"verification FAILED ({len(report['problems'])} problems):")
-        lines.extend(f"  - {p}" for p in report["problems"])
-    elif report["warnings"]:
-        n = len(report["warnings"])
-        lines.append(f"verification passed with {n} warning{'s' if n != 1 else ''} (see above)")
-    else:
-        lines.append("verification passed")
-    return lines
-
-
-@app.command("demo-data")
-def demo_data(
-    directory: Path = typer.Argument(..., help="Where to write train/ and test/ shards."),
-    n_train: int = typer.Option(5000, "--train", help="Training samples."),
-    n_test: int = typer.Option(1000, "--test", help="Test samples."),
-    image_size: int = typer.Option(32, "--image-size", help="Image side in pixels."),
-    per_shard: int = typer.Option(1000, "--per-shard", help="Samples per shard."),
-    seed: int = typer.Option(0, "--seed", help="Generator seed."),
-    quiet: bool = QUIET,
-    log_json: Optional[Path] = LOG_JSON,
-) -> None:
-    """Write the embedded, deterministic demo image-text dataset."""
-    from uge_protect.shards.demo import write_demo_dataset
-
-    with logged_command("demo-data", quiet, log_json), one_error_line():
-        summary = write_demo_dataset(
-            directory, n_train=n_train, n_test=n_test, image_size=image_size,
-            samples_per_shard=per_shard, seed=seed,
-        )
-        _log_dataset_written(summary, directory, image_size)
-
-
-def _log_dataset_written(summary: dict[str, Any], directory: Path, image_size: int) -> None:
-    splits = summary["splits"]
-    _log.info(
-        f"wrote {splits['train']['n']} train and {splits['test']['n']} test samples "
-        f"({len(summary['classes'])} classes, {image_size}x{image_size}) to {directory}/train and {directory}/test"
-    )
-
-
-@app.command("photo-data")
-def photo_data(
-    directory: Path = typer.Argument(..., help="Where to write train/ and test/ shards, classes.json and photos.json."),
-    train_per_class: int = typer.Option(200, "--train-per-class", help="Training crops per photograph (class)."),
-    test_per_class: int = typer.Option(80, "--test-per-class", help="Test crops per photograph (class)."),
-    image_size: int = typer.Option(32, "--image-size", help="Image side in pixels."),
-    per_shard: int = typer.Option(1000, "--per-shard", "--shard-size", help="Samples per shard."),
-    seed: int = typer.Option(0, "--seed", help="Generator seed."),
-    photos: Optional[List[Path]] = typer.Option(None, "--photos", help="Directory holding the photographs (usr/share/backgrounds or a root above it; repeatable). Default: /usr/share/backgrounds, then .cache/photos (`make photos`)."),
-    quiet: bool = QUIET,
-    log_json: Optional[Path] = LOG_JSON,
-) -> None:
-    """Write the benchmark of real photographs with captions (crops of Debian wallpapers; test crops from regions never used in training)."""
-    from uge_protect.shards.photos import write_photo_dataset
-
-    with logged_command("photo-data", quiet, log_json), one_error_line():
-        summary = write_photo_dataset(
-            directory, train_per_class=train_per_class, test_per_class=test_per_class,
-            image_size=image_size, samples_per_shard=per_shard, seed=seed,
-            photo_dirs=list(photos) if photos else None,
-        )
-        for name, counts in summary["counts"].items():
-            _log.info(f"{name:>16}: {counts['train']} train, {counts['test']} test")
-        _log_dataset_written(summary, directory, image_size)
-
+app.command("demo-data")(demo_data_command)
+app.command("photo-data")(photo_data_command)
 
 from uge_protect.cli.eval_cmd import eval_command  # noqa: E402
 
