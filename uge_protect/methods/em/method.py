@@ -18,7 +18,7 @@ tensors only (files are the business of :mod:`artifact` and the pipeline).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -29,9 +29,11 @@ from uge_protect.methods.artifact import (artifact_fingerprint, check_config, ch
     loading)
 from uge_protect.methods.base import APPLY_CHUNK, FittedMethod, ProtectBatch, in_fixed_chunks
 from uge_protect.methods.budget import pgd_minimize, seeded_uniform
-from uge_protect.methods.em.clip import ErrorMinimizingClip
 from uge_protect.methods.em.config import MODES, EMArtifact, EMClipArtifact
 from uge_protect.models.classifiers import Normalized, build_classifier, set_frozen, small_cnn
+
+if TYPE_CHECKING:
+    from uge_protect.methods.em.clip import ErrorMinimizingClip
 
 
 def build_surrogate(name: str, num_classes: int, width: int | None = None, seed: int | None = None) -> nn.Module:
@@ -56,6 +58,25 @@ def pgd_min(
                         epsilon, step_size, steps)
 
 
+class FittedEM(FittedMethod):
+    """What EM's fitted methods share: the name, apply's PGD steps, and PGD from each sample's
+    own seeded start in fixed chunks (so the floats do not depend on the batch size)."""
+
+    name = "em"
+
+    def __init__(self, config: dict[str, Any], fingerprint: str | None = None):
+        super().__init__(config, fingerprint)
+        self.step_size = float(config["step_size"])
+        self.pgd_steps = int(config["pgd_steps"])
+
+    def seeded_pgd(self, batch: ProtectBatch, pgd: Callable[..., torch.Tensor], condition: torch.Tensor
+                   ) -> torch.Tensor:
+        """``pgd(images, start δ, condition)`` on fixed chunks of the batch, from a δ uniform in
+        [-ε, ε] drawn from each sample's seed; ``condition`` holds one row per sample."""
+        start = seeded_uniform(batch.seeds, tuple(batch.pixels.shape[1:]), self.epsilon).to(self.device)
+        return in_fixed_chunks(pgd, batch.images.float(), start, condition)
+
+
 def _check_em_config(path: str, config: dict[str, Any]) -> None:
     """Check an EM artifact's config against the schema of its mode."""
     if config.get("mode") == "clip":
@@ -73,6 +94,8 @@ def em_from_artifact(path: str, epsilon: float | None = None) -> "ErrorMinimizin
     The default budget (8/255, what the CLI passes when ``--epsilon`` is absent) also counts
     as "not given" for an artifact fitted with a smaller ε, so a run never exceeds the
     default silently."""
+    from uge_protect.methods.em.clip import ErrorMinimizingClip  # clip.py builds on this module
+
     config, weights = load_artifact(path, expected_method="em", check=lambda c: _check_em_config(path, c))
     check_fitted_epsilon(path, config, epsilon)
     cls = ErrorMinimizingClip if config["mode"] == "clip" else ErrorMinimizing
@@ -80,10 +103,9 @@ def em_from_artifact(path: str, epsilon: float | None = None) -> "ErrorMinimizin
         return cls(config, weights, fingerprint=artifact_fingerprint(path))
 
 
-class ErrorMinimizing(FittedMethod):
+class ErrorMinimizing(FittedEM):
     """Apply a fitted EM artifact: PGD against its surrogate (sample) or a class lookup (class)."""
 
-    name = "em"
     requires_label = True
 
     def __init__(self, config: dict[str, Any], weights: dict[str, dict[str, torch.Tensor]],
@@ -93,8 +115,6 @@ class ErrorMinimizing(FittedMethod):
         if self.mode not in MODES:
             raise UserError(f"EM artifact has an unknown mode {self.mode!r}")
         self.num_classes = int(config["num_classes"])
-        self.step_size = float(config["step_size"])
-        self.pgd_steps = int(config["pgd_steps"])
         try:
             self.model = build_surrogate(config["surrogate"], self.num_classes, config.get("surrogate_width"))
             self.model.load_state_dict(weights["surrogate"], strict=True)
@@ -154,7 +174,6 @@ class ErrorMinimizing(FittedMethod):
         return self._sample_pgd(batch, labels)
 
     def _sample_pgd(self, batch: ProtectBatch, labels: torch.Tensor) -> torch.Tensor:
-        start = seeded_uniform(batch.seeds, tuple(batch.pixels.shape[1:]), self.epsilon).to(self.device)
-        return in_fixed_chunks(
-            lambda xs, ds, ys: pgd_min(self.model, xs, ys, ds, self.epsilon, self.step_size, self.pgd_steps),
-            batch.images.float(), start, labels).float()
+        return self.seeded_pgd(
+            batch, lambda xs, ds, ys: pgd_min(self.model, xs, ys, ds, self.epsilon, self.step_size, self.pgd_steps),
+            labels).float()
