@@ -221,7 +221,7 @@ def test_every_architecture_builds_and_trains_on_small_images():
 
 def test_methods_record_what_they_were_fitted_against(tmp_path):
     from uge_protect.methods.artifact import save_artifact
-    from uge_protect.methods.em.method import fit_em
+    from uge_protect.methods.em.fit import fit_em
     from uge_protect.methods.em.config import EMConfig
     from uge_protect.methods.registry import create_method as make
 

@@ -18,7 +18,7 @@ from tests.methods import test_em, test_em_clip, test_t2ue, test_uge
 from uge_protect.methods.artifact import save_artifact
 from uge_protect.methods.em.clip import EMClipConfig, fit_em_clip
 from uge_protect.methods.em.config import EMConfig
-from uge_protect.methods.em.method import fit_em
+from uge_protect.methods.em.fit import fit_em
 from uge_protect.methods.t2ue.config import T2UEConfig
 from uge_protect.methods.t2ue.fit import fit_t2ue
 from uge_protect.methods.uge.fit import fit_uge

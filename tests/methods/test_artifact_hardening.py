@@ -23,7 +23,7 @@ from uge_protect.cli.app import app
 from uge_protect.errors import UserError
 from uge_protect.methods.artifact import check_config, json_type_matches, load_artifact, save_artifact
 from uge_protect.methods.base import ProtectBatch, sample_seed
-from uge_protect.methods.em.method import fit_em
+from uge_protect.methods.em.fit import fit_em
 from uge_protect.methods.em.config import EMArtifact, EMConfig
 from uge_protect.methods.em.clip import fit_em_clip
 from uge_protect.methods.em.config import EMClipArtifact, EMClipConfig

@@ -12,7 +12,8 @@ from uge_protect.errors import UserError
 from uge_protect.methods.artifact import save_artifact
 from uge_protect.methods.base import ProtectBatch, sample_seed
 from uge_protect.methods.budget import apply_perturbation
-from uge_protect.methods.em.method import ErrorMinimizing, fit_em
+from uge_protect.methods.em.fit import fit_em
+from uge_protect.methods.em.method import ErrorMinimizing
 from uge_protect.methods.em.config import EMConfig
 from uge_protect.methods.random_noise import RandomNoise
 from uge_protect.methods.registry import create_method, get_fitter, method_names
@@ -168,7 +169,7 @@ def test_bad_options_are_user_errors():
 
 
 def test_class_mode_on_a_coarse_grid_with_augmentation_gives_block_patterns():
-    from uge_protect.methods.em.method import fit_em
+    from uge_protect.methods.em.fit import fit_em
     from uge_protect.methods.em.config import EMConfig
 
     x = (torch.rand(24, 3, 16, 16) * 255).to(torch.uint8)

@@ -17,7 +17,8 @@ from uge_protect.pipeline.run import protect_records
 from uge_protect.shards.manifest import read_manifest
 from uge_protect.methods import registry
 from uge_protect.methods.base import ProtectBatch, ProtectionMethod
-from uge_protect.methods.em.method import ErrorMinimizing, fit_em
+from uge_protect.methods.em.fit import fit_em
+from uge_protect.methods.em.method import ErrorMinimizing
 from uge_protect.methods.em.config import EMConfig
 from uge_protect.methods.random_noise import PassThrough, RandomNoise
 

@@ -21,7 +21,7 @@ trains against a key it does not have.
 from __future__ import annotations
 
 import re
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 OWNER = "owner"
 SEEN = "seen in fit"
@@ -209,21 +209,27 @@ def headline_text(report: dict[str, Any]) -> str:
         raise ValueError("the CLIP role is not one of the protocol's")
     cls = head.get("classify")
     if cls is not None:
-        w = cls["worst"]
-        if w is None:
-            parts.append(f"classifiers: {cls['basis']}")
-        else:
-            parts.append(f"worst case over {cls['basis']}: {w['arch']} reached {100 * w['protected_acc']:.1f}% "
-                         f"trained on protected data ({w['defense']}), {100 * w['clean_acc']:.1f}% trained on clean")
+        parts.append(_block_text(cls, "classifiers", _classify_worst_text))
         if cls.get("owner_worst"):
             o = cls["owner_worst"]
             parts.append(f"owner {o['arch']} {100 * o['protected_acc']:.1f}% (clean {100 * o['clean_acc']:.1f}%)")
-    clip = head.get("clip")
-    if clip is not None:
-        w = clip["worst"]
-        if w is None:
-            parts.append(f"CLIP: {clip['basis']}")
-        else:
-            parts.append(f"CLIP ({clip['role']}): Recall@10 {100 * w['protected_R@10']:.1f}% trained on protected "
-                         f"data ({w['defense']}), {100 * w['clean_R@10']:.1f}% on clean")
+    if head.get("clip") is not None:
+        parts.append(_block_text(head["clip"], "CLIP", _clip_worst_text))
     return "; ".join(parts) if parts else "no results"
+
+
+def _block_text(block: dict[str, Any], label: str, worst_text: Callable[[dict[str, Any], dict[str, Any]], str]
+                ) -> str:
+    """A headline block's text: ``worst_text(block, worst case)``, or ``label: basis`` without a worst case."""
+    w = block["worst"]
+    return f"{label}: {block['basis']}" if w is None else worst_text(block, w)
+
+
+def _classify_worst_text(block: dict[str, Any], w: dict[str, Any]) -> str:
+    return (f"worst case over {block['basis']}: {w['arch']} reached {100 * w['protected_acc']:.1f}% "
+            f"trained on protected data ({w['defense']}), {100 * w['clean_acc']:.1f}% trained on clean")
+
+
+def _clip_worst_text(block: dict[str, Any], w: dict[str, Any]) -> str:
+    return (f"CLIP ({block['role']}): Recall@10 {100 * w['protected_R@10']:.1f}% trained on protected "
+            f"data ({w['defense']}), {100 * w['clean_R@10']:.1f}% on clean")

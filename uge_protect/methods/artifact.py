@@ -262,6 +262,18 @@ def check_fit_size(fit_size: list[int] | None) -> None:
         raise UserError(f"fit_size must be [height, width] of at least 1 pixel, got {fit_size}")
 
 
+@dataclasses.dataclass
+class FitRecord:
+    """What every fit records about itself in its artifact's ``config.json``, beside its options
+    (the fields an artifact schema of :func:`check_config` inherits)."""
+
+    #: The networks δ was fitted against (written by the fit, for readers; loaders derive it).
+    fit_architectures: list[str] | None = None
+    #: [height, width] of the training images (see :func:`check_fit_size`).
+    fit_size: list[int] | None = None
+    n_train: int | None = None
+
+
 @contextlib.contextmanager
 def hub_offline() -> Iterator[None]:
     """Keep huggingface_hub (and transformers and timm, which use it) offline for the duration:

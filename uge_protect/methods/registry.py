@@ -18,7 +18,8 @@ from uge_protect.errors import UserError
 from uge_protect.methods.artifact import read_artifact_config
 from uge_protect.methods.base import AuthorizedModel, FitContext, ProtectionMethod
 from uge_protect.methods.em.config import EMConfig
-from uge_protect.methods.em.method import ErrorMinimizing, em_fit_needs, em_from_artifact, fit_em_from_options
+from uge_protect.methods.em.fit import em_fit_needs, fit_em_from_options
+from uge_protect.methods.em.method import ErrorMinimizing, em_from_artifact
 from uge_protect.methods.fitting import FitResult
 from uge_protect.methods.random_noise import PassThrough, RandomNoise
 from uge_protect.methods.t2ue.config import T2UEApplyOptions, T2UEConfig

@@ -284,13 +284,21 @@ class _Inspector:
             else:
                 self.problems.append(f"manifests/{manifest.name} has no valid completion marker in stats/")
 
-    def _check_sizes(self, stats: dict[str, dict[str, Any]]) -> None:
-        if (problem := self._outside(self.layout.sizes_file)) is not None:
+    def _load_summary(self, path: Path, label: str) -> tuple[Any, bool]:
+        """One of the run's summary files: its JSON and True, or None and False with the problem
+        noted (a link outside the directory; missing, i.e. the run did not finish; unreadable)."""
+        if (problem := self._outside(path)) is not None:
             self.problems.append(problem)
-            return
-        sizes, error = load_json(self.layout.sizes_file, "shards/sizes.json")
+            return None, False
+        data, error = load_json(path, label)
         if error:
             self.problems.append(f"{error} (the run did not finish)" if error.endswith("missing") else error)
+            return None, False
+        return data, True
+
+    def _check_sizes(self, stats: dict[str, dict[str, Any]]) -> None:
+        sizes, loaded = self._load_summary(self.layout.sizes_file, "shards/sizes.json")
+        if not loaded:
             return
         if not is_count_map(sizes):
             self.problems.append("shards/sizes.json is not a JSON object of {shard name: written samples}")
@@ -305,12 +313,8 @@ class _Inspector:
                 self.problems.append(f"{name}: sizes.json says {sizes[name]}, manifest has {written} written")
 
     def _check_protection(self, stats: dict[str, dict[str, Any]]) -> None:
-        if (problem := self._outside(self.layout.protection_file)) is not None:
-            self.problems.append(problem)
-            return
-        summary, error = load_json(self.layout.protection_file, "protection.json")
-        if error:
-            self.problems.append(f"{error} (the run did not finish)" if error.endswith("missing") else error)
+        summary, loaded = self._load_summary(self.layout.protection_file, "protection.json")
+        if not loaded:
             return
         if not isinstance(summary, dict) or not isinstance(summary.get("counts"), dict):
             self.problems.append("protection.json is not a JSON object with counts")

@@ -50,18 +50,10 @@ CLASS_NAMES: list[str] = [
 
 #: Named colours (RGB) used for objects, distractors and backgrounds.
 COLORS: dict[str, tuple[int, int, int]] = {
-    "red": (215, 40, 40),
-    "orange": (245, 140, 30),
-    "yellow": (240, 215, 50),
-    "green": (50, 165, 60),
-    "cyan": (40, 195, 210),
-    "blue": (40, 75, 215),
-    "purple": (135, 60, 185),
-    "pink": (240, 125, 180),
-    "brown": (125, 80, 40),
-    "white": (240, 240, 240),
-    "black": (25, 25, 25),
-    "gray": (128, 128, 128),
+    "red": (215, 40, 40), "orange": (245, 140, 30), "yellow": (240, 215, 50),
+    "green": (50, 165, 60), "cyan": (40, 195, 210), "blue": (40, 75, 215),
+    "purple": (135, 60, 185), "pink": (240, 125, 180), "brown": (125, 80, 40),
+    "white": (240, 240, 240), "black": (25, 25, 25), "gray": (128, 128, 128),
 }
 
 #: Background textures.

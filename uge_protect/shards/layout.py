@@ -12,40 +12,30 @@ from typing import Any
 from uge_protect.atomic import atomic_open, temp_owner
 
 
+class _Below:
+    """An :class:`OutputLayout` attribute: the path ``parts`` below its root."""
+
+    def __init__(self, *parts: str):
+        self.parts = parts
+
+    def __get__(self, layout: OutputLayout, owner: type | None = None) -> Path:
+        return layout.root.joinpath(*self.parts)
+
+
 @dataclass(frozen=True)
 class OutputLayout:
     """Paths of everything ``uge-protect shard`` writes under ``root``."""
 
     root: Path
 
-    @property
-    def shards_dir(self) -> Path:
-        return self.root / "shards"
-
-    @property
-    def manifests_dir(self) -> Path:
-        return self.root / "manifests"
-
-    @property
-    def stats_dir(self) -> Path:
-        return self.root / "stats"
-
-    @property
-    def run_file(self) -> Path:
-        """The configuration of the run that owns this directory (written first)."""
-        return self.root / "run.json"
-
-    @property
-    def protection_file(self) -> Path:
-        return self.root / "protection.json"
-
-    @property
-    def sizes_file(self) -> Path:
-        return self.shards_dir / "sizes.json"
-
-    @property
-    def lock_file(self) -> Path:
-        return self.root / ".lock"
+    shards_dir = _Below("shards")
+    manifests_dir = _Below("manifests")
+    stats_dir = _Below("stats")
+    #: The configuration of the run that owns this directory (written first).
+    run_file = _Below("run.json")
+    protection_file = _Below("protection.json")
+    sizes_file = _Below("shards", "sizes.json")
+    lock_file = _Below(".lock")
 
     def shard(self, name: str) -> Path:
         return self.shards_dir / name

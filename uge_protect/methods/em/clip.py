@@ -29,9 +29,10 @@ import torch
 import torch.nn.functional as F
 
 from uge_protect.errors import UserError
-from uge_protect.methods.base import APPLY_CHUNK, FitContext, FittedMethod, ProtectBatch, clip_arch_id, in_fixed_chunks
-from uge_protect.methods.budget import pgd_minimize, seeded_uniform
+from uge_protect.methods.base import APPLY_CHUNK, FitContext, ProtectBatch, clip_arch_id
+from uge_protect.methods.budget import pgd_minimize
 from uge_protect.methods.em.config import EMClipConfig
+from uge_protect.methods.em.method import FittedEM
 from uge_protect.methods.fitting import BatchCursor, FitResult, check_images, fit_record
 from uge_protect.models.classifiers import set_frozen
 from uge_protect.models.clip import (TINY_CLIP_CONFIG, ClipBundle, build_clip_model, clamp_logit_scale, clip_infonce,
@@ -157,18 +158,15 @@ def fit_em_clip(images: torch.Tensor, captions: list[str], cfg: EMClipConfig, ct
     return config, {"surrogate": clip_state(bundle), "bank": {"tokens": bank.detach().cpu().clone()}}
 
 
-class ErrorMinimizingClip(FittedMethod):
+class ErrorMinimizingClip(FittedEM):
     """Apply a fitted EM-CLIP artifact: PGD against its surrogate CLIP, per sample and caption."""
 
-    name = "em"
     requires_caption = True
 
     def __init__(self, config: dict[str, Any], weights: dict[str, dict[str, torch.Tensor]],
                  fingerprint: str | None = None):
         super().__init__(config, fingerprint)
         self.mode = "clip"
-        self.step_size = float(config["step_size"])
-        self.pgd_steps = int(config["pgd_steps"])
         if "surrogate" not in weights or "tokens" not in weights.get("bank", {}):
             raise UserError("EM-CLIP artifact lacks its surrogate or caption bank weights")
         # The architecture only: weights come from the artifact, never from the network.
@@ -202,7 +200,6 @@ class ErrorMinimizingClip(FittedMethod):
     def perturb(self, batch: ProtectBatch) -> torch.Tensor:
         if any(not c for c in batch.captions):
             raise UserError("EM's CLIP mode needs a caption for every sample")
-        start = seeded_uniform(batch.seeds, tuple(batch.pixels.shape[1:]), self.epsilon).to(self.device)
         tokens = self.bundle.tokenize([str(t) for t in batch.captions]).to(self.device)
 
         def chunk(xs: torch.Tensor, ds: torch.Tensor, ts: torch.Tensor) -> torch.Tensor:
@@ -211,4 +208,4 @@ class ErrorMinimizingClip(FittedMethod):
             return pgd_min_clip(self.bundle, xs, text_emb, self.bank_emb, _same_caption(ts, self.bank),
                                 ds, self.epsilon, self.step_size, self.pgd_steps)
 
-        return in_fixed_chunks(chunk, batch.images.float(), start, tokens)
+        return self.seeded_pgd(batch, chunk, tokens)

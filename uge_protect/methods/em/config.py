@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from uge_protect.errors import UserError
-from uge_protect.methods.artifact import check_fit_size
+from uge_protect.methods.artifact import FitRecord, check_fit_size
 from uge_protect.methods.base import given_options
 from uge_protect.methods.budget import check_epsilon
 from uge_protect.models.classifiers import ARCHITECTURES
@@ -99,15 +99,11 @@ class EMConfig:
 
 
 @dataclass
-class EMFitRecord:
+class EMFitRecord(FitRecord):
     """What every EM fit (sample, class and clip mode) records about itself in its artifact."""
 
-    fit_size: list[int] | None = None
-    n_train: int | None = None
     rounds: int | None = None
     train_error: float | None = None
-    #: The networks δ was fitted against (written by the fit, for readers; loaders derive it).
-    fit_architectures: list[str] | None = None
     train_error_history: list[float] | None = None
     converged: bool | None = None
 

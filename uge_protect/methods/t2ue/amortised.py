@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from uge_protect.errors import UserError
 from uge_protect.methods.base import FitContext, Progress
-from uge_protect.methods.em.method import fit_em
+from uge_protect.methods.em.fit import fit_em
 from uge_protect.methods.em.config import EMConfig
 from uge_protect.methods.t2ue.generators import build_generator
 from uge_protect.models.training import pick_device

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from uge_protect.errors import UserError
-from uge_protect.methods.artifact import check_fit_size
+from uge_protect.methods.artifact import FitRecord, check_fit_size
 from uge_protect.methods.base import given_options
 from uge_protect.methods.budget import check_epsilon
 from uge_protect.methods.t2ue.generators import BACKBONES
@@ -153,17 +153,13 @@ class T2UEConfig:
 
 
 @dataclass
-class T2UEArtifact(T2UEConfig):
+class T2UEArtifact(T2UEConfig, FitRecord):
     """The schema of a T2UE artifact's ``config.json``: the fit's hyper-parameters and what
     the fit recorded (see :func:`artifact.check_config`)."""
 
-    #: The networks δ was fitted against (written by the fit, for readers; loaders derive it).
-    fit_architectures: list[str] | None = None
     text_dim: int | None = None
     token_dim: int | None = None
     context_length: int | None = None
-    fit_size: list[int] | None = None
-    n_train: int | None = None
     loss_history: list[dict[str, Any]] | None = None
     final_loss: float | None = None
     surrogate_trained: bool | None = None

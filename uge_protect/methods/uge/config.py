@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from uge_protect.errors import UserError
-from uge_protect.methods.artifact import check_fit_size
+from uge_protect.methods.artifact import FitRecord, check_fit_size
 from uge_protect.methods.base import given_options
 from uge_protect.methods.budget import check_epsilon
 from uge_protect.methods.uge.key import is_key_fingerprint, normalize_key
@@ -136,18 +136,14 @@ class UGEConfig:
 
 
 @dataclass
-class UGEArtifact(UGEConfig):
+class UGEArtifact(UGEConfig, FitRecord):
     """The schema of a UGE artifact's ``config.json``: the fit's hyper-parameters (the key
     among them) and what the fit recorded (see :func:`artifact.check_config`)."""
 
     num_classes: int | None = None
-    #: The networks δ was fitted against (written by the fit, for readers; loaders derive it).
-    fit_architectures: list[str] | None = None
     gm_active: bool | None = None
     key_fingerprint: str | None = None
     authorized_init_fingerprint: str | None = None
-    fit_size: list[int] | None = None
-    n_train: int | None = None
     processes: int | None = None
     loss_history: list[dict[str, Any]] | None = None
     student_train_acc_protected: float | None = None
