@@ -32,7 +32,7 @@ from uge_protect.errors import UserError
 from uge_protect.methods.base import APPLY_CHUNK, FitContext, ProtectBatch, clip_arch_id
 from uge_protect.methods.budget import pgd_minimize
 from uge_protect.methods.em.config import EMClipConfig
-from uge_protect.methods.em.method import FittedEM
+from uge_protect.methods.em.fitted import FittedEM
 from uge_protect.methods.fitting import BatchCursor, FitResult, check_images, fit_record
 from uge_protect.models.classifiers import set_frozen
 from uge_protect.models.clip import (TINY_CLIP_CONFIG, ClipBundle, build_clip_model, clamp_logit_scale, clip_infonce,

@@ -18,7 +18,7 @@ tensors only (files are the business of :mod:`artifact` and the pipeline).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -27,14 +27,12 @@ from torch import nn
 from uge_protect.errors import UserError
 from uge_protect.methods.artifact import (artifact_fingerprint, check_config, check_fitted_epsilon, load_artifact,
     loading)
-from uge_protect.methods.base import APPLY_CHUNK, FittedMethod, ProtectBatch, in_fixed_chunks
-from uge_protect.methods.budget import pgd_minimize, seeded_uniform
+from uge_protect.methods.base import APPLY_CHUNK, ProtectBatch
+from uge_protect.methods.budget import pgd_minimize
+from uge_protect.methods.em.clip import ErrorMinimizingClip
 from uge_protect.methods.em.config import MODES, EMArtifact, EMClipArtifact
+from uge_protect.methods.em.fitted import FittedEM
 from uge_protect.models.classifiers import Normalized, build_classifier, set_frozen, small_cnn
-
-if TYPE_CHECKING:
-    from uge_protect.methods.em.clip import ErrorMinimizingClip
-
 
 def build_surrogate(name: str, num_classes: int, width: int | None = None, seed: int | None = None) -> nn.Module:
     """The surrogate classifier (takes [0, 1] images; size-agnostic through global pooling)."""
@@ -58,25 +56,6 @@ def pgd_min(
                         epsilon, step_size, steps)
 
 
-class FittedEM(FittedMethod):
-    """What EM's fitted methods share: the name, apply's PGD steps, and PGD from each sample's
-    own seeded start in fixed chunks (so the floats do not depend on the batch size)."""
-
-    name = "em"
-
-    def __init__(self, config: dict[str, Any], fingerprint: str | None = None):
-        super().__init__(config, fingerprint)
-        self.step_size = float(config["step_size"])
-        self.pgd_steps = int(config["pgd_steps"])
-
-    def seeded_pgd(self, batch: ProtectBatch, pgd: Callable[..., torch.Tensor], condition: torch.Tensor
-                   ) -> torch.Tensor:
-        """``pgd(images, start δ, condition)`` on fixed chunks of the batch, from a δ uniform in
-        [-ε, ε] drawn from each sample's seed; ``condition`` holds one row per sample."""
-        start = seeded_uniform(batch.seeds, tuple(batch.pixels.shape[1:]), self.epsilon).to(self.device)
-        return in_fixed_chunks(pgd, batch.images.float(), start, condition)
-
-
 def _check_em_config(path: str, config: dict[str, Any]) -> None:
     """Check an EM artifact's config against the schema of its mode."""
     if config.get("mode") == "clip":
@@ -87,15 +66,13 @@ def _check_em_config(path: str, config: dict[str, Any]) -> None:
                  required=("epsilon", "mode", "num_classes", "step_size", "pgd_steps", "surrogate"))
 
 
-def em_from_artifact(path: str, epsilon: float | None = None) -> "ErrorMinimizing | ErrorMinimizingClip":
+def em_from_artifact(path: str, epsilon: float | None = None) -> ErrorMinimizing | ErrorMinimizingClip:
     """Load an artifact made by ``uge-protect fit em``: an :class:`ErrorMinimizing` (sample or
     class mode) or an :class:`~uge_protect.methods.em.clip.ErrorMinimizingClip` (clip mode).
     Its ε is authoritative: an ``epsilon`` that differs is an error; None means "not given".
     The default budget (8/255, what the CLI passes when ``--epsilon`` is absent) also counts
     as "not given" for an artifact fitted with a smaller ε, so a run never exceeds the
     default silently."""
-    from uge_protect.methods.em.clip import ErrorMinimizingClip  # clip.py builds on this module
-
     config, weights = load_artifact(path, expected_method="em", check=lambda c: _check_em_config(path, c))
     check_fitted_epsilon(path, config, epsilon)
     cls = ErrorMinimizingClip if config["mode"] == "clip" else ErrorMinimizing
