@@ -73,6 +73,13 @@ class EvalConfig:
     gate: bool = option(True, help=(
         "With --authorized: the authorized network carries the artifact's confidence gate, when it has one; "
         "--no-gate: the bare network, to measure what the gate does."))
+    method_aware: bool = option(False, flag="--method-aware", help=(
+        "Also train an attacker who knows the protection's method but not its artifact, for every --arch "
+        "(what it tries comes from the method: for UGE every key direction, one estimated from the data, "
+        "and the average over all); rows ARCH@STRATEGY."))
+    attacker_fraction: float = option(0.01, min=0.0, max=1.0, min_open=True, label="--attacker-fraction", help=(
+        "With --method-aware: the attacker's clean labelled set, as a fraction of the clean training set "
+        "(it keeps the enumerated key that scores best there)."))
     #: Log no progress (library use; the command leaves this to its logging's --quiet).
     quiet: bool = option(False, cli=False, help="Log no progress.")
     figures: bool = option(True, cli=False, help="Draw the PNG figures.")

@@ -25,15 +25,17 @@ import torch
 from uge_protect.errors import UserError
 from uge_protect.eval.authorized import ModelEntry, authorized_summary
 from uge_protect.eval.cache import RunCache, dataset_digest, run_key
-from uge_protect.eval.classify import TrainSettings, fit_classifier
+from uge_protect.eval.attacker import attacker_set, mark_picks
+from uge_protect.eval.classify import TrainSettings, evaluate, fit_classifier
 from uge_protect.eval.config import EvalConfig
 from uge_protect.eval.defenses import Defense, apply_data_defense, partial_protection
-from uge_protect.eval.metrics import summarize
+from uge_protect.eval.metrics import accuracy_from_confusion, summarize
 from uge_protect.eval.parallel import Workers, run_spread, start_workers
 from uge_protect.eval.protocol import (classifier_headline, clip_headline, covers_every_row, fit_architectures,
     mark_classifier_rows, role)
 from uge_protect.shards.dataset import InMemoryDataset, load_shards
 from uge_protect.methods.base import clip_arch_id
+from uge_protect.methods.registry import attacker_models
 from uge_protect.models.classifiers import MIN_SIDE
 
 log = logging.getLogger(__name__)
@@ -115,8 +117,12 @@ def run_evaluation(cfg: EvalConfig) -> dict[str, Any]:
     out, cache, clip_mod = _prepare(cfg)
     say(f"loading protected {protected_pattern}, clean {' '.join(cfg.clean_train)}, test {' '.join(cfg.test)}")
     data = _load_data(cfg, protected_pattern, models)
-    report = _new_report(cfg, data, protection, defenses, workers)
     method = (protection or {}).get("method", {}) or {}
+    if cfg.method_aware:
+        data.attacker = attacker_set(data.clean, cfg.attacker_fraction, cfg.seed, data.num_classes)
+        models.update((m.label, m) for m in attacker_models(method, list(cfg.archs), data.prot_train.images,
+                                                            data.attacker.images))
+    report = _new_report(cfg, data, protection, defenses, workers)
     fit = fit_architectures(method)
     for warning in _protocol_notes(report, method, fit, models):
         log.warning(prefix + warning)
@@ -129,8 +135,10 @@ def run_evaluation(cfg: EvalConfig) -> dict[str, Any]:
     if cfg.task in ("classify", "both"):
         runs = [r for job, r in zip(jobs, results) if job.task == "classify"]
         summary = _classify_summary(list(models), defenses, runs)
-        roles = {label: role(m.arch, fit, owner=m.owner, other_key=m.other_key) for label, m in models.items()}
+        roles = {label: role(m.arch, fit, owner=m.owner, other_key=m.other_key or m.attacker)
+                 for label, m in models.items()}
         mark_classifier_rows(summary, roles, data.num_classes)
+        mark_picks(summary, {label: m.group for label, m in models.items() if m.group})
         report["tasks"]["classify"] = {"runs": runs, "summary": summary}
         report["headline"]["classify"] = classifier_headline(summary)
     if clip_mod is not None:
@@ -186,10 +194,13 @@ class _Data:
     prot_train: InMemoryDataset
     clean_mask: torch.Tensor
     num_classes: int
+    #: The method-aware attacker's clean labelled set (``--method-aware``), else None.
+    attacker: InMemoryDataset | None = None
 
     def sets(self) -> dict[str, InMemoryDataset]:
-        """The two training sets, by the name jobs use."""
-        return {"protected": self.prot_train, "clean": self.clean}
+        """The two training sets, by the name jobs use (and the attacker's clean set)."""
+        sets = {"protected": self.prot_train, "clean": self.clean}
+        return sets if self.attacker is None else {**sets, "attacker": self.attacker}
 
 
 def _named(prot: InMemoryDataset, clean: InMemoryDataset, test: InMemoryDataset) -> list[tuple[str, InMemoryDataset]]:
@@ -458,10 +469,15 @@ class _JobRunner:
             teacher, _ = fit_classifier(
                 train.images, train.labels, test.images, test.labels, self.num_classes,
                 _train_settings(self.cfg, entry.teacher.arch, job.seed, self.device), job.defense,
-                build_model=entry.teacher.factory(self.num_classes))
-        _, result = fit_classifier(train.images, train.labels, test.images, test.labels, self.num_classes,
-                                   _train_settings(self.cfg, entry.arch, job.seed, self.device), job.defense,
-                                   on_epoch=on_epoch, build_model=entry.factory(self.num_classes), teacher=teacher)
+                build_model=entry.teacher.factory(self.num_classes, job.seed))
+        model, result = fit_classifier(train.images, train.labels, test.images, test.labels, self.num_classes,
+                                       _train_settings(self.cfg, entry.arch, job.seed, self.device), job.defense,
+                                       on_epoch=on_epoch, build_model=entry.factory(self.num_classes, job.seed),
+                                       teacher=teacher)
+        if entry.attacker and "attacker" in data:  # what the attacker sees of the run on its clean set
+            attack = data["attacker"]
+            cm = evaluate(model, attack.images, attack.labels, self.num_classes, self.device)
+            result["attacker_acc"] = accuracy_from_confusion(cm)
         return {"defense": job.defense.spec, "arch": job.arch, "repeat": job.repeat, "seed": job.seed,
                 "train_data": job.which, **result}
 
@@ -482,6 +498,10 @@ def _classify_summary(labels: list[str], defenses: list[Defense], runs: list[dic
                     ],
                     "seeds": [r["seed"] for r in sel],
                 }
+                if all("attacker_acc" in r for r in sel):
+                    row[which]["attacker_acc"] = summarize(r["attacker_acc"] for r in sel)
+            if "attacker_acc" in row["protected"]:
+                row["attacker_acc"] = row["protected"]["attacker_acc"]["mean"]
             row["drop_final_test_acc"] = (row["clean"]["final_test_acc"]["mean"]
                                           - row["protected"]["final_test_acc"]["mean"])
             summary.append(row)

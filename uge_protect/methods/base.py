@@ -18,6 +18,7 @@ from typing import Any, Callable, ClassVar
 import torch
 
 from uge_protect.methods.budget import check_epsilon
+from uge_protect.models.classifiers import build_classifier
 from uge_protect.models.training import pick_device
 
 #: What a fit reports its progress to: one event dict at a time (``step``/``steps`` or
@@ -240,9 +241,27 @@ class AuthorizedModel:
     owner: bool = False
     #: The authorized architecture behind another key (a hacker who knows the architecture).
     other_key: bool = False
+    #: A layer an attacker who knows the method puts in front of the plain architecture
+    #: (seeded by the run); None: none.
+    front: Callable[[], torch.nn.Module] | None = field(default=None, compare=False)
+    #: Rows of one attacker strategy that tries several fronts (e.g. every key it can
+    #: enumerate); the attacker keeps the one that scores best on its small clean set.
+    group: str | None = None
 
-    def factory(self, num_classes: int) -> Callable[[], torch.nn.Module] | None:
-        """What builds the model (None: the plain architecture, seeded by the run)."""
+    @property
+    def attacker(self) -> bool:
+        """Whether the row is a method-aware attacker's (a front layer in front of ``arch``)."""
+        return self.front is not None
+
+    def factory(self, num_classes: int, seed: int = 0) -> Callable[[], torch.nn.Module] | None:
+        """What builds the model (None: the plain architecture, seeded by the run); a
+        ``front`` row is that front before the architecture seeded with ``seed``."""
+        if self.front is not None:
+            front, arch = self.front, self.arch
+
+            def build_front() -> torch.nn.Module:
+                return torch.nn.Sequential(front(), build_classifier(arch, num_classes, seed=seed))
+            return build_front
         if self.build is None:
             return None
         build = self.build

@@ -25,6 +25,7 @@ from uge_protect.methods.random_noise import PassThrough, RandomNoise
 from uge_protect.methods.t2ue.config import T2UEApplyOptions, T2UEConfig
 from uge_protect.methods.t2ue.fit import fit_t2ue_from_options
 from uge_protect.methods.t2ue.method import TextToUnlearnable
+from uge_protect.methods.uge import attacks as uge_attacks
 from uge_protect.methods.uge import authorized as uge_authorized
 from uge_protect.methods.uge.config import UGEConfig
 from uge_protect.methods.uge.fit import fit_uge_from_options
@@ -45,6 +46,10 @@ Needs = Callable[[dict[str, Any]], str]
 AuthorizedModels = Callable[[str, list[int], list[str], bool], list[AuthorizedModel]]
 #: What a report says of those rows: (artifact, gate) → a JSON-ready summary.
 AuthorizedSummary = Callable[[str, bool], dict[str, Any]]
+#: The rows of an attacker who knows the method but holds no artifact: (the protection's
+#: public method record, hacker architectures, protected training images, the attacker's
+#: small clean set; uint8) → rows with a front layer.
+AttackerModels = Callable[[dict[str, Any], list[str], torch.Tensor, torch.Tensor], list[AuthorizedModel]]
 
 
 def _labels(options: dict[str, Any]) -> str:
@@ -71,6 +76,7 @@ class MethodEntry:
     authorized_summary: AuthorizedSummary | None = None
     #: The dataclass of the method's own ``shard`` options (None: it has none).
     apply_options: type | None = None
+    attacker_models: AttackerModels | None = None
 
 
 _METHODS: dict[str, MethodEntry] = {}
@@ -95,7 +101,7 @@ for _entry in (
                 lambda options: "captions", checkpoints=True, apply_options=T2UEApplyOptions),
     MethodEntry("uge", Ungeneralizable, UGEConfig, fit_uge_from_options, Ungeneralizable.from_artifact,
                 checkpoints=True, authorized_models=uge_authorized.authorized_models,
-                authorized_summary=uge_authorized.authorized_summary),
+                authorized_summary=uge_authorized.authorized_summary, attacker_models=uge_attacks.attacker_models),
 ):
     register_method(_entry)
 
@@ -181,6 +187,19 @@ def authorized_summary(artifact: str, gate: bool = True) -> dict[str, Any]:
     hook = _authorized_entry(artifact).authorized_summary
     assert hook is not None
     return hook(artifact, gate)
+
+
+def attacker_models(record: dict[str, Any], archs: list[str], protected: torch.Tensor,
+                    clean: torch.Tensor) -> list[AuthorizedModel]:
+    """The rows of an attacker who knows the method of a protection (its ``protection.json``
+    method record) but not its artifact: every strategy of the method's hook, in front of
+    each of ``archs``; a :class:`UserError` for a method that has none."""
+    name = record.get("method") if isinstance(record, dict) else None
+    entry = _METHODS.get(name) if isinstance(name, str) else None
+    if entry is None or entry.attacker_models is None:
+        shown = repr(name) if isinstance(name, str) and name.isprintable() and len(name) < 40 else "(not recorded)"
+        raise UserError(f"the protection's method {shown} has no method-aware attacker; leave --method-aware out")
+    return entry.attacker_models(record, list(archs), protected, clean)
 
 
 def _check_options(name: str, factory: Callable[..., Any] | None, options: dict[str, Any]) -> None:
