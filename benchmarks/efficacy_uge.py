@@ -117,6 +117,7 @@ def markdown(results: dict, meta: dict) -> list[str]:
         lines += ["## Defenses", "",
                   "A data-level defense (grayscale, JPEG) preprocesses the training and the test images alike.", ""]
         lines += table(["defense", *cols], defended, lambda r: [r["defense"]]) + [""]
+    lines += method_aware_lines(rows, meta)
     ablated = [r for r in rows if r["data"].startswith("uge-")]
     if ablated:
         lines += ["## Ablations", "", "Each a fit with the default options except the one named.", ""]
@@ -127,6 +128,34 @@ def markdown(results: dict, meta: dict) -> list[str]:
         lines += table(["fit", *cols], ablated, fit_text) + [""]
     lines += ["## Time (s)", ""] + [f"- {k}: {v:.0f}" for k, v in (meta.get("timings") or {}).items()] + [""]
     return lines
+
+
+def method_aware_lines(rows: list[dict], meta: dict) -> list[str]:
+    """The section of the attacker who knows UGE (``eval --method-aware``): per architecture,
+    the enumerated key it keeps (best on its clean set), the best enumerated key in hindsight,
+    the estimated key and the average over all keys."""
+    aware = [r for r in rows if r["data"] == "uge (method-aware)"]
+    if not aware:
+        return []
+    lines = ["## An attacker who knows the method", "",
+             f"The attacker holds the protected shards, the code and a clean labelled "
+             f"{100 * meta.get('attacker_fraction', 0.01):g}% of the training set, not the key. `ARCH@enumerated`: "
+             "it trains `ARCH` behind the projection of every key direction and keeps the run best on its clean "
+             "set; `best enumerated`: the best of those runs on the test set (in hindsight); `ARCH@estimated`: "
+             "behind the direction whose high-frequency colour energy the protection raises most; "
+             "`ARCH@all-keys`: behind the mean of all projections.", "",
+             "| attacker | clean-trained | protected-trained |", "|---|---:|---:|"]
+    for group in dict.fromkeys(r["group"] for r in aware if r.get("group")):
+        members = [r for r in aware if r.get("group") == group]
+        kept = next(r for r in members if r.get("picked"))
+        best = max(members, key=lambda r: r["protected"])
+        lines.append(f"| `{group}` (kept `{kept['arch']}`) | {_pct(kept['clean'])} | {_pct(kept['protected'])} |")
+        lines.append(f"| `{group}`, best enumerated (`{best['arch']}`) | {_pct(best['clean'])} | "
+                     f"{_pct(best['protected'])} |")
+    for r in aware:
+        if not r.get("group"):
+            lines.append(f"| `{r['arch']}` | {_pct(r['clean'])} | {_pct(r['protected'])} |")
+    return lines + [""]
 
 
 def main() -> None:
@@ -152,7 +181,11 @@ def main() -> None:
                    help="partial protection: this fraction of the training set left clean (0: skip)")
     p.add_argument("--ablations", nargs="*", default=list(ABLATIONS), choices=list(ABLATIONS))
     p.add_argument("--processes", type=int, default=1, help="evaluate under accelerate launch with N CPU processes")
+    p.add_argument("--method-aware-archs", nargs="*", default=["small_cnn", "vgg11", "mlp"],
+                   help="architectures of the attacker who knows the method (`eval --method-aware`; empty: skip)")
+    p.add_argument("--attacker-fraction", type=float, default=0.01, help="the attacker's clean labelled set")
     p.add_argument("--docs", default="docs/efficacy", help="where uge.md and uge.json go")
+    p.add_argument("--name", default="uge", help="write NAME.md/.json (e.g. for a run of a subset)")
     p.add_argument("--fit-args", nargs=argparse.REMAINDER, default=[], help="extra `fit uge` options (last)")
     a = p.parse_args()
     work, data = Path(a.workdir), Path(a.data)
@@ -213,6 +246,17 @@ def main() -> None:
                           archs=a.defense_archs, defenses=["none"], clean_fraction=a.clean_fraction, extra=owner,
                           **common)
         add("uge", report, f"{100 * a.clean_fraction:g}% clean")
+    if a.method_aware_archs:
+        report = evaluate(out, data, work / "reports" / "uge" / "method-aware", archs=a.method_aware_archs,
+                          defenses=["none"], extra=["--method-aware", "--attacker-fraction", str(a.attacker_fraction)],
+                          **common)
+        for r in report["tasks"]["classify"]["summary"]:
+            if "@" in r["arch"]:
+                rows.append({"data": "uge (method-aware)", "arch": r["arch"], "defense": "none",
+                             "role": r.get("role"), "learned": r.get("learned", True),
+                             "clean": r["clean"]["final_test_acc"]["mean"],
+                             "protected": r["protected"]["final_test_acc"]["mean"],
+                             "attacker_acc": r.get("attacker_acc"), "picked": r.get("picked"), "group": r.get("group")})
     for name in a.ablations:
         art_x, out_x = protect(f"uge-{name}", ABLATIONS[name])
         add(f"uge-{name}", evaluate(out_x, data, work / "reports" / f"uge-{name}", archs=a.defense_archs,
@@ -224,10 +268,11 @@ def main() -> None:
             "hardware": _hardware(), "epochs": a.epochs, "seed": a.seed, "authorized": a.authorized,
             "other_key": a.other_key, "published_key": a.key_seed == BENCHMARK_KEY, "archs": a.archs, "distill": a.distill, "defenses": a.defenses,
             "defense_archs": a.defense_archs, "clean_fraction": a.clean_fraction, "ablations": a.ablations,
-            "fit_args": a.fit_args, "timings": timings}
+            "fit_args": a.fit_args, "method_aware_archs": a.method_aware_archs,
+            "attacker_fraction": a.attacker_fraction, "timings": timings}
     results = {"rows": rows, "headline": main_report.get("headline", {}).get("classify"),
                "fit_architectures": main_report.get("protection", {}).get("fit_architectures")}
-    write_table(a.docs, "uge", markdown(results, meta), {"meta": meta, "results": results})
+    write_table(a.docs, a.name, markdown(results, meta), {"meta": meta, "results": results})
 
 
 if __name__ == "__main__":

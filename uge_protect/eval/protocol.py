@@ -14,8 +14,9 @@ learnable for others, so a row only counts when its network was *held out* of th
   held-out hacker reached on the clean test set after training on protected data (under any
   defense evaluated; the mean over repeats), next to its clean-trained accuracy.
 
-A network behind another key than the owner's (UGE's ``ARCH+key:N``) is held out: no fit
-trains against a key it does not have.
+A network behind another key than the owner's (UGE's ``ARCH+key:N``), and a method-aware
+attacker's row (``ARCH@STRATEGY``), is held out: no fit trains against a key it does not have
+or a front layer the attacker chose.
 """
 
 from __future__ import annotations
