@@ -270,3 +270,17 @@ def test_resnet18_as_the_authorized_network():
     owner = build_authorized("resnet18", 2, KEY, True).eval()
     with torch.no_grad():
         assert torch.equal(owner(protected.float() / 255), owner(images.float() / 255))
+
+
+def test_a_fit_depends_on_its_seed_not_on_the_global_rng():
+    images, labels = stripes(32)
+    runs = []
+    for state in (1, 2):
+        torch.manual_seed(state)  # what another caller of torch's global RNG leaves behind
+        runs.append(fit_uge(images, labels, _tiny(steps=2)))
+    (c1, w1), (c2, w2) = runs
+    assert {k: v for k, v in c1.items() if k not in ("fit_seconds", "key_fingerprint")} == \
+        {k: v for k, v in c2.items() if k not in ("fit_seconds", "key_fingerprint")}
+    for part in w1:
+        assert w1[part].keys() == w2[part].keys()
+        assert all(torch.equal(w1[part][k], w2[part][k]) for k in w1[part]), part

@@ -240,7 +240,9 @@ class _UGEFit:
             if cfg.feature_pretrained is None and cfg.feature_epochs > 0 and cfg.fd_weight > 0:
                 with torch.no_grad():
                     dim = int(self.features(self.images[:2].to(self.device).float().div(255.0)).shape[1])
-                head = nn.Linear(dim, self.num_classes).to(self.device)
+                with torch.random.fork_rng(devices=[]):  # the head's init from the fit's seed, not the global RNG
+                    torch.manual_seed(derived_seed(cfg.seed, "feature-head"))
+                    head = nn.Linear(dim, self.num_classes).to(self.device)
                 _train_supervised(self.features, head, self.images, self.labels, cfg.feature_epochs,
                                   cfg.authorized_lr, self.bs, self.gen, self.device, ctx.rank, ctx.world)
             self.features.eval()
