@@ -1,6 +1,7 @@
 """Efficacy of UGE: learnable for the authorized network, not for hackers, students or other keys.
 
-On the demo dataset: fit UGE (authorized small_cnn, a fixed key), protect the training shards,
+On the demo dataset (or, with ``--dataset photos``, the photographs of ``uge-protect
+photo-data``; the page is then best named ``--name uge-photos``): fit UGE (authorized small_cnn, a fixed key), protect the training shards,
 then `uge-protect eval` trains each model on protected and on clean shards (same seed, same
 settings) and tests on the clean test shards:
 
@@ -71,7 +72,8 @@ def markdown(results: dict, meta: dict) -> list[str]:
     rows = results["rows"]
     fit_args = " ".join(meta.get("fit_args") or [])
     lines = [
-        "# UGE on the demo shapes: the owner, hackers, another key, distilled students, defenses, ablations",
+        f"# UGE on the {'photographs' if meta.get('dataset') == 'photos' else 'demo shapes'}: the owner, hackers, "
+        "another key, distilled students, a method-aware attacker, defenses, ablations",
         "",
         f"Measured {meta['date']} at commit `{meta['commit']}` on {meta['hardware']}; written by "
         f"`benchmarks/efficacy_uge.py` ({meta['epochs']} epochs per classifier, seed {meta['seed']}; "
@@ -160,8 +162,13 @@ def method_aware_lines(rows: list[dict], meta: dict) -> list[str]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--workdir", default="bench_output/efficacy_uge")
-    p.add_argument("--data", default="bench_output/efficacy_em/data", help="demo data (made when missing)")
+    p.add_argument("--workdir", default=None,
+                   help="runs (default: bench_output/efficacy_uge, or bench_output/efficacy_uge_photos for --dataset photos)")
+    p.add_argument("--dataset", default="demo", choices=["demo", "photos"],
+                   help="the demo shapes or the photographs of `uge-protect photo-data`")
+    p.add_argument("--data", default=None,
+                   help="the dataset's directory, made when missing (default: bench_output/efficacy_em/data for "
+                        "the demo, bench_output/efficacy_uge_photos/data for the photographs)")
     p.add_argument("--cache", default="bench_output/efficacy_em/run-cache", help="run cache shared with efficacy_em")
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
@@ -188,12 +195,14 @@ def main() -> None:
     p.add_argument("--name", default="uge", help="write NAME.md/.json (e.g. for a run of a subset)")
     p.add_argument("--fit-args", nargs=argparse.REMAINDER, default=[], help="extra `fit uge` options (last)")
     a = p.parse_args()
-    work, data = Path(a.workdir), Path(a.data)
+    default_data = "bench_output/efficacy_em/data" if a.dataset == "demo" else "bench_output/efficacy_uge_photos/data"
+    default_work = "bench_output/efficacy_uge" + ("_photos" if a.dataset == "photos" else "")
+    work, data = Path(a.workdir or default_work), Path(a.data or default_data)
     # timings of earlier, resumed invocations are kept beside the runs
     timing_file = work / "timings.json"
     timings: dict[str, float] = json.loads(timing_file.read_text()) if timing_file.is_file() else {}
     if not (data / "classes.json").is_file():
-        sh("demo-data", str(data))
+        sh("demo-data" if a.dataset == "demo" else "photo-data", str(data))
     train = str(data / "train" / "*.tar")
 
     def protect(name: str, fit_args: list[str]) -> tuple[Path, Path]:
@@ -268,7 +277,7 @@ def main() -> None:
             "hardware": _hardware(), "epochs": a.epochs, "seed": a.seed, "authorized": a.authorized,
             "other_key": a.other_key, "published_key": a.key_seed == BENCHMARK_KEY, "archs": a.archs, "distill": a.distill, "defenses": a.defenses,
             "defense_archs": a.defense_archs, "clean_fraction": a.clean_fraction, "ablations": a.ablations,
-            "fit_args": a.fit_args, "method_aware_archs": a.method_aware_archs,
+            "fit_args": a.fit_args, "dataset": a.dataset, "method_aware_archs": a.method_aware_archs,
             "attacker_fraction": a.attacker_fraction, "timings": timings}
     results = {"rows": rows, "headline": main_report.get("headline", {}).get("classify"),
                "fit_architectures": main_report.get("protection", {}).get("fit_architectures")}
