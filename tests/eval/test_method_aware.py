@@ -17,37 +17,39 @@ from uge_protect.eval.attacker import mark_picks
 from uge_protect.eval.config import EvalConfig
 from uge_protect.eval.runner import run_evaluation
 from uge_protect.methods.registry import attacker_models
-from uge_protect.methods.uge.attacks import AverageProjection, estimate_signs
+from uge_protect.methods.uge.attacks import ESTIMATORS, AverageProjection, estimate_signs
 from uge_protect.methods.uge.key import DIRECTIONS, key_signs
 
 RECORD = {"method": "uge", "key_projection": True, "epsilon": EPS, "fit_architectures": ["small_cnn"]}
 
 
-def test_the_estimate_finds_the_key_direction_from_the_data_alone():
-    clean, protected, _, _ = _patterned(64, size=16)
-    index, signs = estimate_signs(protected, clean[:8])  # the attacker's clean set: other images
+@pytest.mark.parametrize("how", list(ESTIMATORS))
+def test_each_estimate_finds_the_key_direction_from_the_data_alone(how):
+    clean, protected, _, labels = _patterned(288, size=16)
+    # the attacker's clean set: other images than the protected ones it scores (1 in 9)
+    index, signs = estimate_signs(protected[:256], clean[256:], how, labels[:256], labels[256:])
     assert torch.equal(signs, key_signs(KEY)) and DIRECTIONS[index] == tuple(key_signs(KEY).tolist())
 
 
 def test_rows_per_architecture_and_what_their_fronts_see():
-    clean, protected, _, _ = _patterned(32, size=16)
-    rows = attacker_models(RECORD, ["small_cnn", "mlp"], protected, clean[:4])
+    clean, protected, _, y = _patterned(32, size=16)
+    rows = attacker_models(RECORD, ["small_cnn", "mlp"], protected, y, clean[:8], y[:8])
     labels = [r.label for r in rows]
-    assert len(rows) == 2 * (len(DIRECTIONS) + 2) and len(set(labels)) == len(labels)
+    assert len(rows) == 2 * (len(DIRECTIONS) + len(ESTIMATORS) + 1) and len(set(labels)) == len(labels)
     assert {r.group for r in rows if "@key:" in r.label} == {"small_cnn@enumerated", "mlp@enumerated"}
-    assert all(r.attacker and not r.owner for r in rows) and "small_cnn@estimated" in labels
+    assert all(r.attacker and not r.owner for r in rows) and "small_cnn@estimated:linear-probe" in labels
     true = DIRECTIONS.index(tuple(key_signs(KEY).tolist()))
     xc, xp = clean.float() / 255, protected.float() / 255
     front = next(r for r in rows if r.label == f"small_cnn@key:{true}").front()
     assert torch.equal(front(xc), front(xp))  # the enumerated true key removes the noise exactly
     wrong = next(r for r in rows if r.label == f"small_cnn@key:{(true + 1) % len(DIRECTIONS)}").front()
     assert not torch.equal(wrong(xc), wrong(xp))
-    estimated = next(r for r in rows if r.label == "small_cnn@estimated").front()
+    estimated = next(r for r in rows if r.label == "small_cnn@estimated:hf-energy").front()
     assert torch.equal(estimated(xc), estimated(xp))
     model = next(r for r in rows if r.label == "mlp@all-keys").factory(4, seed=3)()
     assert isinstance(model[0], AverageProjection) and model(xc).shape == (32, 4)
     assert all(str(KEY) not in r.cache_tag() for r in rows)
-    assert attacker_models({**RECORD, "key_projection": False}, ["mlp"], protected, clean) == []
+    assert attacker_models({**RECORD, "key_projection": False}, ["mlp"], protected, y, clean, y) == []
 
 
 def test_the_attacker_keeps_the_row_best_on_its_clean_set():
@@ -85,7 +87,7 @@ def test_eval_trains_the_attacker_rows_as_held_out_and_marks_its_pick(uge_like, 
         test=[str(uge_like / "test" / "*.tar")], output=str(tmp_path / "r"), archs=["small_cnn"], epochs=1,
         batch_size=32, method_aware=True, attacker_fraction=0.1, figures=False, quiet=True))
     rows = {r["arch"]: r for r in report["tasks"]["classify"]["summary"]}
-    assert len(rows) == 1 + len(DIRECTIONS) + 2
+    assert len(rows) == 1 + len(DIRECTIONS) + len(ESTIMATORS) + 1
     attackers = [r for label, r in rows.items() if "@" in label]
     assert all(r["role"] == "held out" and 0.0 <= r["attacker_acc"] <= 1.0 for r in attackers)
     assert sum(bool(r.get("picked")) for r in attackers) == 1

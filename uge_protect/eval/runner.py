@@ -120,8 +120,9 @@ def run_evaluation(cfg: EvalConfig) -> dict[str, Any]:
     method = (protection or {}).get("method", {}) or {}
     if cfg.method_aware:
         data.attacker = attacker_set(data.clean, cfg.attacker_fraction, cfg.seed, data.num_classes)
-        models.update((m.label, m) for m in attacker_models(method, list(cfg.archs), data.prot_train.images,
-                                                            data.attacker.images))
+        models.update((m.label, m) for m in attacker_models(
+            method, list(cfg.archs), data.prot_train.images, data.prot_train.labels, data.attacker.images,
+            data.attacker.labels))
     report = _new_report(cfg, data, protection, defenses, workers)
     fit = fit_architectures(method)
     for warning in _protocol_notes(report, method, fit, models):

@@ -47,9 +47,10 @@ AuthorizedModels = Callable[[str, list[int], list[str], bool], list[AuthorizedMo
 #: What a report says of those rows: (artifact, gate) → a JSON-ready summary.
 AuthorizedSummary = Callable[[str, bool], dict[str, Any]]
 #: The rows of an attacker who knows the method but holds no artifact: (the protection's
-#: public method record, hacker architectures, protected training images, the attacker's
-#: small clean set; uint8) → rows with a front layer.
-AttackerModels = Callable[[dict[str, Any], list[str], torch.Tensor, torch.Tensor], list[AuthorizedModel]]
+#: public method record, hacker architectures, protected training images and labels, the
+#: attacker's small clean set and its labels; images uint8) → rows with a front layer.
+AttackerModels = Callable[[dict[str, Any], list[str], torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+                          list[AuthorizedModel]]
 
 
 def _labels(options: dict[str, Any]) -> str:
@@ -189,8 +190,8 @@ def authorized_summary(artifact: str, gate: bool = True) -> dict[str, Any]:
     return hook(artifact, gate)
 
 
-def attacker_models(record: dict[str, Any], archs: list[str], protected: torch.Tensor,
-                    clean: torch.Tensor) -> list[AuthorizedModel]:
+def attacker_models(record: dict[str, Any], archs: list[str], protected: torch.Tensor, protected_labels: torch.Tensor,
+                    clean: torch.Tensor, clean_labels: torch.Tensor) -> list[AuthorizedModel]:
     """The rows of an attacker who knows the method of a protection (its ``protection.json``
     method record) but not its artifact: every strategy of the method's hook, in front of
     each of ``archs``; a :class:`UserError` for a method that has none."""
@@ -199,7 +200,7 @@ def attacker_models(record: dict[str, Any], archs: list[str], protected: torch.T
     if entry is None or entry.attacker_models is None:
         shown = repr(name) if isinstance(name, str) and name.isprintable() and len(name) < 40 else "(not recorded)"
         raise UserError(f"the protection's method {shown} has no method-aware attacker; leave --method-aware out")
-    return entry.attacker_models(record, list(archs), protected, clean)
+    return entry.attacker_models(record, list(archs), protected, protected_labels, clean, clean_labels)
 
 
 def _check_options(name: str, factory: Callable[..., Any] | None, options: dict[str, Any]) -> None:

@@ -7,9 +7,11 @@ of :data:`~uge_protect.methods.uge.key.DIRECTIONS`) it can:
 * **enumerate** every direction: ``ARCH@key:I`` trains ``ARCH`` behind the projection along
   direction ``I`` (13 runs an architecture); the group ``ARCH@enumerated`` keeps the run that
   scores best on the attacker's clean set;
-* **estimate** the direction from the data: ``ARCH@estimated`` projects along the direction
-  whose high-frequency colour energy grows most from the clean set to the protected images
-  (:func:`estimate_signs`): UGE's noise lies along the key, so it adds energy there only;
+* **estimate** the direction from the data (:data:`ESTIMATORS`): UGE's noise lies along the
+  key, so along that direction only it raises the images' high-frequency colour energy
+  (``ARCH@estimated:hf-energy``), the spread of the class means
+  (``ARCH@estimated:class-means``) and the weight a linear probe trained on the protected
+  images puts there (``ARCH@estimated:linear-probe``), each measured against the clean set;
 * **average** over the family: ``ARCH@all-keys`` sees the mean of the 13 projections.
 
 Rows are labelled by strategy and candidate index only; the key is never read.
@@ -45,8 +47,7 @@ class AverageProjection(nn.Module):
 def high_frequency_energy(images: torch.Tensor, chunk: int = 256) -> torch.Tensor:
     """Per candidate direction, the mean squared colour component along it (unit vector) of
     each image minus its 3×3 local mean: (len(DIRECTIONS),) float64, from uint8 (N, 3, H, W)."""
-    units = torch.tensor(DIRECTIONS, dtype=torch.float64)
-    units = units / units.norm(dim=1, keepdim=True)
+    units = _units()
     total = torch.zeros(len(DIRECTIONS), dtype=torch.float64)
     count = 0
     for start in range(0, len(images), chunk):
@@ -58,28 +59,85 @@ def high_frequency_energy(images: torch.Tensor, chunk: int = 256) -> torch.Tenso
     return total / max(1, count)
 
 
-def estimate_signs(protected: torch.Tensor, clean: torch.Tensor) -> tuple[int, torch.Tensor]:
-    """The candidate direction (index, signs) whose high-frequency energy the protected images
-    raise most over the clean ones (as a ratio: natural images differ by direction)."""
-    ratio = high_frequency_energy(protected) / high_frequency_energy(clean).clamp(min=1e-9)
-    index = int(torch.argmax(ratio))
+def _units() -> torch.Tensor:
+    units = torch.tensor(DIRECTIONS, dtype=torch.float64)
+    return units / units.norm(dim=1, keepdim=True)
+
+
+def class_mean_spread(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per candidate direction, the share of the images' variance along it that lies between
+    the class means, less what the class means spread by chance with so few samples (the
+    within-class variance over the class size), summed over pixels: (len(DIRECTIONS),) float64."""
+    classes = [c for c in labels.unique().tolist() if c >= 0]
+    if len(classes) < 2:
+        return torch.zeros(len(DIRECTIONS), dtype=torch.float64)
+    along = torch.einsum("nchw,dc->ndhw", images.double(), _units())
+    groups = [along[labels == c] for c in classes]
+    between = torch.stack([g.mean(0) for g in groups]).var(0, unbiased=False)
+    chance = torch.stack([g.var(0, unbiased=False) / len(g) for g in groups]).mean(0)
+    total = along.var(0, unbiased=False).sum(dim=(1, 2)).clamp(min=1e-9)
+    return (between - chance).clamp(min=0).sum(dim=(1, 2)) / total
+
+
+def linear_probe_weight(images: torch.Tensor, labels: torch.Tensor, steps: int = 100, seed: int = 0) -> torch.Tensor:
+    """Per candidate direction, the squared weight a linear classifier trained on ``images``
+    (full batch, Adam, ``steps`` steps) puts along it, summed over pixels and classes."""
+    keep = labels >= 0
+    x = images[keep].float().div(255.0)
+    x = x - x.mean(0, keepdim=True)
+    y = labels[keep].long()
+    num_classes = int(y.max()) + 1
+    gen = torch.Generator().manual_seed(seed)
+    weight = (torch.randn(num_classes, *x.shape[1:], generator=gen) * 1e-3).requires_grad_()
+    bias = torch.zeros(num_classes, requires_grad=True)
+    opt = torch.optim.Adam([weight, bias], lr=1e-2)
+    for _ in range(steps):
+        opt.zero_grad()
+        logits = torch.einsum("nchw,kchw->nk", x, weight) + bias
+        (F.cross_entropy(logits, y) + 1e-4 * weight.pow(2).sum()).backward()
+        opt.step()
+    along = torch.einsum("kchw,dc->kdhw", weight.detach().double(), _units())
+    return along.pow(2).sum(dim=(0, 2, 3))
+
+
+#: How each estimator scores every candidate direction of images and labels, and how the
+#: protected images' score is set against the clean ones' (a ratio where natural images
+#: differ by direction, a difference for a share); the estimate is the largest.
+ESTIMATORS = {
+    "hf-energy": (lambda x, y: high_frequency_energy(x), "ratio"),
+    "class-means": (class_mean_spread, "difference"),
+    "linear-probe": (linear_probe_weight, "ratio"),
+}
+
+
+def estimate_signs(protected: torch.Tensor, clean: torch.Tensor, how: str = "hf-energy",
+                   protected_labels: torch.Tensor | None = None,
+                   clean_labels: torch.Tensor | None = None) -> tuple[int, torch.Tensor]:
+    """The candidate direction (index, signs) whose score (:data:`ESTIMATORS`) the protected
+    images raise most over the clean ones."""
+    score, compare = ESTIMATORS[how]
+    mine, reference = score(protected, protected_labels), score(clean, clean_labels)
+    gain = mine / reference.clamp(min=1e-12) if compare == "ratio" else mine - reference
+    index = int(torch.argmax(gain))
     return index, _signs(index)
 
 
 def attacker_models(record: dict[str, Any], archs: list[str], protected: torch.Tensor,
-                    clean: torch.Tensor) -> list[AuthorizedModel]:
+                    protected_labels: torch.Tensor, clean: torch.Tensor, clean_labels: torch.Tensor
+                    ) -> list[AuthorizedModel]:
     """The method-aware attacker's rows for every architecture of ``archs`` (none against a
     protection without the key projection: its authorization is the architecture and its
     initialisation, which the ``ARCH+key:N`` rows already measure)."""
     if record.get("key_projection") is False:
         return []
-    estimated, _ = estimate_signs(protected, clean)
+    estimates = {how: estimate_signs(protected, clean, how, protected_labels, clean_labels)[0] for how in ESTIMATORS}
     rows = []
     for arch in archs:
         for i in range(len(DIRECTIONS)):
             rows.append(AuthorizedModel(f"{arch}@key:{i}", arch, tag=f"uge-direction-{i}",
                                         front=lambda i=i: KeyProjection(_signs(i)), group=f"{arch}@enumerated"))
-        rows.append(AuthorizedModel(f"{arch}@estimated", arch, tag=f"uge-direction-{estimated}",
-                                    front=lambda: KeyProjection(_signs(estimated))))
+        for how, index in estimates.items():
+            rows.append(AuthorizedModel(f"{arch}@estimated:{how}", arch, tag=f"uge-direction-{index}",
+                                        front=lambda index=index: KeyProjection(_signs(index))))
         rows.append(AuthorizedModel(f"{arch}@all-keys", arch, tag="uge-all-directions", front=AverageProjection))
     return rows
