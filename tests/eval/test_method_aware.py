@@ -85,9 +85,11 @@ def test_eval_trains_the_attacker_rows_as_held_out_and_marks_its_pick(uge_like, 
     report = run_evaluation(EvalConfig(
         protected=str(uge_like / "prot"), clean_train=[str(uge_like / "train" / "*.tar")],
         test=[str(uge_like / "test" / "*.tar")], output=str(tmp_path / "r"), archs=["small_cnn"], epochs=1,
-        batch_size=32, method_aware=True, attacker_fraction=0.1, figures=False, quiet=True))
+        batch_size=32, method_aware=True, attacker_fraction=0.1, figures=False, quiet=True,
+        cache_dir=str(tmp_path / "cache")))
     rows = {r["arch"]: r for r in report["tasks"]["classify"]["summary"]}
     assert len(rows) == 1 + len(DIRECTIONS) + len(ESTIMATORS) + 1
+    assert len(list((tmp_path / "cache").glob("*.json"))) == 2 * len(rows)  # each run its own cache entry
     attackers = [r for label, r in rows.items() if "@" in label]
     assert all(r["role"] == "held out" and 0.0 <= r["attacker_acc"] <= 1.0 for r in attackers)
     assert sum(bool(r.get("picked")) for r in attackers) == 1

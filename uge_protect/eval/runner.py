@@ -411,7 +411,7 @@ def _job_key(job: _Job, cfg: EvalConfig, device: str, digests: dict[str, str], n
         entry = models[job.arch or ""]
         settings: dict[str, Any] = asdict(_train_settings(cfg, entry.arch, job.seed, device))
         settings.pop("device")
-        if entry.build is not None or entry.teacher is not None:  # plain architectures keep their old keys
+        if entry.build is not None or entry.teacher is not None or entry.front is not None:  # plain ones keep their keys
             settings["model"] = entry.label + "|" + entry.cache_tag()
     else:
         settings = _clip_kwargs(cfg, job.seed)
