@@ -71,11 +71,25 @@ def class_mean_spread(images: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
     classes = [c for c in labels.unique().tolist() if c >= 0]
     if len(classes) < 2:
         return torch.zeros(len(DIRECTIONS), dtype=torch.float64)
-    along = torch.einsum("nchw,dc->ndhw", images.double(), _units())
-    groups = [along[labels == c] for c in classes]
-    between = torch.stack([g.mean(0) for g in groups]).var(0, unbiased=False)
-    chance = torch.stack([g.var(0, unbiased=False) / len(g) for g in groups]).mean(0)
-    total = along.var(0, unbiased=False).sum(dim=(1, 2)).clamp(min=1e-9)
+    units = _units()
+    means, variances, counts = [], [], []
+    for c in classes:  # per class, the colour moments per pixel, a chunk at a time (memory stays flat)
+        idx = (labels == c).nonzero().flatten()
+        first = torch.zeros(images.shape[1:], dtype=torch.float64)
+        second = torch.zeros(3, 3, *images.shape[2:], dtype=torch.float64)
+        for start in range(0, len(idx), 256):
+            x = images[idx[start:start + 256]].double()
+            first += x.sum(0)
+            second += torch.einsum("nahw,nbhw->abhw", x, x)
+        mean, moment = first / len(idx), second / len(idx)
+        means.append(torch.einsum("chw,dc->dhw", mean, units))
+        variances.append(torch.einsum("abhw,da,db->dhw", moment, units, units) - means[-1] ** 2)
+        counts.append(len(idx))
+    m, v, n = torch.stack(means), torch.stack(variances), torch.tensor(counts, dtype=torch.float64)
+    between = m.var(0, unbiased=False)
+    chance = (v / n.view(-1, 1, 1, 1)).mean(0)
+    w = (n / n.sum()).view(-1, 1, 1, 1)
+    total = ((w * (v + m ** 2)).sum(0) - (w * m).sum(0) ** 2).sum(dim=(1, 2)).clamp(min=1e-9)
     return (between - chance).clamp(min=0).sum(dim=(1, 2)) / total
 
 
