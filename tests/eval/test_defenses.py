@@ -11,7 +11,7 @@ import torch
 from uge_protect.errors import UserError
 from uge_protect.eval.classify import random_crop_flip
 from uge_protect.eval.defenses import (
-    apply_data_defense, cutout, grayscale, jpeg_roundtrip, mixup, parse_defense, partial_protection,
+    apply_data_defense, class_mean_subtraction, cutout, grayscale, jpeg_roundtrip, mixup, parse_defense, partial_protection,
     pgd_attack, trivial_augment,
 )
 
@@ -41,6 +41,29 @@ def test_grayscale_channels_equal_and_luma():
     pure[:, 1] = 255  # pure green → 0.587 · 255
     assert int(grayscale(pure)[0, 0, 0, 0]) == round(0.587 * 255)
     assert torch.equal(apply_data_defense(parse_defense("grayscale"), x), y)
+
+
+def test_class_mean_subtraction_removes_class_wise_noise_and_leaves_test_images():
+    g = torch.Generator().manual_seed(1)
+    clean = torch.randint(70, 186, (60, 3, 6, 6), dtype=torch.uint8, generator=g)  # room to move: no clipping
+    labels = torch.arange(60) % 3
+    labels[-4:] = -1  # unlabelled samples are left as they are
+    noise = torch.randint(-8, 9, (3, 3, 6, 6), generator=g, dtype=torch.int16)
+    protected = (clean.short() + torch.where(labels.view(-1, 1, 1, 1) >= 0, noise[labels.clamp(min=0)], 0)).to(torch.uint8)
+    cm = parse_defense("class-mean")
+    assert cm.data_level and parse_defense("class_mean").spec == "class-mean"
+    # the same images, with and without a class-wise noise, end up the same up to one image shared by
+    # all (the noise's mean over the classes, which tells no class) and rounding
+    diff = class_mean_subtraction(protected, labels).short() - class_mean_subtraction(clean, labels).short()
+    assert (diff[:-4] - diff[0]).abs().max() <= 1 and diff[0].abs().max() >= 2
+    assert torch.equal(apply_data_defense(cm, protected, labels)[-4:], protected[-4:])
+    # every labelled class now has the same mean image
+    out = apply_data_defense(cm, protected, labels).float()
+    means = torch.stack([out[labels == c].mean(0) for c in range(3)])
+    assert (means - means.mean(0)).abs().max() <= 1.0  # rounding: each class mean within 0.5 of the same image
+    assert not torch.equal(out.to(torch.uint8), protected)
+    # without labels (the test images) nothing changes
+    assert apply_data_defense(cm, protected) is protected
 
 
 def test_jpeg_changes_bytes_keeps_shape():

@@ -81,11 +81,28 @@ def test_cli_end_to_end(data, tmp_path):
 
 
 def test_training_time_defenses_run(data, tmp_path):
-    report = run_evaluation(_cfg(data, tmp_path / "r", defenses=["cutout", "mixup", "strong-aug", "adv-train", "jpeg:10"],
-                                 adv_steps=1, figures=False))
+    report = run_evaluation(_cfg(data, tmp_path / "r", defenses=["cutout", "mixup", "strong-aug", "adv-train", "jpeg:10",
+                                                                 "class-mean"], adv_steps=1, figures=False))
     specs = [row["defense"] for row in report["tasks"]["classify"]["summary"]]
-    assert specs == ["cutout", "mixup", "strong-aug", "adv-train", "jpeg:10"]
+    assert specs == ["cutout", "mixup", "strong-aug", "adv-train", "jpeg:10", "class-mean"]
     assert (tmp_path / "r" / "report.json").is_file()
+
+
+def test_class_mean_defense_sees_the_training_labels_only(data, tmp_path, monkeypatch):
+    import uge_protect.eval.runner as runner_mod
+
+    seen = []
+    real = runner_mod.apply_data_defense
+
+    def spy(defense, images, labels=None):
+        seen.append((defense.spec, images.shape[0], None if labels is None else labels.clone()))
+        return real(defense, images, labels)
+
+    monkeypatch.setattr(runner_mod, "apply_data_defense", spy)
+    run_evaluation(_cfg(data, tmp_path / "r", defenses=["class-mean"], figures=False))
+    # the protected and the clean training sets with their labels, the test set without
+    assert sorted((n, lab is None) for _, n, lab in seen) == [(32, True), (64, False), (64, False)]
+    assert all(spec == "class-mean" and (lab is None or int(lab.min()) >= 0) for spec, _, lab in seen)
 
 
 def test_same_seed_same_result(data, tmp_path):

@@ -15,7 +15,7 @@ from uge_protect.options import check_options, option
 DEFAULT_ARCHS = ("mlp", "vit_tiny", "small_cnn", "resnet_cifar", "vgg11", "mobilenet_v2")
 DEFAULT_DEFENSES = ("none",)
 TASKS = ("classify", "clip", "both")
-_DEFENSE_LIST = "none, grayscale, jpeg:Q, cutout, mixup, strong-aug, adv-train"
+_DEFENSE_LIST = "none, grayscale, jpeg:Q, class-mean, cutout, mixup, strong-aug, adv-train"
 
 
 @dataclass

@@ -4,7 +4,7 @@ Two kinds:
 
 * **data-level** (``grayscale``, ``jpeg:Q``): a preprocessing applied once to the uint8
   images — the training images and, as a trainer deploying that preprocessing would, the
-  test images too;
+  test images too; ``class-mean`` needs labels, so it changes the training images only;
 * **training-time** (``cutout``, ``mixup``, ``strong-aug``, ``adv-train``): applied to every
   batch inside the training loop (see :mod:`uge_protect.eval.classify`).
 
@@ -23,7 +23,7 @@ from PIL import Image
 
 from uge_protect.errors import UserError
 
-DATA_DEFENSES = ("grayscale", "jpeg")
+DATA_DEFENSES = ("grayscale", "jpeg", "class-mean")
 TRAIN_DEFENSES = ("cutout", "mixup", "strong-aug", "adv-train")
 DEFENSE_NAMES = ("none", *DATA_DEFENSES, *TRAIN_DEFENSES)
 
@@ -49,7 +49,8 @@ class Defense:
 
 
 def parse_defense(spec: str) -> Defense:
-    """``none``, ``grayscale``, ``jpeg:Q`` (1–100), ``cutout``, ``mixup``, ``strong-aug``, ``adv-train``."""
+    """``none``, ``grayscale``, ``jpeg:Q`` (1–100), ``class-mean``, ``cutout``, ``mixup``, ``strong-aug``,
+    ``adv-train``."""
     s = spec.strip().lower()
     if s.startswith("jpeg"):
         _, _, q = s.partition(":")
@@ -61,11 +62,12 @@ def parse_defense(spec: str) -> Defense:
             raise UserError(f"bad defense {spec!r}: jpeg quality must be between 1 and 100")
         return Defense(f"jpeg:{quality}", "jpeg", {"quality": quality})
     aliases = {"gray": "grayscale", "greyscale": "grayscale", "strong_aug": "strong-aug",
-               "trivialaugment": "strong-aug", "adv": "adv-train", "adv_train": "adv-train", "at": "adv-train"}
+               "trivialaugment": "strong-aug", "adv": "adv-train", "adv_train": "adv-train", "at": "adv-train",
+               "class_mean": "class-mean", "classmean": "class-mean"}
     s = aliases.get(s, s)
     if s not in DEFENSE_NAMES:
         raise UserError(
-            f"unknown defense {spec!r}; choose none, grayscale, jpeg:Q, cutout, mixup, strong-aug or adv-train"
+            f"unknown defense {spec!r}; choose none, grayscale, jpeg:Q, class-mean, cutout, mixup, strong-aug or adv-train"
         )
     return Defense(s, s)
 
@@ -94,8 +96,31 @@ def jpeg_roundtrip(images: torch.Tensor, quality: int) -> torch.Tensor:
     return out
 
 
-def apply_data_defense(defense: Defense, images: torch.Tensor) -> torch.Tensor:
-    """Apply a data-level defense to uint8 images; other defenses return ``images`` unchanged."""
+def class_mean_subtraction(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """uint8 (N, 3, H, W) images, each moved by its class's mean image minus the mean image of
+    all labelled ones (rounded, clipped to [0, 255]); unlabelled ones (label < 0) unchanged.
+
+    An attacker who holds the labels and knows nothing of the protection: noise that is the same
+    for every image of a class (class-wise noise) is removed exactly up to the clipping, along with
+    the class means' own content; sample-wise noise is left where it differs from its class mean."""
+    labels = labels.long()
+    out = images.float()
+    known = labels >= 0
+    if not bool(known.any()):
+        return images
+    overall = out[known].mean(0)
+    for c in labels[known].unique().tolist():
+        members = labels == c
+        out[members] -= out[members].mean(0) - overall
+    return out.round_().clamp_(0, 255).to(torch.uint8)
+
+
+def apply_data_defense(defense: Defense, images: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    """Apply a data-level defense to uint8 images; other defenses return ``images`` unchanged.
+    ``labels`` are the training images' (None for test images: a defense that needs labels,
+    ``class-mean``, leaves them as they are)."""
+    if defense.name == "class-mean":
+        return images if labels is None else class_mean_subtraction(images, labels)
     if defense.name == "grayscale":
         return grayscale(images)
     if defense.name == "jpeg":

@@ -272,7 +272,8 @@ def _new_report(cfg: EvalConfig, data: _Data, protection: dict[str, Any] | None,
             "Accuracies are fractions in [0, 1] on the clean test set.",
             "'protected' = trained on the protected shards (with --clean-fraction of them replaced by their "
             "clean versions); 'clean' = trained on the clean shards; both with the same defense and seed.",
-            "Data-level defenses (grayscale, jpeg:Q) preprocess training and test images alike; training-time "
+            "Data-level defenses (grayscale, jpeg:Q) preprocess training and test images alike; class-mean, "
+            "which needs labels, the training images only; training-time "
             "defenses (cutout, mixup, strong-aug, adv-train) act on training batches only.",
             f"Training runs spread over {workers.world} process(es); each run is seeded on its own, so the "
             "results do not depend on the number of processes.",
@@ -436,12 +437,13 @@ class _JobRunner:
     def _with_defense(self, defense: Defense) -> dict[str, InMemoryDataset]:
         if self._defense != defense.spec:
             t0 = time.perf_counter()
-            self._data = {name: InMemoryDataset(apply_data_defense(defense, ds.images), ds.labels, ds.captions,
-                                                ds.keys, ds.skipped)
+            self._data = {name: InMemoryDataset(apply_data_defense(defense, ds.images, None if name == "test" else ds.labels),
+                                                ds.labels, ds.captions, ds.keys, ds.skipped)
                           for name, ds in (*self.sets.items(), ("test", self.test))}
             self._defense = defense.spec
             if defense.data_level:
-                self.say(f"[{defense.spec}] preprocessed train and test images ({time.perf_counter() - t0:.1f} s)")
+                which = "train images" if defense.name == "class-mean" else "train and test images"
+                self.say(f"[{defense.spec}] preprocessed {which} ({time.perf_counter() - t0:.1f} s)")
         return self._data
 
     def run(self, job: _Job) -> dict[str, Any]:
