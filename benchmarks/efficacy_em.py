@@ -36,7 +36,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--archs", nargs="+", default=["small_cnn", "vgg11", "resnet18"])
     p.add_argument("--defenses", nargs="*",
-                   default=["grayscale", "jpeg:75", "jpeg:10", "cutout", "mixup", "strong-aug", "adv-train"])
+                   default=["grayscale", "jpeg:75", "jpeg:10", "class-mean", "cutout", "mixup", "strong-aug", "adv-train"])
     p.add_argument("--clean-fraction", type=float, default=0.2,
                    help="partial protection: this fraction of the training set left clean (0: skip)")
     p.add_argument("--control-defenses", action="store_true",

@@ -28,7 +28,7 @@ from pathlib import Path
 from efficacy_common import clip_rows, evaluate, sh
 from efficacy_protocol import _git, _hardware
 
-DEFENSES = ["grayscale", "jpeg:75", "jpeg:10", "cutout", "mixup", "strong-aug"]
+DEFENSES = ["grayscale", "jpeg:75", "jpeg:10", "class-mean", "cutout", "mixup", "strong-aug"]
 
 
 def _protect(work: Path, data: Path, name: str, fit: list[str] | None, method: str, seed: int,

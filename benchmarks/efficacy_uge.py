@@ -182,7 +182,7 @@ def main() -> None:
     p.add_argument("--archs", nargs="+", default=["small_cnn", "vgg11", "mobilenet_v2", "resnet18"])
     p.add_argument("--distill", nargs="*", default=["vgg11", "small_cnn"])
     p.add_argument("--defenses", nargs="*",
-                   default=["grayscale", "jpeg:75", "jpeg:10", "cutout", "mixup", "strong-aug", "adv-train"])
+                   default=["grayscale", "jpeg:75", "jpeg:10", "class-mean", "cutout", "mixup", "strong-aug", "adv-train"])
     p.add_argument("--defense-archs", nargs="+", default=["small_cnn"])
     p.add_argument("--clean-fraction", type=float, default=0.2,
                    help="partial protection: this fraction of the training set left clean (0: skip)")
