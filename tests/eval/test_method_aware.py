@@ -110,3 +110,42 @@ def test_a_method_without_an_attacker_is_one_error_line(uge_like, tmp_path):
     assert result.exit_code == 2
     assert [line for line in result.output.splitlines() if line.startswith("error:")] == [
         "error: the protection's method 'random' has no method-aware attacker; leave --method-aware out"]
+
+
+def test_eval_against_the_texture_key_owner_exact_attackers_held_out(tmp_path):
+    from tests.methods.test_uge import _batch, _tiny
+    from uge_protect.methods.artifact import save_artifact
+    from uge_protect.methods.budget import apply_perturbation
+    from uge_protect.methods.uge.fit import fit_uge
+    from uge_protect.methods.uge.attacks import RANDOM_KEYS
+    from uge_protect.methods.uge.method import Ungeneralizable
+
+    clean, _, _, labels = _patterned(96, size=16)
+    config, weights = fit_uge(clean[:64], labels[:64], _tiny(key_scheme="texture", steps=2))
+    save_artifact(tmp_path / "art", config, weights)
+    method = Ungeneralizable.from_artifact(str(tmp_path / "art"))
+    protected = apply_perturbation(clean[:64], method.perturb(_batch(clean[:64], [f"s{i}" for i in range(64)],
+                                                                     labels[:64])), EPS)
+    for name in ("train", "test", "prot/shards"):
+        (tmp_path / name).mkdir(parents=True)
+    _write(tmp_path / "train" / "train-0.tar", clean[:64], labels[:64], "s")
+    _write(tmp_path / "prot" / "shards" / "train-0.tar", protected, labels[:64], "s")
+    _write(tmp_path / "test" / "test-0.tar", clean[64:], labels[64:], "t")
+    (tmp_path / "prot" / "protection.json").write_text(json.dumps({"method": method.config()}))
+    report = run_evaluation(EvalConfig(
+        protected=str(tmp_path / "prot"), clean_train=[str(tmp_path / "train" / "*.tar")],
+        test=[str(tmp_path / "test" / "*.tar")], output=str(tmp_path / "r"), archs=["small_cnn"], epochs=1,
+        batch_size=32, authorized=str(tmp_path / "art"), other_keys=[99], method_aware=True,
+        attacker_fraction=0.1, figures=False, quiet=True, cache_dir=str(tmp_path / "cache")))
+    rows = {r["arch"]: r for r in report["tasks"]["classify"]["summary"]}
+    assert set(rows) == {"small_cnn", "small_cnn+key", "small_cnn+key:99", "small_cnn@invariant",
+                         "small_cnn@fold:block", "small_cnn@fold:image", "small_cnn@estimated:image-pca",
+                         *(f"small_cnn@key:r{i}" for i in range(RANDOM_KEYS))}
+    assert len(list((tmp_path / "cache").glob("*.json"))) == 2 * len(rows)  # each row its own cache entry
+    # the owner's projected views of the protected and the clean images are the same: the same run
+    owner = rows["small_cnn+key"]
+    assert owner["protected"]["final_test_acc"] == owner["clean"]["final_test_acc"]
+    runs = [r for r in report["tasks"]["classify"]["runs"] if r["arch"] == "small_cnn+key"]
+    assert [e["train_loss"] for e in runs[0]["per_epoch"]] == [e["train_loss"] for e in runs[1]["per_epoch"]]
+    assert all(r["role"] == "held out" for label, r in rows.items() if "@" in label)
+    assert KEY not in (tmp_path / "r" / "report.json").read_text()

@@ -412,7 +412,8 @@ def _job_key(job: _Job, cfg: EvalConfig, device: str, digests: dict[str, str], n
         entry = models[job.arch or ""]
         settings: dict[str, Any] = asdict(_train_settings(cfg, entry.arch, job.seed, device))
         settings.pop("device")
-        if entry.build is not None or entry.teacher is not None or entry.front is not None:  # plain ones keep their keys
+        if (entry.build is not None or entry.teacher is not None or entry.front is not None
+                or entry.transform is not None):  # plain ones keep their keys
             settings["model"] = entry.label + "|" + entry.cache_tag()
     else:
         settings = _clip_kwargs(cfg, job.seed)
@@ -466,6 +467,12 @@ class _JobRunner:
                      f"train {_pct(r['train_acc'])} test {_pct(r['test_acc'])} ({r['seconds']:.1f} s)")
 
         entry = self.models[job.arch]
+        if entry.teacher is not None and entry.teacher.transform is not None:
+            raise UserError(f"{entry.label}: distilling from a model that sees transformed images is not supported")
+        if entry.transform is not None:  # the row's own view of whole images, before any augmentation
+            train = InMemoryDataset(entry.transform(train.images), train.labels, train.captions, train.keys,
+                                    train.skipped)
+            test = InMemoryDataset(entry.transform(test.images), test.labels, test.captions, test.keys, test.skipped)
         teacher = None
         if entry.teacher is not None:
             self.say(f"{tag}: training the teacher {entry.teacher.label}")
@@ -479,6 +486,9 @@ class _JobRunner:
                                        teacher=teacher)
         if entry.attacker and "attacker" in data:  # what the attacker sees of the run on its clean set
             attack = data["attacker"]
+            if entry.transform is not None:
+                attack = InMemoryDataset(entry.transform(attack.images), attack.labels, attack.captions, attack.keys,
+                                         attack.skipped)
             cm = evaluate(model, attack.images, attack.labels, self.num_classes, self.device)
             result["attacker_acc"] = accuracy_from_confusion(cm)
         return {"defense": job.defense.spec, "arch": job.arch, "repeat": job.repeat, "seed": job.seed,

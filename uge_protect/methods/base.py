@@ -247,11 +247,15 @@ class AuthorizedModel:
     #: Rows of one attacker strategy that tries several fronts (e.g. every key it can
     #: enumerate); the attacker keeps the one that scores best on its small clean set.
     group: str | None = None
+    #: A transform of whole uint8 images (N, 3, H, W) → uint8 that the row's model trains and
+    #: is tested on, applied before any crop or flip (e.g. a key projection of image blocks).
+    transform: Callable[[torch.Tensor], torch.Tensor] | None = field(default=None, compare=False)
 
     @property
     def attacker(self) -> bool:
-        """Whether the row is a method-aware attacker's (a front layer in front of ``arch``)."""
-        return self.front is not None
+        """Whether the row is a method-aware attacker's (a front layer in front of ``arch``, or
+        a transform of its images that is neither the owner's nor another key's)."""
+        return self.front is not None or (self.transform is not None and not (self.owner or self.other_key))
 
     def factory(self, num_classes: int, seed: int = 0) -> Callable[[], torch.nn.Module] | None:
         """What builds the model (None: the plain architecture, seeded by the run); a

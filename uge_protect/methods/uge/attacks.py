@@ -14,6 +14,18 @@ of :data:`~uge_protect.methods.uge.key.DIRECTIONS`) it can:
   images puts there (``ARCH@estimated:linear-probe``), each measured against the clean set;
 * **average** over the family: ``ARCH@all-keys`` sees the mean of the 13 projections.
 
+Against the texture key (:mod:`uge_protect.methods.uge.texture_key`, 2^230 keys) it can:
+
+* **enumerate** what its budget allows: ``ARCH@key:rI`` trains behind the projection of a
+  random key I (:data:`RANDOM_KEYS` of them, group ``ARCH@enumerated``);
+* train on what the noise never changes: ``ARCH@invariant`` sees the images' 4×4 block means;
+* **fold** away the texture's period without the key: ``ARCH@fold:block`` sees every 8×8
+  block less its part of period 4 (the mean of its four 4×4 quarters), where the noise lives;
+  ``ARCH@fold:image`` folds the whole image at once (less of the image lost, but the key's
+  block signs cancel the texture in that mean);
+* **estimate** each image's texture from its own blocks: ``ARCH@estimated:image-pca`` removes
+  from every 4×4 block the top principal direction of the image's 4×4 blocks.
+
 Rows are labelled by strategy and candidate index only; the key is never read.
 """
 
@@ -27,6 +39,11 @@ from torch import nn
 
 from uge_protect.methods.base import AuthorizedModel
 from uge_protect.methods.uge.key import DIRECTIONS, KeyProjection
+from uge_protect.methods.uge.texture_key import BLOCK, TILE, TextureProjection, covered
+
+#: Random keys the texture-key attacker tries, one training run each per architecture: any other
+#: key is a wrong one with probability 1 − 2^-230, so one run shows what any number of them gets.
+RANDOM_KEYS = 1
 
 
 def _signs(index: int) -> torch.Tensor:
@@ -144,6 +161,8 @@ def attacker_models(record: dict[str, Any], archs: list[str], protected: torch.T
     initialisation, which the ``ARCH+key:N`` rows already measure)."""
     if record.get("key_projection") is False:
         return []
+    if record.get("key_scheme") == "texture":
+        return texture_attacker_models(archs, int(protected_labels.max()) + 1 if len(protected_labels) else 2)
     estimates = {how: estimate_signs(protected, clean, how, protected_labels, clean_labels)[0] for how in ESTIMATORS}
     rows = []
     for arch in archs:
@@ -154,4 +173,79 @@ def attacker_models(record: dict[str, Any], archs: list[str], protected: torch.T
             rows.append(AuthorizedModel(f"{arch}@estimated:{how}", arch, tag=f"uge-direction-{index}",
                                         front=lambda index=index: KeyProjection(_signs(index))))
         rows.append(AuthorizedModel(f"{arch}@all-keys", arch, tag="uge-all-directions", front=AverageProjection))
+    return rows
+
+
+def _tiles(x: torch.Tensor) -> torch.Tensor:
+    """(N, 3, H, W) on whole 4×4 tiles → (N, H/4, W/4, 3, 4, 4)."""
+    n, c, h, w = x.shape
+    return x.reshape(n, c, h // TILE, TILE, w // TILE, TILE).permute(0, 2, 4, 1, 3, 5)
+
+
+def _untiles(t: torch.Tensor) -> torch.Tensor:
+    n, gh, gw, c, _, _ = t.shape
+    return t.permute(0, 3, 1, 4, 2, 5).reshape(n, c, gh * TILE, gw * TILE)
+
+
+def _on_covered(images: torch.Tensor, transform) -> torch.Tensor:
+    """``transform`` (float (N, 3, h, w) → float) of the part the texture covers, rounded back to uint8."""
+    out = images.clone()
+    ch, cw = covered(*images.shape[-2:])
+    if ch and cw:
+        out[:, :, :ch, :cw] = transform(images[:, :, :ch, :cw].double()).round().clamp(0, 255).to(torch.uint8)
+    return out
+
+
+def block_means(images: torch.Tensor) -> torch.Tensor:
+    """Every 4×4 tile replaced by its mean colour: all the texture key's noise leaves (uint8)."""
+    return _on_covered(images, lambda x: F.interpolate(F.avg_pool2d(x, TILE), scale_factor=TILE, mode="nearest"))
+
+
+def fold_period(images: torch.Tensor, whole: bool = False) -> torch.Tensor:
+    """Every 8×8 block (``whole``: the whole covered image) less its zero-mean part of period 4,
+    the mean of its 4×4 tiles, uint8: what removes a texture of period 4 whatever its tile."""
+    def fold(x: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = x.shape
+        gy, gx = (h // TILE, w // TILE) if whole else (BLOCK // TILE, BLOCK // TILE)
+        b = x.reshape(n, c, h // (gy * TILE), gy, TILE, w // (gx * TILE), gx, TILE)
+        periodic = b.mean((3, 6), keepdim=True)
+        periodic = periodic - periodic.mean((4, 7), keepdim=True)
+        return (b - periodic).reshape(n, c, h, w)
+    return _on_covered(images, fold)
+
+
+def fold_image(images: torch.Tensor) -> torch.Tensor:
+    """:func:`fold_period` over the whole image."""
+    return fold_period(images, whole=True)
+
+
+def image_pca(images: torch.Tensor, chunk: int = 512) -> torch.Tensor:
+    """Each image less, in every 4×4 tile, its component along the top principal direction of
+    that image's (per-channel centred) tiles: one image's repeated texture, estimated from it alone."""
+    def strip(x: torch.Tensor) -> torch.Tensor:
+        parts = []
+        for i in range(0, len(x), chunk):
+            t = _tiles(x[i:i + chunk])
+            n, gh, gw = t.shape[:3]
+            v = (t - t.mean((-1, -2), keepdim=True)).reshape(n, gh * gw, -1)
+            top = torch.linalg.svd(v, full_matrices=False).Vh[:, 0]  # (n, 48)
+            along = torch.einsum("nkd,nd->nk", v, top)
+            parts.append(_untiles((v - along[..., None] * top[:, None]).reshape(t.shape) + t.mean((-1, -2), keepdim=True)))
+        return torch.cat(parts)
+    return _on_covered(images, strip)
+
+
+def texture_attacker_models(archs: list[str], num_classes: int) -> list[AuthorizedModel]:
+    """The rows of an attacker who knows the texture key's method (see the module's docstring)."""
+    rows = []
+    for arch in archs:
+        for i in range(RANDOM_KEYS):
+            key = f"texture-attacker-{i}"
+            rows.append(AuthorizedModel(f"{arch}@key:r{i}", arch, tag=f"uge-texture-random-key-{i}-{num_classes}",
+                                        transform=TextureProjection(key, num_classes), group=f"{arch}@enumerated"))
+        rows.append(AuthorizedModel(f"{arch}@invariant", arch, tag="uge-texture-block-means", transform=block_means))
+        rows.append(AuthorizedModel(f"{arch}@fold:block", arch, tag="uge-texture-fold-block", transform=fold_period))
+        rows.append(AuthorizedModel(f"{arch}@fold:image", arch, tag="uge-texture-fold-image", transform=fold_image))
+        rows.append(AuthorizedModel(f"{arch}@estimated:image-pca", arch, tag="uge-texture-image-pca",
+                                    transform=image_pca))
     return rows

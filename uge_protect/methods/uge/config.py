@@ -31,6 +31,10 @@ class UGEConfig:
         "projection. Shorter keys are refused."))
     key_projection: bool = option(True, help=(
         "Authorize through the key's colour projection; off: the bare architecture, as in the paper."))
+    #: See :mod:`uge.texture_key`; "colour" is the 13-direction key of earlier versions.
+    key_scheme: str = option("colour", choices=("colour", "texture"), help=(
+        "What the key hides: colour, a secret colour direction (one of 13); texture, secret class "
+        "textures at a secret phase per image (about 2^230 keys; needs the key projection and labels)."))
     epsilon: float = epsilon_option()
     width: int = option(32, min=1, help="Generator channel width.")
     depth: int = option(4, min=1, help="Generator residual blocks.")
@@ -98,6 +102,9 @@ class UGEConfig:
         if self.key_seed is not None:
             normalize_key(self.key_seed)
         check_epsilon(self.epsilon)
+        if self.key_scheme == "texture" and not (self.key_projection and self.label_conditioned):
+            raise UserError("the texture key needs the key projection and the class labels "
+                            "(drop --no-key-projection and --image-only)")
         if self.gm_weight == self.fd_weight == self.ud_weight == 0:
             raise UserError("at least one of the UGE losses needs a weight above 0")
 
@@ -126,7 +133,8 @@ class UGEConfig:
     @property
     def gated(self) -> bool:
         """Whether the authorized network carries the confidence gate (see :mod:`uge_gate`)."""
-        return self.confidence_gate and self.key_projection and self.label_conditioned
+        # the texture key's owner sees projected whole images, where a gate would find nothing
+        return self.confidence_gate and self.key_projection and self.label_conditioned and self.key_scheme != "texture"
 
     @property
     def gm_active(self) -> bool:

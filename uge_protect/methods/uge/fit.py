@@ -27,6 +27,8 @@ from uge_protect.methods.uge.generator import build_noise_generator
 from uge_protect.methods.uge.key import (Key, along_key, build_authorized, derived_seed, key_direction, key_fingerprint,
     new_key, normalize_key, state_fingerprint)
 from uge_protect.methods.uge.losses import feature_distance, gradient_matching
+from uge_protect.methods.uge.texture_key import (TextureProjection, along_texture, block_coefficients, texture_context,
+    texture_tiles)
 from uge_protect.methods.uge.method import uge_fit_architectures
 from uge_protect.models.classifiers import set_frozen
 from uge_protect.models.clip import TINY_CLIP_CONFIG, build_clip_model, resolve_model_config
@@ -117,7 +119,9 @@ def _train_supervised(model: nn.Module, head: nn.Module | None, images: torch.Te
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=5e-4)
     plan = [_batches(len(images), bs, gen) for _ in range(epochs)]
     total = sum(len(p) for p in plan)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(total, 2), pct_start=0.25)
+    # OneCycleLR divides by zero at exactly 4 steps (its warm-up would end at step 0.25·4 − 1 = 0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(total, 2) + (total == 4),
+                                                pct_start=0.25)
     keep = {round(i * total / snapshots) for i in range(snapshots)} if snapshots else set()
     taken: list[dict[str, torch.Tensor]] = []
     step = 0
@@ -217,8 +221,13 @@ class _UGEFit:
         self.device = ctx.pick_device(cfg.device)
         self.gen = torch.Generator().manual_seed(cfg.seed)
         self.bs = min(cfg.batch_size, self.n)
-        self.direction = key_direction(self.key) if cfg.key_projection else None
-        self.authorized = build_authorized(cfg.authorized, num_classes, self.key, cfg.key_projection).to(self.device)
+        self.texture = cfg.key_scheme == "texture"
+        self.direction = key_direction(self.key) if cfg.key_projection and not self.texture else None
+        self.tiles = texture_tiles(self.key, num_classes) if self.texture else None
+        self.authorized = build_authorized(cfg.authorized, num_classes, self.key, cfg.key_projection,
+                                           scheme=cfg.key_scheme).to(self.device)
+        # what the authorized network trains on: the owner's view (the texture key projects whole images)
+        self.owner_images = TextureProjection(self.key, num_classes)(images) if self.texture else images
         self.init_fingerprint = state_fingerprint(self.authorized.state_dict())
         self.feature_cfg = resolve_model_config(cfg.feature_model, TINY_CLIP_CONFIG,
                                                 image_size=self.h if self.h == self.w else None)
@@ -235,7 +244,7 @@ class _UGEFit:
         if state is None:
             t0 = time.perf_counter()
             self.snapshots = _train_supervised(
-                self.authorized, None, self.images, self.labels, cfg.authorized_epochs, cfg.authorized_lr, self.bs,
+                self.authorized, None, self.owner_images, self.labels, cfg.authorized_epochs, cfg.authorized_lr, self.bs,
                 self.gen, self.device, ctx.rank, ctx.world, cfg.snapshots if cfg.gm_active else 0)
             if cfg.feature_pretrained is None and cfg.feature_epochs > 0 and cfg.fd_weight > 0:
                 with torch.no_grad():
@@ -250,7 +259,8 @@ class _UGEFit:
             if ctx.progress is not None:
                 ctx.report({"phase": "authorized + feature space", "step": 1, "steps": 1,
                             "seconds": time.perf_counter() - self.started, "phase_seconds": time.perf_counter() - t0,
-                            "teacher_train_acc": _accuracy(self.authorized, self.images, self.labels, self.device)})
+                            "teacher_train_acc": _accuracy(self.authorized, self.owner_images, self.labels,
+                                                           self.device)})
         else:
             restore(state, {"authorized": self.authorized, "features": self.features})
             self.snapshots = list(state["snapshots"])
@@ -283,6 +293,8 @@ class _UGEFit:
         self.s_opt = torch.optim.SGD(self.students.parameters(), lr=cfg.student_lr, momentum=0.9, weight_decay=5e-4)
         self.cursor = BatchCursor(self.n, self.bs, self.gen)
         state = self.ctx.state
+        if self.texture and self.generator.patterns is not None:
+            self.generator.patterns.fill_(1.0)  # start from every class's texture at full strength
         self.window = ProgressWindow(self.started)
         if state is not None and state.get("generator") is not None:
             self.step = int(state["step"])
@@ -309,21 +321,30 @@ class _UGEFit:
     def _view(self, t: torch.Tensor) -> torch.Tensor:
         return shift_flip(t, self.gen) if self.cfg.augment else t
 
-    def generator_losses(self, x: torch.Tensor, y: torch.Tensor
+    def _delta(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """δ for [0, 1] images ``x`` (exactly uint8 levels / 255) from the generator's output t."""
+        if self.tiles is None:
+            return make_delta(x, t, self.cfg.epsilon, self.direction)
+        phases, signs = texture_context(self.key, torch.round(x.detach() * 255).to(torch.uint8).cpu())
+        return along_texture(x, block_coefficients(t) * signs.to(t.device), y, self.tiles, phases, self.cfg.epsilon)
+
+    def generator_losses(self, x: torch.Tensor, y: torch.Tensor, owner_x: torch.Tensor | None = None
                          ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """The generator's losses on a batch: L_ud, L_fd and L_gm as they are active, with the
-        augmented protected images, the teacher's logits on them and the class patterns."""
+        augmented protected images, the teacher's logits on them and the class patterns.
+        ``owner_x``: what the authorized network sees of the batch when it is not ``x + δ``
+        through its own first layer (the texture key's projected images)."""
         cfg = self.cfg
         self.generator.train()
         pattern = None
         if cfg.label_conditioned:
             pattern = self.generator.class_patterns(y, (self.h, self.w)).detach().requires_grad_(True)
-        delta = make_delta(x, self.generator(x, self._cond(y), pattern), cfg.epsilon, self.direction)
-        x_u = x + delta
-        pair = self._view(torch.cat([x, x_u], dim=1))  # the same shift and flip for both
-        vx, vu = pair[:, :3], pair[:, 3:]
+        x_u = x + self._delta(x, self.generator(x, self._cond(y), pattern), y)
+        views = [x, x_u] if owner_x is None else [x, x_u, owner_x]
+        stacked = self._view(torch.cat(views, dim=1))  # the same shift and flip for all
+        vx, vu = stacked[:, :3], stacked[:, 3:6]
         with torch.no_grad():
-            teacher = self.authorized(vu)
+            teacher = self.authorized(vu if owner_x is None else stacked[:, 6:])
         parts: dict[str, torch.Tensor] = {}
         self.students.eval()
         if cfg.ud_weight > 0:
@@ -344,7 +365,8 @@ class _UGEFit:
         idx = batch[self.ctx.rank::world]
         x = self.images[idx].to(self.device).float().div_(255.0)
         y = self.labels[idx].to(self.device)
-        parts, vu, teacher, pattern = self.generator_losses(x, y)
+        owner_x = self.owner_images[idx].to(self.device).float().div_(255.0) if self.texture else None
+        parts, vu, teacher, pattern = self.generator_losses(x, y, owner_x)
         weights = {"ud": cfg.ud_weight, "fd": cfg.fd_weight, "gm": cfg.gm_weight}
         loss = sum(weights[k] * v for k, v in parts.items())
         self.g_opt.zero_grad(set_to_none=True)
@@ -388,7 +410,7 @@ class _UGEFit:
         cfg = self.cfg
 
         def protect(xx: torch.Tensor, yy: torch.Tensor) -> torch.Tensor:
-            return make_delta(xx, self.generator(xx, self._cond(yy)), cfg.epsilon, self.direction)
+            return self._delta(xx, self.generator(xx, self._cond(yy)), yy)
 
         config = fit_record(
             "uge", cfg, feature_model=self.feature_cfg, gm_active=cfg.gm_active, confidence_gate=cfg.gated,

@@ -90,7 +90,7 @@ def gate_from_artifact(config: dict[str, Any], weights: dict[str, dict[str, torc
     """The confidence gate of a UGE artifact, or None when it has none (the fit records
     ``confidence_gate`` false without the key projection or the class patterns, or when
     switched off)."""
-    if not config.get("confidence_gate"):
-        return None
+    if not config.get("confidence_gate") or config.get("key_scheme") == "texture":
+        return None  # the texture key's owner sees projected images: nothing for a gate to find
     return ConfidenceGate(key_signs(config["key_seed"]), weights["generator"]["patterns"],
                           float(config["epsilon"]), float(config["gate_scale"]))

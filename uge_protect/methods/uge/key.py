@@ -167,7 +167,7 @@ class Authorized(nn.Module):
     (:mod:`uge_gate`), it answers protected images with its label only, in eval mode
     (inference) only."""
 
-    def __init__(self, projection: KeyProjection, net: nn.Module, gate: nn.Module | None = None):
+    def __init__(self, projection: nn.Module, net: nn.Module, gate: nn.Module | None = None):
         super().__init__()
         self.projection = projection
         self.net = net
@@ -181,11 +181,16 @@ class Authorized(nn.Module):
 
 
 def build_authorized(arch: str, num_classes: int, key: Key, projection: bool = True,
-                     gate: nn.Module | None = None) -> nn.Module:
+                     gate: nn.Module | None = None, scheme: str = "colour") -> nn.Module:
     """The authorized network of ``key``: ``arch`` initialised from the key, behind the key
     projection (or, with ``projection=False``, the bare key-initialised architecture), with
-    the artifact's confidence ``gate`` when given (needs the projection)."""
+    the artifact's confidence ``gate`` when given (needs the projection). Under the texture
+    ``scheme`` the projection is a transform of whole images that comes before any crop
+    (:class:`~uge_protect.methods.uge.texture_key.TextureProjection`), so it is not a layer
+    here: the network takes projected images."""
     net = build_classifier(arch, num_classes, seed=derived_seed(key, "authorized"))
+    if scheme == "texture":
+        return Authorized(nn.Identity(), net, gate)
     if not projection:
         if gate is not None:
             raise ValueError("the confidence gate needs the key projection")

@@ -36,6 +36,7 @@ from uge_protect.methods.base import APPLY_CHUNK, FittedMethod, ProtectBatch, cl
 from uge_protect.methods.uge.config import APPLY_FIELDS, AUTO_STUDENTS, UGEArtifact
 from uge_protect.methods.uge.generator import build_noise_generator
 from uge_protect.methods.uge.key import key_signs, levels_along_key
+from uge_protect.methods.uge.texture_key import block_coefficients, texture_context, texture_levels, texture_tiles
 from uge_protect.models.classifiers import set_frozen
 
 
@@ -65,7 +66,7 @@ def load_uge_artifact(path: str, required: tuple[str, ...] = APPLY_FIELDS
                             "uge` (it draws a fresh 256-bit key)")
         # artifacts older than these fields made δ from the image alone, and had no gate
         check_config(path, config, UGEArtifact, required=required,
-                     legacy={"label_conditioned": False, "confidence_gate": False})
+                     legacy={"label_conditioned": False, "confidence_gate": False, "key_scheme": "colour"})
 
     return load_artifact(path, expected_method="uge", check=check)
 
@@ -79,9 +80,14 @@ class Ungeneralizable(FittedMethod):
                  fingerprint: str | None = None):
         super().__init__(config, fingerprint)
         self.key_projection = bool(config["key_projection"])
-        self.signs = key_signs(config["key_seed"]) if self.key_projection else None
         self.label_conditioned = bool(config.get("label_conditioned", False))
         self.num_classes = int(config["num_classes"])
+        self.key = str(config["key_seed"])
+        self.texture = config.get("key_scheme", "colour") == "texture"
+        if self.texture and not (self.key_projection and self.label_conditioned):
+            raise UserError("UGE artifact's texture key needs the key projection and label conditioning")
+        self.signs = key_signs(self.key) if self.key_projection and not self.texture else None
+        self.tiles = texture_tiles(self.key, self.num_classes) if self.texture else None
         self.generator = build_noise_generator(1 if self.key_projection else 3, int(config["width"]),
                                                int(config["depth"]), seed=0,
                                                num_classes=self.num_classes if self.label_conditioned else None,
@@ -121,15 +127,16 @@ class Ungeneralizable(FittedMethod):
 
     def config(self) -> dict[str, Any]:
         """Public parameters only: the key and authorized weights appear as fingerprints."""
-        keep = ("authorized", "key_projection", "key_fingerprint", "authorized_init_fingerprint", "fit_size",
+        keep = ("authorized", "key_projection", "key_scheme", "key_fingerprint", "authorized_init_fingerprint", "fit_size",
                 "steps", "gm_weight", "fd_weight", "ud_weight", "misalign", "student", "label_conditioned",
                 "confidence_gate")
         return self.public_config(keep, apply_chunk=APPLY_CHUNK)
 
     @torch.no_grad()
     def perturb(self, batch: ProtectBatch) -> torch.Tensor:
-        """δ in uint8 levels (int16): along the key direction with the key projection (exact
-        after quantization), else ε·t rounded to levels."""
+        """δ in uint8 levels (int16): the image's class texture at its phase (texture key),
+        along the key direction (colour key), both exact after quantization, else ε·t rounded
+        to levels."""
         labels: list[int] | None = None
         if self.label_conditioned:
             labels = []
@@ -143,6 +150,12 @@ class Ungeneralizable(FittedMethod):
         else:
             y = torch.tensor(labels, dtype=torch.long, device=self.device)
             t = in_fixed_chunks(lambda xx, yy: self.generator(xx, yy), x, y)
+        if self.tiles is not None:
+            assert labels is not None
+            pixels = batch.pixels.to(self.device)
+            phases, signs = texture_context(self.key, pixels)
+            return texture_levels(pixels, block_coefficients(t) * signs.to(t.device), torch.tensor(labels),
+                                  self.tiles, phases, self.epsilon)
         if self.signs is not None:
             return levels_along_key(batch.pixels.to(self.device), t, self.signs, self.epsilon)
         q = round(self.epsilon * 255)
