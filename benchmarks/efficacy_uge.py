@@ -54,6 +54,18 @@ ABLATION_TEXT = {
     "nokey-no-gm": "no key projection, no L_gm",
 }
 
+#: What the method-aware rows are, per key scheme, for the page.
+ATTACKER_TEXT = {
+    "colour": "`ARCH@enumerated`: it trains `ARCH` behind the projection of every key direction and keeps the run "
+              "best on its clean set; `best enumerated`: the best of those runs on the test set (in hindsight); "
+              "`ARCH@estimated`: behind the direction whose high-frequency colour energy the protection raises most; "
+              "`ARCH@all-keys`: behind the mean of all projections.",
+    "texture": "`ARCH@enumerated`: behind the projection of a random texture key; `ARCH@invariant`: on the 4×4 "
+               "block means; `ARCH@fold:block` / `ARCH@fold:image`: on the images less their part of period 4, per "
+               "8×8 block / over the whole image; `ARCH@estimated:image-pca`: less each image's top principal 4×4 "
+               "texture.",
+}
+
 
 def _pct(x: float) -> str:
     return f"{100 * x:.1f}"
@@ -141,11 +153,8 @@ def method_aware_lines(rows: list[dict], meta: dict) -> list[str]:
         return []
     lines = ["## An attacker who knows the method", "",
              f"The attacker holds the protected shards, the code and a clean labelled "
-             f"{100 * meta.get('attacker_fraction', 0.01):g}% of the training set, not the key. `ARCH@enumerated`: "
-             "it trains `ARCH` behind the projection of every key direction and keeps the run best on its clean "
-             "set; `best enumerated`: the best of those runs on the test set (in hindsight); `ARCH@estimated`: "
-             "behind the direction whose high-frequency colour energy the protection raises most; "
-             "`ARCH@all-keys`: behind the mean of all projections.", "",
+             f"{100 * meta.get('attacker_fraction', 0.01):g}% of the training set, not the key. "
+             + ATTACKER_TEXT[meta.get("key_scheme", "colour")], "",
              "| attacker | clean-trained | protected-trained |", "|---|---:|---:|"]
     for group in dict.fromkeys(r["group"] for r in aware if r.get("group")):
         members = [r for r in aware if r.get("group") == group]
@@ -193,8 +202,13 @@ def main() -> None:
     p.add_argument("--attacker-fraction", type=float, default=0.01, help="the attacker's clean labelled set")
     p.add_argument("--docs", default="docs/efficacy", help="where uge.md and uge.json go")
     p.add_argument("--name", default="uge", help="write NAME.md/.json (e.g. for a run of a subset)")
+    p.add_argument("--key-scheme", default="colour", choices=["colour", "texture"],
+                   help="the key of every fit (texture: no ablations, which drop the key projection, and no "
+                        "distilled students, which eval does not run against a texture key yet)")
     p.add_argument("--fit-args", nargs=argparse.REMAINDER, default=[], help="extra `fit uge` options (last)")
     a = p.parse_args()
+    if a.key_scheme == "texture":
+        a.ablations, a.distill = [], []
     default_data = "bench_output/efficacy_em/data" if a.dataset == "demo" else "bench_output/efficacy_uge_photos/data"
     default_work = "bench_output/efficacy_uge" + ("_photos" if a.dataset == "photos" else "")
     work, data = Path(a.workdir or default_work), Path(a.data or default_data)
@@ -210,7 +224,7 @@ def main() -> None:
         if not (art / "config.json").is_file():
             start = time.perf_counter()
             sh("fit", "uge", train, "-o", str(art), "--authorized", a.authorized, "--key-seed", str(a.key_seed),
-               "--seed", str(a.seed), *fit_args, *a.fit_args)
+               "--seed", str(a.seed), "--key-scheme", a.key_scheme, *fit_args, *a.fit_args)
             timings[f"fit {name}"] = time.perf_counter() - start
         if not (out / "protection.json").is_file():
             start = time.perf_counter()
@@ -275,7 +289,7 @@ def main() -> None:
            f"({a.epochs} epochs, seed {a.seed}, authorized {a.authorized})", table, [], timings)
     meta = {"date": time.strftime("%Y-%m-%d"), "commit": _git("rev-parse", "--short", "HEAD"),
             "hardware": _hardware(), "epochs": a.epochs, "seed": a.seed, "authorized": a.authorized,
-            "other_key": a.other_key, "published_key": a.key_seed == BENCHMARK_KEY, "archs": a.archs, "distill": a.distill, "defenses": a.defenses,
+            "other_key": a.other_key, "key_scheme": a.key_scheme, "published_key": a.key_seed == BENCHMARK_KEY, "archs": a.archs, "distill": a.distill, "defenses": a.defenses,
             "defense_archs": a.defense_archs, "clean_fraction": a.clean_fraction, "ablations": a.ablations,
             "fit_args": a.fit_args, "dataset": a.dataset, "method_aware_archs": a.method_aware_archs,
             "attacker_fraction": a.attacker_fraction, "timings": timings}
