@@ -21,8 +21,8 @@ Against the texture key (:mod:`uge_protect.methods.uge.texture_key`, 2^230 keys)
 * train on what the noise never changes: ``ARCH@invariant`` sees the images' 4×4 block means;
 * **fold** away the texture's period without the key: ``ARCH@fold:block`` sees every 8×8
   block less its part of period 4 (the mean of its four 4×4 quarters), where the noise lives;
-  ``ARCH@fold:image`` folds the whole image at once (less of the image lost, but the key's
-  block signs cancel the texture in that mean);
+  ``ARCH@fold:image`` folds the whole image at once (less of the image lost, and exact where
+  the generator keeps one coefficient over the image);
 * **estimate** each image's texture from its own blocks: ``ARCH@estimated:image-pca`` removes
   from every 4×4 block the top principal direction of the image's 4×4 blocks.
 

@@ -27,7 +27,7 @@ from uge_protect.methods.uge.generator import build_noise_generator
 from uge_protect.methods.uge.key import (Key, along_key, build_authorized, derived_seed, key_direction, key_fingerprint,
     new_key, normalize_key, state_fingerprint)
 from uge_protect.methods.uge.losses import feature_distance, gradient_matching
-from uge_protect.methods.uge.texture_key import (TextureProjection, along_texture, block_coefficients, texture_context,
+from uge_protect.methods.uge.texture_key import (TextureProjection, along_texture, block_coefficients, texture_phases,
     texture_tiles)
 from uge_protect.methods.uge.method import uge_fit_architectures
 from uge_protect.models.classifiers import set_frozen
@@ -325,8 +325,8 @@ class _UGEFit:
         """δ for [0, 1] images ``x`` (exactly uint8 levels / 255) from the generator's output t."""
         if self.tiles is None:
             return make_delta(x, t, self.cfg.epsilon, self.direction)
-        phases, signs = texture_context(self.key, torch.round(x.detach() * 255).to(torch.uint8).cpu())
-        return along_texture(x, block_coefficients(t) * signs.to(t.device), y, self.tiles, phases, self.cfg.epsilon)
+        phases = texture_phases(self.key, torch.round(x.detach() * 255).to(torch.uint8).cpu())
+        return along_texture(x, block_coefficients(t), y, self.tiles, phases, self.cfg.epsilon)
 
     def generator_losses(self, x: torch.Tensor, y: torch.Tensor, owner_x: torch.Tensor | None = None
                          ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor | None]:

@@ -36,7 +36,7 @@ from uge_protect.methods.base import APPLY_CHUNK, FittedMethod, ProtectBatch, cl
 from uge_protect.methods.uge.config import APPLY_FIELDS, AUTO_STUDENTS, UGEArtifact
 from uge_protect.methods.uge.generator import build_noise_generator
 from uge_protect.methods.uge.key import key_signs, levels_along_key
-from uge_protect.methods.uge.texture_key import block_coefficients, texture_context, texture_levels, texture_tiles
+from uge_protect.methods.uge.texture_key import block_coefficients, texture_levels, texture_phases, texture_tiles
 from uge_protect.models.classifiers import set_frozen
 
 
@@ -153,9 +153,8 @@ class Ungeneralizable(FittedMethod):
         if self.tiles is not None:
             assert labels is not None
             pixels = batch.pixels.to(self.device)
-            phases, signs = texture_context(self.key, pixels)
-            return texture_levels(pixels, block_coefficients(t) * signs.to(t.device), torch.tensor(labels),
-                                  self.tiles, phases, self.epsilon)
+            return texture_levels(pixels, block_coefficients(t), torch.tensor(labels), self.tiles,
+                                  texture_phases(self.key, pixels), self.epsilon)
         if self.signs is not None:
             return levels_along_key(batch.pixels.to(self.device), t, self.signs, self.epsilon)
         q = round(self.epsilon * 255)

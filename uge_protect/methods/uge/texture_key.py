@@ -9,7 +9,7 @@ channel and orthogonal to the other classes' tiles. That is about 2^248 keys for
 
 The noise of an image of class y is its class's tile, tiled over the image and shifted by a
 phase (dy, dx) in 0..3 that a keyed hash (HMAC-SHA256) draws from the image's 4×4 block sums,
-times one integer coefficient per 8×8 block whose sign the same hash draws per block. Because every tile is zero-sum on each channel,
+times one integer coefficient per 8×8 block. Because every tile is zero-sum on each channel,
 the noise leaves every 4×4 block sum unchanged, so the owner recomputes the phase from the
 protected image; because the tiles are orthogonal integer vectors, the owner's projection
 (:class:`TextureProjection`) removes the image's component along every class's carrier at that
@@ -103,35 +103,21 @@ def covered(height: int, width: int) -> tuple[int, int]:
     return height - height % BLOCK, width - width % BLOCK
 
 
-def texture_context(key: str | int, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each image's phase (N, 2) in 0..3 and a sign per covered 8×8 block (N, gh, gw) in
-    {-1, 1}: drawn by HMAC-SHA256 from its covered size and 4×4 block sums (uint8 ``pixels``
-    (N, 3, H, W)), which the noise leaves unchanged. The signs flip the texture block by block,
-    so that no fold of the image (averaging its blocks) finds the texture at one sign."""
+def texture_phases(key: str | int, pixels: torch.Tensor) -> torch.Tensor:
+    """Each image's phase (N, 2) in 0..3: HMAC-SHA256 of its covered size and 4×4 block sums
+    (uint8 ``pixels`` (N, 3, H, W)), which the noise leaves unchanged."""
     n, _, h, w = pixels.shape
     ch, cw = covered(h, w)
-    gh, gw = ch // BLOCK, cw // BLOCK
-    phases = torch.zeros(n, 2, dtype=torch.int64)
-    signs = torch.ones(n, gh, gw)
+    out = torch.zeros(n, 2, dtype=torch.int64)
     if ch == 0 or cw == 0:
-        return phases, signs
+        return out
     sums = F.avg_pool2d(pixels[:, :, :ch, :cw].double(), TILE).mul_(TILE * TILE).round_().to(torch.int32).cpu()
     secret = _phase_key(key)
     head = f"{ch}x{cw}".encode()
-    nbytes = (gh * gw + 7) // 8
     for i in range(n):
         digest = hmac.new(secret, head + sums[i].numpy().tobytes(), hashlib.sha256).digest()
-        phases[i, 0], phases[i, 1] = digest[0] % TILE, digest[1] % TILE
-        stream = b"".join(hashlib.sha256(digest + j.to_bytes(4, "little")).digest() for j in range((nbytes + 31) // 32))
-        bits = torch.tensor(list(stream[:nbytes]), dtype=torch.uint8)
-        flat = ((bits.view(-1, 1) >> torch.arange(8, dtype=torch.uint8)) & 1).flatten()[:gh * gw]
-        signs[i] = (1.0 - 2.0 * flat.float()).view(gh, gw)
-    return phases, signs
-
-
-def texture_phases(key: str | int, pixels: torch.Tensor) -> torch.Tensor:
-    """Each image's phase (N, 2) in 0..3 (see :func:`texture_context`)."""
-    return texture_context(key, pixels)[0]
+        out[i, 0], out[i, 1] = digest[0] % TILE, digest[1] % TILE
+    return out
 
 
 def block_carriers(tiles: torch.Tensor, phases: torch.Tensor) -> torch.Tensor:
