@@ -39,7 +39,7 @@ from torch import nn
 
 from uge_protect.methods.base import AuthorizedModel
 from uge_protect.methods.uge.key import DIRECTIONS, KeyProjection
-from uge_protect.methods.uge.texture_key import BLOCK, TILE, TextureProjection, covered
+from uge_protect.methods.uge.texture_key import BLOCK, TILE, TextureProjection, covered, from_squares, to_squares
 
 #: Random keys the texture-key attacker tries, one training run each per architecture: any other
 #: key is a wrong one with probability 1 − 2^-230, so one run shows what any number of them gets.
@@ -176,17 +176,6 @@ def attacker_models(record: dict[str, Any], archs: list[str], protected: torch.T
     return rows
 
 
-def _tiles(x: torch.Tensor) -> torch.Tensor:
-    """(N, 3, H, W) on whole 4×4 tiles → (N, H/4, W/4, 3, 4, 4)."""
-    n, c, h, w = x.shape
-    return x.reshape(n, c, h // TILE, TILE, w // TILE, TILE).permute(0, 2, 4, 1, 3, 5)
-
-
-def _untiles(t: torch.Tensor) -> torch.Tensor:
-    n, gh, gw, c, _, _ = t.shape
-    return t.permute(0, 3, 1, 4, 2, 5).reshape(n, c, gh * TILE, gw * TILE)
-
-
 def _on_covered(images: torch.Tensor, transform) -> torch.Tensor:
     """``transform`` (float (N, 3, h, w) → float) of the part the texture covers, rounded back to uint8."""
     out = images.clone()
@@ -225,12 +214,12 @@ def image_pca(images: torch.Tensor, chunk: int = 512) -> torch.Tensor:
     def strip(x: torch.Tensor) -> torch.Tensor:
         parts = []
         for i in range(0, len(x), chunk):
-            t = _tiles(x[i:i + chunk])
+            t = to_squares(x[i:i + chunk], TILE)
             n, gh, gw = t.shape[:3]
             v = (t - t.mean((-1, -2), keepdim=True)).reshape(n, gh * gw, -1)
             top = torch.linalg.svd(v, full_matrices=False).Vh[:, 0]  # (n, 48)
             along = torch.einsum("nkd,nd->nk", v, top)
-            parts.append(_untiles((v - along[..., None] * top[:, None]).reshape(t.shape) + t.mean((-1, -2), keepdim=True)))
+            parts.append(from_squares((v - along[..., None] * top[:, None]).reshape(t.shape) + t.mean((-1, -2), keepdim=True)))
         return torch.cat(parts)
     return _on_covered(images, strip)
 

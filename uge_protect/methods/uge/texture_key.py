@@ -129,15 +129,16 @@ def block_carriers(tiles: torch.Tensor, phases: torch.Tensor) -> torch.Tensor:
     return rolled.repeat(1, 1, 1, reps, reps)
 
 
-def _blocks(x: torch.Tensor) -> torch.Tensor:
-    """(N, 3, H, W) on whole blocks → (N, gh, gw, 3, 8, 8)."""
+def to_squares(x: torch.Tensor, side: int = BLOCK) -> torch.Tensor:
+    """(N, C, H, W), H and W multiples of ``side`` → (N, H/side, W/side, C, side, side)."""
     n, c, h, w = x.shape
-    return x.reshape(n, c, h // BLOCK, BLOCK, w // BLOCK, BLOCK).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(n, c, h // side, side, w // side, side).permute(0, 2, 4, 1, 3, 5)
 
 
-def _unblocks(b: torch.Tensor) -> torch.Tensor:
-    n, gh, gw, c, _, _ = b.shape
-    return b.permute(0, 3, 1, 4, 2, 5).reshape(n, c, gh * BLOCK, gw * BLOCK)
+def from_squares(b: torch.Tensor) -> torch.Tensor:
+    """The inverse of :func:`to_squares`."""
+    n, gh, gw, c, side, _ = b.shape
+    return b.permute(0, 3, 1, 4, 2, 5).reshape(n, c, gh * side, gw * side)
 
 
 def _class_carrier(tiles: torch.Tensor, phases: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -166,13 +167,13 @@ def texture_levels(pixels: torch.Tensor, coefficients: torch.Tensor, labels: tor
     if ch == 0 or cw == 0 or n == 0:
         return delta
     q = round(epsilon * 255)
-    p = _blocks(pixels[:, :, :ch, :cw].to(torch.int64))
+    p = to_squares(pixels[:, :, :ch, :cw].to(torch.int64))
     s = _class_carrier(tiles, phases, labels).to(p.device)
     k = torch.round(coefficients.float() * q).to(torch.int64)
     hi = torch.where(s > 0, 255 - p, p).amin((-1, -2, -3))
     lo = -torch.where(s > 0, p, 255 - p).amin((-1, -2, -3))
     k = torch.maximum(torch.minimum(k, hi), lo)
-    delta[:, :, :ch, :cw] = _unblocks(k[..., None, None, None] * s).to(torch.int16)
+    delta[:, :, :ch, :cw] = from_squares(k[..., None, None, None] * s).to(torch.int16)
     return delta
 
 
@@ -184,12 +185,12 @@ def along_texture(x: torch.Tensor, coefficients: torch.Tensor, labels: torch.Ten
     ch, cw = covered(h, w)
     if ch == 0 or cw == 0:
         return torch.zeros_like(x)
-    xb = _blocks(x[:, :, :ch, :cw])
+    xb = to_squares(x[:, :, :ch, :cw])
     s = _class_carrier(tiles, phases, labels).to(device=x.device, dtype=x.dtype)
     hi = (torch.where(s > 0, 1.0 - xb, xb).amin((-1, -2, -3)) / epsilon).clamp(min=0.0)
     lo = -(torch.where(s > 0, xb, 1.0 - xb).amin((-1, -2, -3)) / epsilon).clamp(min=0.0)
     c = torch.maximum(torch.minimum(coefficients, hi), lo)
-    inner = _unblocks(epsilon * c[..., None, None, None] * s)
+    inner = from_squares(epsilon * c[..., None, None, None] * s)
     return F.pad(inner, (0, w - cw, 0, h - ch))
 
 
@@ -214,11 +215,11 @@ class TextureProjection:
         chunk = max(1, max_pixels // (3 * ch * cw))
         for i in range(0, len(pixels), chunk):
             part = pixels[i:i + chunk]
-            p = _blocks(part[:, :, :ch, :cw].to(torch.int64))
+            p = to_squares(part[:, :, :ch, :cw].to(torch.int64))
             s = block_carriers(self.tiles, texture_phases(self.key, part)).to(p.device)
             # the nearest lattice point (what is left along each carrier is under half a level)
             dots = torch.einsum("nijcab,nmcab->nijm", p, s) + CARRIER_NORM2 // 2
             coeff = torch.div(dots, CARRIER_NORM2, rounding_mode="floor")
             kept = p - torch.einsum("nijm,nmcab->nijcab", coeff, s)
-            out[i:i + chunk, :, :ch, :cw] = _unblocks(kept).clamp_(0, 255).to(torch.uint8)
+            out[i:i + chunk, :, :ch, :cw] = from_squares(kept).clamp_(0, 255).to(torch.uint8)
         return out
