@@ -154,6 +154,14 @@ def test_a_texture_artifact_writes_exact_noise_and_publishes_no_key(texture_fit)
     assert config["confidence_gate"] is False and gate_from_artifact(config, weights) is None
 
 
+def test_an_edited_texture_artifact_without_labels_or_projection_is_refused(texture_fit, tmp_path):
+    _, _, path, config, weights = texture_fit
+    for bad in ({"label_conditioned": False}, {"key_projection": False}):
+        save_artifact(tmp_path / "edited", {**config, **bad}, weights)
+        with pytest.raises(UserError, match="texture key"):
+            Ungeneralizable.from_artifact(str(tmp_path / "edited"))
+
+
 def test_the_owner_trains_on_the_protected_data_as_on_the_clean_data(texture_fit):
     images, labels, path, _, _ = texture_fit
     method = Ungeneralizable.from_artifact(str(path))

@@ -14,7 +14,7 @@ of :data:`~uge_protect.methods.uge.key.DIRECTIONS`) it can:
   images puts there (``ARCH@estimated:linear-probe``), each measured against the clean set;
 * **average** over the family: ``ARCH@all-keys`` sees the mean of the 13 projections.
 
-Against the texture key (:mod:`uge_protect.methods.uge.texture_key`, 2^230 keys) it can:
+Against the texture key (:mod:`uge_protect.methods.uge.texture_key`, about 2^232 keys) it can:
 
 * **enumerate** what its budget allows: ``ARCH@key:rI`` trains behind the projection of a
   random key I (:data:`RANDOM_KEYS` of them, group ``ARCH@enumerated``);
@@ -42,7 +42,7 @@ from uge_protect.methods.uge.key import DIRECTIONS, KeyProjection
 from uge_protect.methods.uge.texture_key import BLOCK, TILE, TextureProjection, covered, from_squares, to_squares
 
 #: Random keys the texture-key attacker tries, one training run each per architecture: any other
-#: key is a wrong one with probability 1 − 2^-230, so one run shows what any number of them gets.
+#: key is a wrong one with probability 1 − 2^-232 (10 classes), so one run shows what any number of them gets.
 RANDOM_KEYS = 1
 
 

@@ -34,7 +34,7 @@ class UGEConfig:
     #: See :mod:`uge.texture_key`; "colour" is the 13-direction key of earlier versions.
     key_scheme: str = option("colour", choices=("colour", "texture"), help=(
         "What the key hides: colour, a secret colour direction (one of 13); texture, secret class "
-        "textures at a secret phase per image (about 2^230 keys; needs the key projection and labels)."))
+        "textures at a secret phase per image (about 2^232 keys for 10 classes; needs the key projection and labels)."))
     epsilon: float = epsilon_option()
     width: int = option(32, min=1, help="Generator channel width.")
     depth: int = option(4, min=1, help="Generator residual blocks.")

@@ -221,13 +221,13 @@ class _UGEFit:
         self.device = ctx.pick_device(cfg.device)
         self.gen = torch.Generator().manual_seed(cfg.seed)
         self.bs = min(cfg.batch_size, self.n)
-        self.texture = cfg.key_scheme == "texture"
-        self.direction = key_direction(self.key) if cfg.key_projection and not self.texture else None
-        self.tiles = texture_tiles(self.key, num_classes) if self.texture else None
+        texture = cfg.key_scheme == "texture"
+        self.direction = key_direction(self.key) if cfg.key_projection and not texture else None
+        self.tiles = texture_tiles(self.key, num_classes) if texture else None
         self.authorized = build_authorized(cfg.authorized, num_classes, self.key, cfg.key_projection,
                                            scheme=cfg.key_scheme).to(self.device)
         # what the authorized network trains on: the owner's view (the texture key projects whole images)
-        self.owner_images = TextureProjection(self.key, num_classes)(images) if self.texture else images
+        self.owner_images = TextureProjection(self.key, num_classes)(images) if texture else images
         self.init_fingerprint = state_fingerprint(self.authorized.state_dict())
         self.feature_cfg = resolve_model_config(cfg.feature_model, TINY_CLIP_CONFIG,
                                                 image_size=self.h if self.h == self.w else None)
@@ -293,7 +293,7 @@ class _UGEFit:
         self.s_opt = torch.optim.SGD(self.students.parameters(), lr=cfg.student_lr, momentum=0.9, weight_decay=5e-4)
         self.cursor = BatchCursor(self.n, self.bs, self.gen)
         state = self.ctx.state
-        if self.texture and self.generator.patterns is not None:
+        if self.tiles is not None and self.generator.patterns is not None:
             self.generator.patterns.fill_(1.0)  # start from every class's texture at full strength
         self.window = ProgressWindow(self.started)
         if state is not None and state.get("generator") is not None:
@@ -365,7 +365,7 @@ class _UGEFit:
         idx = batch[self.ctx.rank::world]
         x = self.images[idx].to(self.device).float().div_(255.0)
         y = self.labels[idx].to(self.device)
-        owner_x = self.owner_images[idx].to(self.device).float().div_(255.0) if self.texture else None
+        owner_x = self.owner_images[idx].to(self.device).float().div_(255.0) if self.tiles is not None else None
         parts, vu, teacher, pattern = self.generator_losses(x, y, owner_x)
         weights = {"ud": cfg.ud_weight, "fd": cfg.fd_weight, "gm": cfg.gm_weight}
         loss = sum(weights[k] * v for k, v in parts.items())

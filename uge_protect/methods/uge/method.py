@@ -83,11 +83,10 @@ class Ungeneralizable(FittedMethod):
         self.label_conditioned = bool(config.get("label_conditioned", False))
         self.num_classes = int(config["num_classes"])
         self.key = str(config["key_seed"])
-        self.texture = config.get("key_scheme", "colour") == "texture"
-        if self.texture and not (self.key_projection and self.label_conditioned):
-            raise UserError("UGE artifact's texture key needs the key projection and label conditioning")
-        self.signs = key_signs(self.key) if self.key_projection and not self.texture else None
-        self.tiles = texture_tiles(self.key, self.num_classes) if self.texture else None
+        # the artifact's schema already refused a texture key without the projection or the labels
+        texture = config.get("key_scheme", "colour") == "texture"
+        self.signs = key_signs(self.key) if self.key_projection and not texture else None
+        self.tiles = texture_tiles(self.key, self.num_classes) if texture else None
         self.generator = build_noise_generator(1 if self.key_projection else 3, int(config["width"]),
                                                int(config["depth"]), seed=0,
                                                num_classes=self.num_classes if self.label_conditioned else None,
