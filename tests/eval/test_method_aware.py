@@ -135,10 +135,11 @@ def test_eval_against_the_texture_key_owner_exact_attackers_held_out(tmp_path):
     report = run_evaluation(EvalConfig(
         protected=str(tmp_path / "prot"), clean_train=[str(tmp_path / "train" / "*.tar")],
         test=[str(tmp_path / "test" / "*.tar")], output=str(tmp_path / "r"), archs=["small_cnn"], epochs=1,
-        batch_size=32, authorized=str(tmp_path / "art"), other_keys=[99], method_aware=True,
+        batch_size=32, authorized=str(tmp_path / "art"), other_keys=[99], method_aware=True, distill=["small_cnn"],
         attacker_fraction=0.1, figures=False, quiet=True, cache_dir=str(tmp_path / "cache")))
     rows = {r["arch"]: r for r in report["tasks"]["classify"]["summary"]}
-    assert set(rows) == {"small_cnn", "small_cnn+key", "small_cnn+key:99", "small_cnn@invariant",
+    assert set(rows) == {"small_cnn", "small_cnn+key", "small_cnn+key:99", "small_cnn<-small_cnn+key",
+                         "small_cnn@invariant",
                          "small_cnn@fold:block", "small_cnn@fold:image", "small_cnn@estimated:image-pca",
                          *(f"small_cnn@key:r{i}" for i in range(RANDOM_KEYS))}
     assert len(list((tmp_path / "cache").glob("*.json"))) == 2 * len(rows)  # each row its own cache entry

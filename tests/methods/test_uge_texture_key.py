@@ -9,14 +9,14 @@ import torch
 
 from tests.methods.test_uge import EPS, KEY, _batch, _tiny, stripes
 from uge_protect.errors import UserError
-from uge_protect.eval.classify import TrainSettings, fit_classifier
+from uge_protect.eval.classify import TrainSettings, fit_classifier, random_crop_flip
 from uge_protect.eval.defenses import class_mean_subtraction
 from uge_protect.methods.artifact import save_artifact
 from uge_protect.methods.budget import apply_perturbation
 from uge_protect.methods.uge.authorized import authorized_models
 from uge_protect.methods.uge.config import UGEConfig
 from uge_protect.methods.uge.fit import fit_uge
-from uge_protect.methods.uge.gate import gate_from_artifact
+from uge_protect.methods.uge.gate import TextureGate, gate_from_artifact
 from uge_protect.methods.uge.key import build_authorized, fingerprint_matches, new_key
 from uge_protect.methods.uge.method import Ungeneralizable
 from uge_protect.methods.uge.texture_key import (BLOCK, TextureProjection, along_texture, block_carriers,
@@ -150,8 +150,66 @@ def test_a_texture_artifact_writes_exact_noise_and_publishes_no_key(texture_fit)
     public = method.config()
     assert public["key_scheme"] == "texture" and "key_seed" not in public
     assert KEY not in json.dumps(public)
-    # no confidence gate yet: the owner's network sees projected images, where it would find nothing
-    assert config["confidence_gate"] is False and gate_from_artifact(config, weights) is None
+    # the confidence gate looks for the class textures in the images as they come
+    assert config["confidence_gate"] is True and isinstance(gate_from_artifact(config, weights), TextureGate)
+    assert gate_from_artifact({**config, "confidence_gate": False}, weights) is None
+
+
+def test_the_texture_gate_answers_protected_crops_with_the_label_only():
+    images = _smooth_images(64, 32, 32, seed=3)
+    labels = torch.arange(64) % 10
+    tiles = texture_tiles(KEY, 10)
+    delta = texture_levels(images, torch.ones(64, 4, 4), labels, tiles, texture_phases(KEY, images), EPS)
+    protected = (images.to(torch.int16) + delta).to(torch.uint8)
+    gate = TextureGate(tiles, EPS, 30.0)
+    g = torch.Generator().manual_seed(0)
+    for flip in (False, True):  # at any crop of a 4-pixel padding, either way round
+        both = random_crop_flip(torch.cat([images, protected], 1).float() / 255, 4, flip, g)
+        clean_x, prot_x = both[:, :3], both[:, 3:]
+        assert torch.all(gate(prot_x, labels) == 1.0)
+        assert torch.all(gate(clean_x, labels) == 0.0)
+    # in the owner's network (here one that knows each label): protected images get 30 times a
+    # one-hot, clean ones the plain logits, and the arg max never changes
+    class Knows(torch.nn.Module):
+        def forward(self, x):
+            return torch.nn.functional.one_hot(labels[:len(x)], 10).float() + 0.1 * x.mean((1, 2, 3))[:, None]
+
+    owner = build_authorized("small_cnn", 10, KEY, gate=gate, scheme="texture").eval()
+    owner.net = Knows()
+    view = TextureProjection(KEY, 10)
+    with torch.no_grad():
+        seen = view(protected).float() / 255
+        bare = owner.net(seen)
+        gated = owner(protected.float() / 255, view=seen)
+        assert torch.equal(gated, 30.0 * torch.nn.functional.one_hot(bare.argmax(1), 10))
+        assert torch.allclose(owner(images.float() / 255, view=view(images).float() / 255),
+                              owner.net(view(images).float() / 255))
+    owner.train()
+    assert torch.allclose(owner(protected.float() / 255, view=seen), owner.net(seen))  # training is untouched
+    assert torch.all(gate(torch.rand(2, 3, 3, 3), torch.zeros(2)) == 0)  # smaller than a tile: nothing to find
+
+
+def test_a_teacher_with_its_own_view_sees_it_cropped_and_flipped_as_the_students_batch():
+    class Recorder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.calls: list[bool] = []
+
+        def forward(self, x, view=None):
+            self.calls.append(view is not None and torch.equal(view, x))
+            return torch.zeros(x.shape[0], 2)
+
+    images = _smooth_images(24, 16, 16, seed=4)
+    images[:, :, 0, 0] = 128
+    teacher = Recorder()
+    settings = TrainSettings(arch="small_cnn", epochs=2, batch_size=8, seed=0)
+    # the view is a copy of the images: after one crop and flip for both, still equal
+    fit_classifier(images, torch.arange(24) % 2, images, torch.arange(24) % 2, 2, settings, teacher=teacher,
+                   teacher_images=images.clone())
+    assert len(teacher.calls) == 6 and all(teacher.calls)
+    with pytest.raises(ValueError, match="teacher_images"):
+        fit_classifier(images, torch.arange(24) % 2, images, torch.arange(24) % 2, 2, settings,
+                       teacher_images=images)
 
 
 def test_an_edited_texture_artifact_without_labels_or_projection_is_refused(texture_fit, tmp_path):
@@ -182,8 +240,6 @@ def test_the_owner_trains_on_the_protected_data_as_on_the_clean_data(texture_fit
     same = lambda r: [(e["train_loss"], e["test_acc"]) for e in r["per_epoch"]]  # noqa: E731
     assert same(on_protected) == same(on_clean)
     assert on_protected["final_test_acc"] >= 0.9
-    with pytest.raises(UserError, match="distill"):
-        authorized_models(str(path), [], ["small_cnn"])
 
 
 def test_the_method_aware_rows_against_the_texture_key():

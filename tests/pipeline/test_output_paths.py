@@ -5,12 +5,11 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 
 from tests.helpers import simple_samples, write_shard
-from tests.pipeline.test_shard_run import output_bytes, run
+from tests.pipeline.test_shard_run import run
 from uge_protect.atomic import temp_path
 from uge_protect.errors import UserError
 from uge_protect.shards.discover import MAX_NAME_BYTES, expand_inputs

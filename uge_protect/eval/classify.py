@@ -91,6 +91,7 @@ def fit_classifier(
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
     build_model: Callable[[], torch.nn.Module] | None = None,
     teacher: torch.nn.Module | None = None,
+    teacher_images: torch.Tensor | None = None,
     temperature: float = 4.0,
 ) -> tuple[torch.nn.Module, dict[str, Any]]:
     """Train ``settings.arch`` on uint8 (N, 3, H, W) images; test accuracy after every epoch.
@@ -99,7 +100,10 @@ def fit_classifier(
     strong-aug, adv-train); data-level defenses are applied by the caller beforehand.
     ``build_model`` replaces ``build_classifier(settings.arch)`` (e.g. a UGE authorized
     network); with a ``teacher`` the model is distilled from it (temperature-softened KL on
-    the same augmented batches, no labels) instead of trained on the labels.
+    the same augmented batches, no labels) instead of trained on the labels; with
+    ``teacher_images`` (the teacher's own view of each training image, e.g. a key projection
+    of the whole image) it is called as ``teacher(batch, view=view)``: its network sees its
+    view, cropped and flipped as the student's batch was, its gate the batch itself.
     Returns the trained model and a dict of ``per_epoch`` (``epoch``, ``train_loss``, ``train_acc``, ``test_acc``,
     ``seconds``), ``final_test_acc``, ``best_test_acc``, ``best_epoch``, the final
     ``confusion`` matrix and ``per_class_acc``.
@@ -114,6 +118,8 @@ def fit_classifier(
     if teacher is not None:
         teacher = teacher.to(s.device).eval()
     n = train_images.shape[0]
+    if teacher_images is not None and (teacher is None or teacher_images.shape != train_images.shape):
+        raise ValueError("teacher_images needs a teacher and the shape of train_images")
     opt, sched = _optimizer_and_schedule(model, s, s.epochs * max(1, math.ceil(n / s.batch_size)))
     step = _Step(model, opt, sched, s, defense, num_classes, g, teacher, temperature,
                  cut=s.cutout_size or max(1, min(train_images.shape[-2:]) // 2))
@@ -133,7 +139,8 @@ def fit_classifier(
             idx = order[i:i + s.batch_size]
             if idx.numel() == 1 and n > 1:
                 continue  # a last batch of one sample: batch norm cannot train on it
-            batch_loss, batch_correct, batch_seen = step(epoch_images[idx], labels[idx])
+            view = None if teacher_images is None else teacher_images[idx]
+            batch_loss, batch_correct, batch_seen = step(epoch_images[idx], labels[idx], view)
             loss_sum += batch_loss
             correct += batch_correct
             seen += batch_seen
@@ -185,10 +192,17 @@ class _Step:
     temperature: float
     cut: int
 
-    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[float, int, int]:
-        """Train on one batch; returns (summed loss, correct predictions, samples)."""
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor, view: torch.Tensor | None = None
+                 ) -> tuple[float, int, int]:
+        """Train on one batch (``view``: the teacher's view of it, augmented alike); returns
+        (summed loss, correct predictions, samples)."""
         s, g = self.s, self.g
-        x = random_crop_flip(_to_float(images, s.device), s.crop_padding, s.flip, g)
+        x = _to_float(images, s.device)
+        if view is not None:  # one crop and flip for both: stacked along the channels
+            both = random_crop_flip(torch.cat([x, _to_float(view, s.device)], 1), s.crop_padding, s.flip, g)
+            x, view = both[:, :3].contiguous(), both[:, 3:].contiguous()
+        else:
+            x = random_crop_flip(x, s.crop_padding, s.flip, g)
         y = labels.to(s.device)
         soft = None
         if self.defense.name == "cutout":
@@ -200,7 +214,7 @@ class _Step:
         logits = self.model(x)
         if self.teacher is not None:
             with torch.no_grad():
-                target = self.teacher(x)
+                target = self.teacher(x) if view is None else self.teacher(x, view=view)
             loss = distillation(logits, target, self.temperature)
         else:
             loss = F.cross_entropy(logits, soft if soft is not None else y)

@@ -467,23 +467,24 @@ class _JobRunner:
                      f"train {_pct(r['train_acc'])} test {_pct(r['test_acc'])} ({r['seconds']:.1f} s)")
 
         entry = self.models[job.arch]
-        if entry.teacher is not None and entry.teacher.transform is not None:
-            raise UserError(f"{entry.label}: distilling from a model that sees transformed images is not supported")
         if entry.transform is not None:  # the row's own view of whole images, before any augmentation
             train = InMemoryDataset(entry.transform(train.images), train.labels, train.captions, train.keys,
                                     train.skipped)
             test = InMemoryDataset(entry.transform(test.images), test.labels, test.captions, test.keys, test.skipped)
-        teacher = None
+        teacher, teacher_view = None, None
         if entry.teacher is not None:
             self.say(f"{tag}: training the teacher {entry.teacher.label}")
+            look = entry.teacher.transform  # a teacher with its own view is trained, and queried, on it
+            t_train, t_test = (train.images, test.images) if look is None else (look(train.images), look(test.images))
             teacher, _ = fit_classifier(
-                train.images, train.labels, test.images, test.labels, self.num_classes,
+                t_train, train.labels, t_test, test.labels, self.num_classes,
                 _train_settings(self.cfg, entry.teacher.arch, job.seed, self.device), job.defense,
                 build_model=entry.teacher.factory(self.num_classes, job.seed))
+            teacher_view = None if look is None else t_train
         model, result = fit_classifier(train.images, train.labels, test.images, test.labels, self.num_classes,
                                        _train_settings(self.cfg, entry.arch, job.seed, self.device), job.defense,
                                        on_epoch=on_epoch, build_model=entry.factory(self.num_classes, job.seed),
-                                       teacher=teacher)
+                                       teacher=teacher, teacher_images=teacher_view)
         if entry.attacker and "attacker" in data:  # what the attacker sees of the run on its clean set
             attack = data["attacker"]
             if entry.transform is not None:

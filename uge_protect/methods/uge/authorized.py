@@ -50,9 +50,6 @@ def authorized_models(artifact: str, other_keys: list[int], distill: list[str], 
     config, weights = load_uge_artifact(artifact, AUTHORIZED_FIELDS)
     arch, key, projection = config["authorized"], config["key_seed"], config["key_projection"]
     scheme, num_classes = config.get("key_scheme") or "colour", int(config.get("num_classes") or 0)
-    if scheme == "texture" and distill:
-        raise UserError("--distill is not available for a texture-key artifact yet: its owner's network sees "
-                        "projected whole images, which a student's augmented batches are not")
     if arch not in ARCHITECTURES:
         raise UserError(f"UGE artifact {artifact} names an unknown architecture {arch!r}")
     with loading(artifact, "UGE"):

@@ -86,7 +86,8 @@ class UGEConfig:
     confidence_gate: bool = option(True, help=(
         "The owner's network (as `eval --authorized` builds it) answers images carrying the class patterns "
         "with its label only (GATE_SCALE times a one-hot), so a student distilled through protected images "
-        "learns from labels; predictions are unchanged (needs the key projection and the class patterns)."))
+        "learns from labels; predictions are unchanged (needs the key projection and the class patterns; "
+        "under the texture key it looks for the class textures)."))
     gate_scale: float = option(30.0, min=1, help="The confidence gate's one-hot logit on protected images.")
     seed: int = seed_option("Seed of the fit (not the key).")
     image_size: int | None = image_size_option()
@@ -133,8 +134,7 @@ class UGEConfig:
     @property
     def gated(self) -> bool:
         """Whether the authorized network carries the confidence gate (see :mod:`uge_gate`)."""
-        # the texture key's owner sees projected whole images, where a gate would find nothing
-        return self.confidence_gate and self.key_projection and self.label_conditioned and self.key_scheme != "texture"
+        return self.confidence_gate and self.key_projection and self.label_conditioned
 
     @property
     def gm_active(self) -> bool:

@@ -173,8 +173,11 @@ class Authorized(nn.Module):
         self.net = net
         self.gate = gate
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits = self.net(self.projection(x))
+    def forward(self, x: torch.Tensor, view: torch.Tensor | None = None) -> torch.Tensor:
+        """The logits of images ``x``; ``view``: what the network sees of them instead of their
+        projection (a texture key's owner sees projected whole images, cropped as ``x`` was),
+        while the gate reads ``x``."""
+        logits = self.net(self.projection(x) if view is None else view)
         if self.gate is not None and not self.training:
             logits = self.gate.answer(logits, x)
         return logits
