@@ -203,12 +203,11 @@ def main() -> None:
     p.add_argument("--docs", default="docs/efficacy", help="where uge.md and uge.json go")
     p.add_argument("--name", default="uge", help="write NAME.md/.json (e.g. for a run of a subset)")
     p.add_argument("--key-scheme", default="colour", choices=["colour", "texture"],
-                   help="the key of every fit (texture: no ablations, which drop the key projection, and no "
-                        "distilled students, which eval does not run against a texture key yet)")
+                   help="the key of every fit (texture: no ablations, which drop the key projection)")
     p.add_argument("--fit-args", nargs=argparse.REMAINDER, default=[], help="extra `fit uge` options (last)")
     a = p.parse_args()
     if a.key_scheme == "texture":
-        a.ablations, a.distill = [], []
+        a.ablations = []
     default_data = "bench_output/efficacy_em/data" if a.dataset == "demo" else "bench_output/efficacy_uge_photos/data"
     default_work = "bench_output/efficacy_uge" + ("_photos" if a.dataset == "photos" else "")
     work, data = Path(a.workdir or default_work), Path(a.data or default_data)
