@@ -92,6 +92,9 @@ def test_headline_text_refuses_a_stranger_s_malformed_headline():
     good = {"headline": {"classify": {"basis": "held-out architectures", "worst": {
         "arch": "vgg11", "defense": "none", "protected_acc": 0.2, "clean_acc": 0.9}}}}
     assert headline_text(good).startswith("worst case over held-out architectures: vgg11 reached 20.0%")
+    aware = json.loads(json.dumps(good))  # a method-aware attacker's row can be the worst case
+    aware["headline"]["classify"]["worst"]["arch"] = "small_cnn@fold:image"
+    assert "small_cnn@fold:image reached 20.0%" in headline_text(aware)
     for bad in ({"arch": "<img src=x>"}, {"protected_acc": [1] * 10}, {"clean_acc": 3.0}):
         report = json.loads(json.dumps(good))
         report["headline"]["classify"]["worst"].update(bad)

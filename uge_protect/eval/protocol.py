@@ -36,13 +36,13 @@ CLIP_LEARNED_OVER_CHANCE = 2.0
 #: At most this many names are read from a protection record's ``fit_architectures``.
 MAX_FIT_ARCHITECTURES = 64
 #: What a name in a record or report may look like (architecture labels, defenses, CLIP ids).
-_NAME = re.compile(r"[A-Za-z0-9_.:+<\-]{1,200}")
+_NAME = re.compile(r"[A-Za-z0-9_.:+<@\-]{1,200}")
 _BASIS = re.compile(r"[A-Za-z0-9 ,'()\-.]{1,200}")
 ROLES = (OWNER, SEEN, HELD_OUT, UNRECORDED)
 
 
 def is_name(value: Any) -> bool:
-    """Whether ``value`` is a plain name (letters, digits and ``_.:+<-``), safe to print."""
+    """Whether ``value`` is a plain name (letters, digits and ``_.:+<@-``), safe to print."""
     return isinstance(value, str) and _NAME.fullmatch(value) is not None
 
 
