@@ -43,19 +43,20 @@ def write_table(docs: str | Path, name: str, lines: list[str], payload: dict) ->
 def evaluate(protected: Path, data: Path, out: Path, *, archs: list[str], defenses: list[str], epochs: int,
              seed: int, cache: Path, processes: int = 1, clean_fraction: float = 0.0,
              task: str = "classify", extra: list[str] | tuple[str, ...] = ()) -> dict:
-    """``uge-protect eval`` unless ``out/report.json`` exists; returns the report. ``extra``:
-    more ``eval`` arguments (``--authorized DIR``, ...)."""
-    if not (out / "report.json").is_file():
-        cmd = ["eval", "--task", task, "--protected", str(protected),
-               "--clean-train", str(data / "train" / "*.tar"), "--test", str(data / "test" / "*.tar"),
-               "-o", str(out), "--epochs", str(epochs), "--seed", str(seed), "--cache", str(cache), "--quiet"]
-        if clean_fraction:
-            cmd += ["--clean-fraction", str(clean_fraction)]
-        for arch in archs:
-            cmd += ["--arch", arch]
-        for d in defenses:
-            cmd += ["--defense", d]
-        cmd += list(extra)
+    """``uge-protect eval`` unless ``out/report.json`` exists from the same arguments; returns
+    the report. ``extra``: more ``eval`` arguments (``--authorized DIR``, ...)."""
+    cmd = ["eval", "--task", task, "--protected", str(protected),
+           "--clean-train", str(data / "train" / "*.tar"), "--test", str(data / "test" / "*.tar"),
+           "-o", str(out), "--epochs", str(epochs), "--seed", str(seed), "--cache", str(cache), "--quiet"]
+    if clean_fraction:
+        cmd += ["--clean-fraction", str(clean_fraction)]
+    for arch in archs:
+        cmd += ["--arch", arch]
+    for d in defenses:
+        cmd += ["--defense", d]
+    cmd += list(extra)
+    done = out / "eval-args.json"  # a resumed benchmark reruns an eval whose arguments changed
+    if not (out / "report.json").is_file() or not done.is_file() or json.loads(done.read_text()) != cmd:
         if processes > 1:
             launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
                       str(processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
@@ -65,6 +66,7 @@ def evaluate(protected: Path, data: Path, out: Path, *, archs: list[str], defens
             subprocess.run([*launch, *cmd], check=True, env=env)
         else:
             sh(*cmd)
+        done.write_text(json.dumps(cmd))
     return json.loads((out / "report.json").read_text())
 
 

@@ -237,9 +237,12 @@ def main() -> None:
     table: list[tuple] = []
     rows: list[dict] = []
 
-    def add(name: str, report: dict, defense_label: str | None = None) -> None:
-        table.extend((name, arch, defense_label or d, c, pr) for arch, d, c, pr in classify_rows(report))
+    def add(name: str, report: dict, defense_label: str | None = None, students_only: bool = False) -> None:
+        table.extend((name, arch, defense_label or d, c, pr) for arch, d, c, pr in classify_rows(report)
+                     if not students_only or "<-" in arch)
         for r in report["tasks"].get("classify", {}).get("summary", []):
+            if students_only and "<-" not in r["arch"]:
+                continue  # the rest of that report repeats the gated one's rows
             rows.append({"data": name, "arch": r["arch"], "defense": defense_label or r["defense"],
                          "role": r.get("role"), "learned": r.get("learned", True),
                          "clean": r["clean"]["final_test_acc"]["mean"],
@@ -259,7 +262,7 @@ def main() -> None:
     if a.distill:  # what the confidence gate does: the same students, from the bare network
         add("uge (no gate)", evaluate(out, data, work / "reports" / "uge" / "no-gate", archs=[], defenses=["none"],
                                       extra=[*owner, "--no-gate", *(x for s in a.distill for x in ("--distill", s))],
-                                      **common))
+                                      **common), students_only=True)
     for d in a.defenses:
         add("uge", evaluate(out, data, work / "reports" / "uge" / d.replace(":", ""), archs=a.defense_archs,
                             defenses=[d], extra=owner, **common))
