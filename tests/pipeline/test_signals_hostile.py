@@ -31,11 +31,20 @@ STOPS_WITHIN_S = 30
 RERUN = "rerun the same command to resume"
 
 
+def _as_from_a_terminal() -> None:
+    """``preexec_fn``: the stop signals at their default action, as in a shell started from a
+    terminal, whatever this test process inherited (under ``nohup`` SIGHUP is ignored, and a
+    run started with it ignored rightly keeps ignoring it)."""
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_DFL)
+
+
 class BlockedRun:
     """A ``shard`` run over a real shard and a ``pipe:cat FIFO`` shard whose FIFO is opened
     for writing but never written: the reader of the second shard blocks in ``read``."""
 
     def __init__(self, tmp_path: Path, workers: int, **popen):
+        popen.setdefault("preexec_fn", _as_from_a_terminal)
         self.tmp = tmp_path
         self.shard = write_shard(tmp_path / "a.tar", simple_samples("a", 4, seed=1))
         self.fifo = tmp_path / "b.tar"
@@ -153,7 +162,8 @@ def test_ctrl_c_to_the_process_group_exits_130(tmp_path):
     cmd = [*CLI, "shard", str(src), "-o", str(out), "-m", "random", "-q", "--workers", "2", "--batch-size", "2"]
     err_path = tmp_path / "stderr.txt"
     with open(err_path, "w") as err:
-        proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
+        proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=err, start_new_session=True,
+                                preexec_fn=_as_from_a_terminal)
     family: set = set()
     try:
         assert _wait_until(lambda: layout.shards_dir.is_dir() and layout.temp_files() != [], proc), err_path.read_text()
