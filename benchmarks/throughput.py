@@ -1,88 +1,190 @@
-"""Throughput of `shard --method random` against the benchmark-only pass-through.
+"""Throughput of `uge-protect shard` against a minimal one-process re-encode loop.
 
-Both run the same stages (read → decode → batch → protect → encode → write) in the same
-process, back to back, on the same shards; the ratio says what the perturbation costs next
-to I/O. Then the same job with 1 and 2 processes (Accelerate, CPU, gloo), each process
-limited to one core's worth of work (--workers 0 --encode-threads 0: read, decode, protect and
-encode all in the process's main thread), to measure scaling.
+The reference is what anyone would write first: Python's ``tarfile`` and Pillow in one
+process, reading each member, decoding the PNG, encoding it again as PNG with the pipeline's
+settings (level 1, Huffman-only) and writing the tar. The pipeline does that and more (the
+method's pass, L∞ and PSNR of every image, hashes, manifests, resumable output), on every
+core it is given.
 
-    .venv/bin/python benchmarks/throughput.py [--images 4000] [--sizes 64 256]
+For each size (PNG shards, 180 images each, photo-like content):
+* the reference loop's images per second;
+* ``shard -m random`` with its defaults, steady state: images over the run's own seconds
+  (``protection.json``: from the output lock to the merge, so interpreter start, imports and
+  the accelerator's set-up are left out and reported apart), and its ratio to the loop;
+* where the time went: seconds per stage, summed over threads and processes
+  (``timings.stages``, see ``uge_protect/pipeline/stages.py``);
+* ``-m uge`` and ``-m t2ue`` (artifacts from a short fit on the demo shapes, at their
+  default sizes: the apply cost does not depend on how well they were fitted), each as a
+  ratio to ``random``;
+* ``random`` on one core and on two (``taskset``), and the ratio.
+
+Then the start-up of a run: one one-image shard, against ``python -c pass`` and against
+``python -c "import torch"``.
+
+    .venv/bin/python benchmarks/throughput.py [--images 4000] [--sizes 128 256]
+        [--methods random uge t2ue] [--no-cores]
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
+import numpy as np
+from PIL import Image
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import make_jpeg_shards, workdir  # noqa: E402
+from common import workdir  # noqa: E402
 
-from uge_protect.pipeline import ShardJobConfig, run_shard_job  # noqa: E402
-from uge_protect.methods.registry import create_method  # noqa: E402
+from uge_protect.pipeline.stages import STAGES  # noqa: E402
+from uge_protect.shards.tario import write_tar_atomic  # noqa: E402
+
+CLI = [sys.executable, "-m", "uge_protect"]
+PER_SHARD = 180
 
 
-def timed_run(shards: list[Path], out: Path, method: str, **kw) -> float:
-    """Images per second of one in-process run (wall clock around the whole job)."""
+def make_png_shards(directory: Path, *, n_images: int, size: int, seed: int = 0) -> list[Path]:
+    """``n_images`` smooth random PNGs with captions and labels, PER_SHARD per shard."""
+    directory.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    paths = []
+    for s, start in enumerate(range(0, n_images, PER_SHARD)):
+        members = []
+        for i in range(start, min(n_images, start + PER_SHARD)):
+            small = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+            img = Image.fromarray(small).resize((size, size), Image.Resampling.BICUBIC)
+            arr = np.asarray(img, dtype=np.int16) + rng.integers(-6, 7, (size, size, 3))
+            buf = io.BytesIO()
+            Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8)).save(buf, format="PNG", compress_level=6)
+            key = f"{i:08d}"
+            members += [(f"{key}.png", buf.getvalue()), (f"{key}.txt", f"a photo of thing {i % 10}".encode()),
+                        (f"{key}.cls", str(i % 10).encode())]
+        path = directory / f"bench-{s:06d}.tar"
+        write_tar_atomic(path, members)
+        paths.append(path)
+    return paths
+
+
+def reference_loop(shards: list[Path], out: Path) -> float:
+    """Images per second of the minimal one-process loop (decode, re-encode, write)."""
     shutil.rmtree(out, ignore_errors=True)
-    cfg = ShardJobConfig(inputs=[str(p) for p in shards], output=str(out), quiet=True, **kw)
+    out.mkdir(parents=True)
+    n = 0
     start = time.perf_counter()
-    summary = run_shard_job(cfg, create_method(method, allow_hidden=True))
-    seconds = time.perf_counter() - start
-    return summary["counts"]["written"] / seconds
+    for path in shards:
+        with tarfile.open(path) as src, tarfile.open(out / path.name, "w") as dst:
+            for member in src:
+                data = src.extractfile(member).read()
+                if member.name.endswith(".png"):
+                    img = Image.open(io.BytesIO(data)).convert("RGB")
+                    buf = io.BytesIO()
+                    img.save(buf, format="PNG", compress_level=1, compress_type=2)
+                    data = buf.getvalue()
+                    n += 1
+                info = tarfile.TarInfo(member.name)
+                info.size = len(data)
+                dst.addfile(info, io.BytesIO(data))
+    return n / (time.perf_counter() - start)
 
 
-def launched_run(shards: list[Path], out: Path, processes: int) -> float:
-    """Images per second of a CLI run under `accelerate launch` with N CPU processes."""
+def shard_run(shards: list[Path], out: Path, method: str, artifact: Path | None = None,
+              cores: str | None = None) -> dict:
+    """A CLI run; returns its ``protection.json`` timings plus the process's wall seconds."""
     shutil.rmtree(out, ignore_errors=True)
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1",
-              "--mixed_precision", "no", "--dynamo_backend", "no", "--num_processes", str(processes)]
-    if processes > 1:
-        launch.append("--multi_gpu")
-    cmd = [*launch, "-m", "uge_protect", "shard", *map(str, shards), "-o", str(out), "-m", "random",
-           "--quiet", "--workers", "0", "--encode-threads", "0"]
-    subprocess.run(cmd, env=env, check=True)
-    protection = json.loads((out / "protection.json").read_text())
-    return protection["timings"]["images_per_second"]
+    cmd = [*CLI, "shard", *map(str, shards), "-o", str(out), "-m", method, "--quiet"]
+    if artifact is not None:
+        cmd += ["--artifact", str(artifact)]
+    if cores is not None:
+        cmd = ["taskset", "-c", cores, *cmd]
+    start = time.perf_counter()
+    subprocess.run(cmd, check=True)
+    wall = time.perf_counter() - start
+    timings = json.loads((out / "protection.json").read_text())["timings"]
+    return {**timings, "wall": wall}
+
+
+def _median_wall(cmd: list[str], runs: int = 3) -> float:
+    walls = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+        walls.append(time.perf_counter() - start)
+    return statistics.median(walls)
+
+
+def fit_artifacts(base: Path, methods: list[str]) -> dict[str, Path]:
+    """Short fits at the methods' default sizes on the demo shapes (apply cost only)."""
+    data = base / "demo"
+    arts: dict[str, Path] = {}
+    need = [m for m in methods if m in ("uge", "t2ue")]
+    if not need:
+        return arts
+    subprocess.run([*CLI, "demo-data", str(data), "--train", "200", "--test", "20"], check=True,
+                   stdout=subprocess.DEVNULL)
+    train = str(data / "train" / "*.tar")
+    for method in need:
+        art = base / f"{method}-artifact"
+        subprocess.run([*CLI, "fit", method, train, "-o", str(art), "--steps", "2"], check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        arts[method] = art
+    return arts
+
+
+def _stage_line(stages: dict[str, float]) -> str:
+    total = sum(stages.values()) or 1.0
+    parts = [f"{s} {stages[s]:.2f}s ({100 * stages[s] / total:.0f}%)" for s in STAGES if s in stages]
+    return ", ".join(parts)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=4000)
-    parser.add_argument("--sizes", type=int, nargs="+", default=[64, 256])
-    parser.add_argument("--per-shard", type=int, default=250)
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--encode-threads", type=int, default=2)
-    parser.add_argument("--skip-processes", action="store_true")
-    parser.add_argument("--process-pixels", type=float, default=16000 * 64 * 64,
-                        help="pixels per process-scaling run (at least --images images)")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[128, 256])
+    parser.add_argument("--methods", nargs="+", default=["random", "uge", "t2ue"])
+    parser.add_argument("--no-cores", action="store_true", help="skip the 1-core / 2-core runs")
     args = parser.parse_args()
+    os.environ.setdefault("HF_HOME", str(Path(workdir("throughput-hf"))))
     base = workdir("throughput")
-    print(f"{os.cpu_count()} CPU cores; {args.images} images per size; workers {args.workers}, "
-          f"encode threads {args.encode_threads}; PNG level 1, Huffman-only")
+    print(f"{os.cpu_count()} CPU cores; {args.images} images per size, {PER_SHARD} per shard; `shard` defaults "
+          "(--workers 2 --encode-threads 2, PNG level 1, Huffman-only)")
     try:
+        arts = fit_artifacts(base, args.methods)
         for size in args.sizes:
-            shards = make_jpeg_shards(base / f"in{size}", n_images=args.images, per_shard=args.per_shard, size=size)
-            kw = dict(num_workers=args.workers, encode_threads=args.encode_threads, batch_size=64)
-            timed_run(shards[:2], base / "warm", "passthrough", **kw)  # warm caches and imports
-            passthrough = timed_run(shards, base / f"pass{size}", "passthrough", **kw)
-            random = timed_run(shards, base / f"rand{size}", "random", **kw)
-            print(f"{size}x{size}: pass-through {passthrough:8.1f} img/s | random {random:8.1f} img/s | "
-                  f"ratio random/pass-through {random / passthrough:.3f} (target >= 0.9)")
-        for size in [] if args.skip_processes else args.sizes:
-            # Small images: more of them, so per-run fixed costs do not dominate a 2 s run.
-            n = max(args.images, int(args.process_pixels / (size * size)))
-            shards = make_jpeg_shards(base / f"proc{size}", n_images=n, per_shard=args.per_shard, size=size)
-            one = launched_run(shards, base / "p1", 1)
-            two = launched_run(shards, base / "p2", 2)
-            print(f"{size}x{size} random, {n} images, 1 process {one:8.1f} img/s | 2 processes {two:8.1f} img/s | "
-                  f"speed-up {two / one:.2f}x (target >= 1.7 on 2 cores)")
+            shards = make_png_shards(base / f"in{size}", n_images=args.images, size=size)
+            shard_run(shards[:1], base / "warm", "random")  # warm the page cache and the imports
+            loop = reference_loop(shards, base / f"loop{size}")
+            print(f"\n{size}x{size}: reference loop (one process) {loop:7.1f} img/s")
+            rates: dict[str, float] = {}
+            for method in args.methods:
+                t = shard_run(shards, base / f"{method}{size}", method, arts.get(method))
+                rates[method] = t["images_per_second"]
+                vs = (f"{rates[method] / loop:.2f}x the loop" if method == "random"
+                      else f"{rates[method] / rates['random']:.2f}x random" if "random" in rates else "")
+                print(f"  {method:7s} {rates[method]:7.1f} img/s steady state ({vs}); run {t['seconds']:.2f} s, "
+                      f"process {t['wall']:.2f} s (start-up and exit {t['wall'] - t['seconds']:.2f} s)")
+                print(f"          stages: {_stage_line(t.get('stages', {}))}")
+            if not args.no_cores and shutil.which("taskset") and (os.cpu_count() or 1) >= 2:
+                one = shard_run(shards, base / "core1", "random", cores="0")["images_per_second"]
+                two = shard_run(shards, base / "core2", "random", cores="0,1")["images_per_second"]
+                print(f"  random on 1 core {one:7.1f} img/s, on 2 cores {two:7.1f} img/s: {two / one:.2f}x "
+                      f"({(two / one - 1):.2f} per added core)")
+        tiny = make_png_shards(base / "tiny", n_images=1, size=32)
+        python = _median_wall([sys.executable, "-c", "pass"])
+        torch_import = _median_wall([sys.executable, "-c", "import torch"])
+        out = base / "tiny-out"
+        run = _median_wall(["bash", "-c", f"rm -rf {out} && {' '.join(CLI)} shard {tiny[0]} -o {out} -m random -q"])
+        print(f"\nstart-up: a one-image run {run:.2f} s; python -c pass {python:.2f} s; import torch "
+              f"{torch_import:.2f} s: {run - python:.2f} s above the interpreter, {run - torch_import:.2f} s above "
+              "importing torch")
     finally:
         shutil.rmtree(base, ignore_errors=True)
 

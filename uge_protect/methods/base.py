@@ -89,7 +89,8 @@ def in_fixed_chunks(fn: Callable[..., torch.Tensor], *tensors: torch.Tensor, chu
 class ProtectBatch:
     """A batch of same-sized images and what a method may condition on.
 
-    ``pixels`` is uint8, shape (B, 3, H, W), on the method's device; :attr:`images` gives
+    ``pixels`` is uint8, shape (B, 3, H, W), on the method's device, and read-only (it may
+    share memory with the originals the run measures its output against); :attr:`images` gives
     the float32 [0, 1] version (computed on first use). ``seeds`` are per-sample seeds from
     :func:`sample_seed`; methods draw every random number of a sample from its own seed so
     results do not depend on batch composition.

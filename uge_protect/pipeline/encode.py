@@ -10,6 +10,7 @@ import numpy as np
 from PIL import Image
 
 from uge_protect.methods.budget import difference_stats
+from uge_protect.pipeline.stages import StageClock
 
 #: Output field extension per image format.
 FORMAT_EXTENSION = {"png": "png", "webp": "webp", "jpeg": "jpg"}
@@ -51,15 +52,22 @@ def encode_pixels(pixels: np.ndarray, s: EncodeSettings) -> bytes:
     return buf.getvalue()
 
 
-def encode_protected(original: np.ndarray, protected: np.ndarray, s: EncodeSettings) -> EncodedImage:
-    """Encode ``protected`` and measure L∞/PSNR against ``original`` as written.
+def encode_protected(original: np.ndarray, protected: np.ndarray, s: EncodeSettings,
+                     clock: StageClock | None = None) -> EncodedImage:
+    """Encode ``protected`` and measure L∞/PSNR against ``original`` as written; ``clock``,
+    when given, counts the ``encode``, ``measure`` and ``hash`` stages.
 
     For lossy formats the written bytes are decoded again, so the measures describe what a
     downstream user actually reads, not what the method produced.
     """
-    data = encode_pixels(protected, s)
-    written = protected
-    if s.lossy:
-        written = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), dtype=np.uint8)
-    linf, quality = difference_stats(original, written)
-    return EncodedImage(data=data, linf=linf, psnr=quality, sha256=hashlib.sha256(data).hexdigest())
+    clock = clock or StageClock()
+    with clock.timed("encode"):
+        data = encode_pixels(protected, s)
+    with clock.timed("measure"):
+        written = protected
+        if s.lossy:
+            written = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), dtype=np.uint8)
+        linf, quality = difference_stats(original, written)
+    with clock.timed("hash"):
+        digest = hashlib.sha256(data).hexdigest()
+    return EncodedImage(data=data, linf=linf, psnr=quality, sha256=digest)

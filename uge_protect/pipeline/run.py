@@ -37,6 +37,7 @@ from uge_protect.pipeline.progress import Progress
 from uge_protect.pipeline.records import SampleRecord, ShardBatch
 from uge_protect.pipeline.resume import UNREADABLE, claim_output, discard_shard_outputs, is_complete
 from uge_protect.pipeline.source import DecodeSettings, ShardSource
+from uge_protect.pipeline.stages import StageClock, stage_report
 from uge_protect.pipeline.writer import ShardWriter, reason_code
 from uge_protect.shards.discover import check_output_apart, expand_inputs, shard_name
 from uge_protect.shards.layout import OutputLayout
@@ -67,6 +68,9 @@ def release_freed_memory() -> None:
     if _MALLOC_TRIM is not None:
         _MALLOC_TRIM(0)
 
+
+#: Pixel bytes written between two hand-backs of freed memory (and at the end of every shard).
+RELEASE_EVERY_BYTES = 64 << 20
 
 #: Reasons of samples a method did not perturb: never written.
 NO_PERTURBATION = "no_perturbation"
@@ -100,8 +104,7 @@ def protect_records(
     sent = kept = 0
     for idxs in groups.values():
         recs = [records[i] for i in idxs]
-        # numpy's stack is much faster than torch.stack for uint8 on the CPU.
-        hwc = torch.from_numpy(np.stack([r.pixels.numpy() for r in recs]))
+        hwc = stacked_pixels([r.pixels for r in recs])
         u8 = hwc.to(device, non_blocking=True).permute(0, 3, 1, 2)  # (B, 3, H, W) view
         batch = ProtectBatch(
             pixels=u8,
@@ -137,6 +140,22 @@ def protect_records(
     return out
 
 
+def stacked_pixels(pixels: list[torch.Tensor]) -> torch.Tensor:
+    """The (B, H, W, 3) batch of same-shaped images: a view when they lie back to back in one
+    buffer (a batch from a reader process, see ``ShardBatch.__getstate__``), else a copy."""
+    first = pixels[0]
+    n = first.numel()
+    storage = first.untyped_storage()
+    if all(
+        p.is_contiguous() and p.untyped_storage().data_ptr() == storage.data_ptr()
+        and p.storage_offset() == first.storage_offset() + i * n
+        for i, p in enumerate(pixels)
+    ):
+        return torch.empty(0, dtype=torch.uint8).set_(storage, first.storage_offset(), (len(pixels), *first.shape))
+    # numpy's stack is much faster than torch.stack for uint8 on the CPU.
+    return torch.from_numpy(np.stack([p.numpy() for p in pixels]))
+
+
 def _finite_samples(delta: torch.Tensor) -> torch.Tensor:
     """(B,) bool: sample b's δ holds no NaN or Inf (integer δ always does)."""
     if not delta.is_floating_point():
@@ -146,12 +165,15 @@ def _finite_samples(delta: torch.Tensor) -> torch.Tensor:
 
 def encode_batch(
     records: list[SampleRecord], protected: list[np.ndarray | None], settings: EncodeSettings
-) -> list[EncodedImage | None]:
-    """Encode every protected image of a batch (runs in the encoder thread pool)."""
-    return [
-        encode_protected(rec.pixels.numpy(), arr, settings) if arr is not None else None
+) -> tuple[list[EncodedImage | None], dict[str, float]]:
+    """Encode every protected image of a batch (runs in the encoder thread pool); returns the
+    encoded images and the seconds of the ``encode``, ``measure`` and ``hash`` stages."""
+    clock = StageClock()
+    encoded = [
+        encode_protected(rec.pixels.numpy(), arr, settings, clock) if arr is not None else None
         for rec, arr in zip(records, protected)
     ]
+    return encoded, clock.take()
 
 
 def build_run_config(cfg: ShardJobConfig, method: ProtectionMethod) -> dict[str, Any]:
@@ -318,6 +340,7 @@ def _run(cfg: ShardJobConfig, method: ProtectionMethod, accelerator, inputs: lis
             "world_size": world,
             "shards_processed": sum(c["shards"] for c in all_counts),
             "shards_skipped": sum(c["shards_skipped"] for c in all_counts),
+            "stages": stage_report(_summed(c["stages"] for c in all_counts)),
         }
         unreadable = {k: v for c in all_counts for k, v in c["unreadable"].items()}
         stop_point()
@@ -328,6 +351,13 @@ def _run(cfg: ShardJobConfig, method: ProtectionMethod, accelerator, inputs: lis
     finally:
         if lock is not None:
             lock.release()
+
+
+def _summed(clocks) -> dict[str, float]:
+    total = StageClock()
+    for seconds in clocks:
+        total.merge(seconds)
+    return total.take()
 
 
 class _InlineExecutor(contextlib.AbstractContextManager):
@@ -353,11 +383,14 @@ def _gather(accelerator, counts: dict[str, Any]) -> list[dict[str, Any]]:
 class _Outputs:
     """The output shards this process is writing: encoded batches in, finished shards out."""
 
-    def __init__(self, layout: OutputLayout, encode: EncodeSettings, fingerprint: str, progress: Progress):
+    def __init__(self, layout: OutputLayout, encode: EncodeSettings, fingerprint: str, progress: Progress,
+                 clock: StageClock):
         self.layout, self.encode, self.fingerprint, self.progress = layout, encode, fingerprint, progress
+        self.clock = clock
         self.writers: dict[str, ShardWriter] = {}
         self.counts: dict[str, Any] = {"samples": 0, "written": 0, "failed": 0, "shards": 0}
         self.unreadable: dict[str, str] = {}
+        self._released = 0  # pixel bytes written since freed memory was last handed back
 
     def add(self, batch: ShardBatch, encoded: list[EncodedImage | None]) -> None:
         """Write a batch to its shard, finishing the shard at its last batch."""
@@ -375,7 +408,8 @@ class _Outputs:
         if writer is None:
             writer = self.writers[batch.shard_name] = ShardWriter(self.layout, batch.shard, batch.shard_name,
                                                                   self.encode, self.fingerprint)
-        writer.add_batch(batch, encoded)
+        with self.clock.timed("write"):
+            writer.add_batch(batch, encoded)
         written = sum(e is not None for e in encoded)
         failed = len(batch.records) - written
         self.counts["samples"] += len(batch.records)
@@ -383,10 +417,14 @@ class _Outputs:
         self.counts["failed"] += failed
         self.progress.samples_done(written, failed)
         if batch.last:
-            stats = self.writers.pop(batch.shard_name).finish(batch.tar_error)
+            with self.clock.timed("manifest"):
+                stats = self.writers.pop(batch.shard_name).finish(batch.tar_error)
             self.counts["shards"] += 1
             self.progress.shard_done(stats)
-        release_freed_memory()
+        self._released += sum(r.pixels.numel() for r in batch.records if r.pixels is not None)
+        if batch.last or self._released >= RELEASE_EVERY_BYTES:
+            release_freed_memory()
+            self._released = 0
 
     def abort(self) -> None:
         """Drop every shard not finished yet."""
@@ -435,14 +473,18 @@ def _protect_shards(
         prefetch_factor=2 if workers > 0 else None,
     )
     progress = Progress(len(shards), show=not cfg.quiet and accelerator.is_local_main_process, rank=rank)
-    outputs = _Outputs(layout, encode, fingerprint, progress)
+    clock = StageClock()
+    outputs = _Outputs(layout, encode, fingerprint, progress, clock)
     inflight: deque[tuple[ShardBatch, Future]] = deque()
     max_inflight = cfg.encode_threads + 1  # one batch per encoder and one waiting
     autocast = _autocast(cfg.mixed_precision, device)
 
     def drain_one() -> None:
         batch, future = inflight.popleft()
-        outputs.add(batch, future.result())
+        with clock.timed("wait_encoders"):
+            encoded, seconds = future.result()
+        clock.merge(seconds)
+        outputs.add(batch, encoded)
 
     try:
         pool_cm = (
@@ -457,11 +499,16 @@ def _protect_shards(
         with pool_cm as pool, reader_processes(loader) as batches:
             while True:
                 # A stop signal stops the run here, between batches (see lifecycle).
+                start = time.perf_counter()
                 with interruptible(allowed=workers > 0):
                     batch = next(batches, None)
+                waited = time.perf_counter() - start
                 if batch is None:
                     break
-                protected = protect_records(batch.records, method, cfg.seed, device, autocast)
+                clock.merge(batch.stage_seconds)  # the reading stages (in this process with --workers 0)
+                clock.add("wait_readers", waited - (0.0 if workers > 0 else sum(batch.stage_seconds.values())))
+                with clock.timed("method"):
+                    protected = protect_records(batch.records, method, cfg.seed, device, autocast)
                 inflight.append((batch, pool.submit(encode_batch, batch.records, protected, encode)))
                 while len(inflight) > max_inflight or (inflight and inflight[0][1].done()):
                     drain_one()
@@ -472,6 +519,7 @@ def _protect_shards(
         outputs.abort()
         raise
     finally:
-        progress.event("rank_done", **outputs.counts, unreadable=len(outputs.unreadable))
+        progress.event("rank_done", **outputs.counts, unreadable=len(outputs.unreadable),
+                       stages=stage_report(clock.seconds))
         progress.close()
-    return {**outputs.counts, "unreadable": outputs.unreadable}
+    return {**outputs.counts, "unreadable": outputs.unreadable, "stages": clock.take()}

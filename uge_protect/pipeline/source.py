@@ -29,6 +29,7 @@ from uge_protect.shards.tario import (
 )
 from uge_protect.pipeline.lifecycle import InterruptibleStream, blocking_read
 from uge_protect.pipeline.records import SampleRecord, ShardBatch
+from uge_protect.pipeline.stages import StageClock
 
 
 @dataclass
@@ -168,9 +169,14 @@ def _caption_and_label(raw: RawSample, s: DecodeSettings) -> tuple[str | None, i
 
 
 def decode_samples(
-    raws: Iterable[RawSample | str], s: DecodeSettings
+    raws: Iterable[RawSample | str], s: DecodeSettings, clock: StageClock | None = None
 ) -> Iterator[SampleRecord | str]:
-    """Turn raw samples into records: validate keys, find and decode the image, read text."""
+    """Turn raw samples into records: validate keys, find and decode the image, read text.
+
+    Once decoded, a record's image member is kept as its pixels only (its bytes are emptied:
+    they are never written), and a failed record keeps its member names only. ``clock``, when
+    given, counts the ``decode`` and ``hash`` stages."""
+    clock = clock or StageClock()
     seen: set[str] = set()
     previous_cut = False  # the previous sample was cut short by the tar error
     for index, raw in enumerate(raws):
@@ -209,19 +215,21 @@ def decode_samples(
             )
         if images and not raw.oversized:
             rec.image_field = images[0]
-            rec.sha256_original = hashlib.sha256(raw.fields[images[0]]).hexdigest()
+            with clock.timed("hash"):
+                rec.sha256_original = hashlib.sha256(raw.fields[images[0]]).hexdigest()
         if rec.ok and s.requires_caption and rec.caption is None:
             rec.fail("missing_caption")
         if rec.ok and s.requires_label and rec.label is None:
             rec.fail("missing_label")
         if rec.ok:
             try:
-                img = decode_image(
-                    raw.fields[rec.image_field],
-                    max_pixels=s.max_pixels,
-                    image_size=s.image_size,
-                    resize_mode=s.resize_mode,
-                )
+                with clock.timed("decode"):
+                    img = decode_image(
+                        raw.fields[rec.image_field],
+                        max_pixels=s.max_pixels,
+                        image_size=s.image_size,
+                        resize_mode=s.resize_mode,
+                    )
             except DecodeError as exc:
                 rec.fail(f"{exc.reason}: {exc.detail}" if exc.detail else exc.reason)
             else:
@@ -231,6 +239,10 @@ def decode_samples(
                 rec.source_size = img.source_size
                 rec.icc_profile = img.icc_profile
                 rec.source_frames = img.frames
+        if rec.ok:
+            rec.fields[rec.image_field] = b""  # its pixels stand for it from here on
+        else:
+            rec.fields = dict.fromkeys(rec.fields, b"")  # never written: only the names count
         yield rec
 
 
@@ -241,12 +253,15 @@ def batch_records(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     counts: MemberCounts | None = None,
     max_bytes: int = DEFAULT_MAX_SAMPLE_BYTES,
+    clock: StageClock | None = None,
 ) -> Iterator[ShardBatch]:
     """Group records into batches of at most ``batch_size`` records, ``max_pixels`` decoded
     pixels and ``max_bytes`` member bytes (a record larger than that is a batch of its own);
     the final batch has
     ``last=True`` and carries the reader's member ``counts`` (complete once the records are
-    exhausted). Batch boundaries never change output bytes."""
+    exhausted). Batch boundaries never change output bytes. Each batch carries the seconds
+    ``clock`` counted while it was made (``stage_seconds``)."""
+    clock = clock or StageClock()
     name = shard_name(spec)
     pending: list[SampleRecord] = []
     pixels = held = 0
@@ -257,15 +272,15 @@ def batch_records(
             break
         size, nbytes = _pixel_count(rec), sum(map(len, rec.fields.values()))
         if pending and (pixels + size > max_pixels or held + nbytes > max_bytes):
-            yield ShardBatch(spec, name, pending, last=False)
+            yield ShardBatch(spec, name, pending, last=False, stage_seconds=clock.take())
             pending, pixels, held = [], 0, 0
         pending.append(rec)
         pixels += size
         held += nbytes
         if len(pending) == batch_size:
-            yield ShardBatch(spec, name, pending, last=False)
+            yield ShardBatch(spec, name, pending, last=False, stage_seconds=clock.take())
             pending, pixels, held = [], 0, 0
-    last = ShardBatch(spec, name, pending, last=True, tar_error=tar_error)
+    last = ShardBatch(spec, name, pending, last=True, tar_error=tar_error, stage_seconds=clock.take())
     if counts is not None:
         last.input_members, last.skipped_members = counts.total, dict(counts.skipped)
     yield last
@@ -276,11 +291,11 @@ def _pixel_count(rec: SampleRecord) -> int:
 
 
 def shard_batches(spec: str, s: DecodeSettings, batch_size: int) -> Iterator[ShardBatch]:
-    """The composed reading stages for one shard."""
-    counts = MemberCounts()
+    """The composed reading stages for one shard, each batch with its stages' seconds."""
+    counts, clock = MemberCounts(), StageClock()
+    raws = clock.timed_iter(read_samples(spec, counts, s.max_sample_bytes), "read")
     return batch_records(
-        decode_samples(read_samples(spec, counts, s.max_sample_bytes), s),
-        spec, batch_size, s.max_batch_pixels, counts, s.max_sample_bytes,
+        decode_samples(raws, s, clock), spec, batch_size, s.max_batch_pixels, counts, s.max_sample_bytes, clock,
     )
 
 
