@@ -139,10 +139,11 @@ def fit_artifacts(base: Path, methods: list[str]) -> dict[str, Path]:
     return arts
 
 
-def _stage_line(stages: dict[str, float]) -> str:
-    total = sum(stages.values()) or 1.0
-    parts = [f"{s} {stages[s]:.2f}s ({100 * stages[s] / total:.0f}%)" for s in STAGES if s in stages]
-    return ", ".join(parts)
+def _stage_lines(stages: dict[str, dict[str, float]], images: int) -> list[str]:
+    """One line per stage: CPU ms per image, its share of the run's CPU, wall ms per image."""
+    total = sum(v["cpu_s"] for v in stages.values()) or 1.0
+    return [f"{s:14s} cpu {1000 * v['cpu_s'] / images:6.3f} ms/img ({100 * v['cpu_s'] / total:4.1f}%)  "
+            f"wall {1000 * v['wall_s'] / images:6.3f} ms/img" for s in STAGES if (v := stages.get(s))]
 
 
 def main() -> None:
@@ -171,7 +172,8 @@ def main() -> None:
                       else f"{rates[method] / rates['random']:.2f}x random" if "random" in rates else "")
                 print(f"  {method:7s} {rates[method]:7.1f} img/s steady state ({vs}); run {t['seconds']:.2f} s, "
                       f"process {t['wall']:.2f} s (start-up and exit {t['wall'] - t['seconds']:.2f} s)")
-                print(f"          stages: {_stage_line(t.get('stages', {}))}")
+                for line in _stage_lines(t.get("stages", {}), t["samples_processed"]):
+                    print(f"          {line}")
             if not args.no_cores and shutil.which("taskset") and (os.cpu_count() or 1) >= 2:
                 one = shard_run(shards, base / "core1", "random", cores="0")["images_per_second"]
                 two = shard_run(shards, base / "core2", "random", cores="0,1")["images_per_second"]

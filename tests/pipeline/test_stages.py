@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import pickle
+import sys
+import threading
 import time
 from multiprocessing.reduction import ForkingPickler
 
@@ -16,6 +19,7 @@ import torch.multiprocessing  # noqa: F401  (registers torch's shared-memory red
 
 from tests.helpers import simple_samples, write_shard
 from tests.pipeline.test_shard_run import output_bytes, run
+from uge_protect.pipeline.lifecycle import HELPER_NICENESS, lower_priority
 from uge_protect.pipeline.records import SampleRecord, ShardBatch
 from uge_protect.pipeline.run import stacked_pixels
 from uge_protect.pipeline.source import DecodeSettings, shard_batches
@@ -44,8 +48,8 @@ def test_a_run_records_the_seconds_of_every_stage(make_shards, tmp_path, workers
     stages = json.loads((tmp_path / "out" / "protection.json").read_text())["timings"]["stages"]
     assert READING | MAIN <= set(stages) <= set(STAGES)
     assert ("send" in stages) == (workers > 0)  # only a reader process sends its pixels
-    assert all(v >= 0 for v in stages.values())
-    assert stages["decode"] > 0 and stages["encode"] > 0 and stages["method"] > 0
+    assert all(set(v) == {"wall_s", "cpu_s"} and v["wall_s"] >= 0 and v["cpu_s"] >= 0 for v in stages.values())
+    assert all(stages[s]["cpu_s"] > 0 for s in ("decode", "encode", "method"))
 
 
 def test_a_batch_from_a_reader_carries_its_pixels_in_one_shared_buffer(tmp_path):
@@ -65,7 +69,7 @@ def test_a_batch_from_a_reader_carries_its_pixels_in_one_shared_buffer(tmp_path)
     for rec, original in zip(got.records, originals):
         if original is not None:
             assert torch.equal(rec.pixels, original)
-    assert got.stage_seconds["send"] >= 0 and set(batch.stage_seconds) <= set(got.stage_seconds)
+    assert min(got.stage_seconds["send"]) >= 0 and set(batch.stage_seconds) <= set(got.stage_seconds)
     assert batch.records[0].pixels is not None  # pickling left the reader's batch as it was
 
 
@@ -115,8 +119,30 @@ def test_stage_clock_counts_blocks_and_iterations_and_starts_again_after_take():
             yield i
 
     assert list(clock.timed_iter(slow(), "read")) == [0, 1, 2]
-    clock.merge({"decode": 1.0, "extra": 2.0})
+    with clock.timed("encode"):
+        sum(i * i for i in range(200_000))  # CPU work
+    clock.merge({"decode": [1.0, 0.5], "extra": [2.0, 0.0]})
     seconds = clock.take()
-    assert seconds["decode"] >= 1.01 and seconds["read"] >= 0.015 and seconds["extra"] == 2.0
+    assert seconds["decode"][0] >= 1.01 and seconds["decode"][1] >= 0.5 and seconds["extra"] == [2.0, 0.0]
+    assert seconds["read"][0] >= 0.015 and seconds["read"][1] < seconds["read"][0]  # sleeping takes no CPU
+    assert seconds["encode"][1] > 0
     assert clock.take() == {}
-    assert list(stage_report({"write": 1.0, "zzz": 0.5, "read": 0.25})) == ["read", "write", "zzz"]
+    report = stage_report({"write": [1.0, 0.5], "zzz": [0.5, 0.25], "read": [0.25, 0.0004]})
+    assert list(report) == ["read", "write", "zzz"] and report["read"] == {"wall_s": 0.25, "cpu_s": 0.0}
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice values are Linux's")
+def test_helpers_run_at_a_lower_priority_than_the_main_thread():
+    """Reader processes and encoder threads must not hold the one serial stage back."""
+    main = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    seen = {}
+
+    def helper() -> None:
+        lower_priority()
+        seen["helper"] = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    thread = threading.Thread(target=helper)
+    thread.start()
+    thread.join()
+    assert seen["helper"] == min(19, main + HELPER_NICENESS) > main or main == 19
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == main  # the caller's thread only

@@ -10,6 +10,7 @@ import numpy as np
 from PIL import Image
 
 from uge_protect.methods.budget import difference_stats
+from uge_protect.pipeline.png import encode_png
 from uge_protect.pipeline.stages import StageClock
 
 #: Output field extension per image format.
@@ -36,11 +37,11 @@ class EncodedImage:
 
 def encode_pixels(pixels: np.ndarray, s: EncodeSettings) -> bytes:
     """Encode an HxWx3 uint8 array (deterministic for equal input and settings)."""
+    if s.image_format == "png":
+        return encode_png(pixels, s.png_compress_level, s.png_compress_type)
     img = Image.fromarray(pixels, mode="RGB")
     buf = io.BytesIO()
-    if s.image_format == "png":
-        img.save(buf, format="PNG", compress_level=s.png_compress_level, compress_type=s.png_compress_type)
-    elif s.image_format == "webp":
+    if s.image_format == "webp":
         if s.lossy:
             img.save(buf, format="WEBP", quality=s.quality, method=4)
         else:

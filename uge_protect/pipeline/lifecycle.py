@@ -59,6 +59,20 @@ def die_with_parent(sig: int = signal.SIGKILL) -> bool:
         return False
 
 
+#: How much lower the reader processes and encoder threads run than the main thread (nice
+#: steps): the main thread is the one serial stage (the method's pass, writing), so on a
+#: machine whose cores are all busy it must not wait for its turn behind the others.
+HELPER_NICENESS = 10
+
+
+def lower_priority(steps: int = HELPER_NICENESS) -> None:
+    """Make the calling thread ``steps`` nice levels lower in priority (Linux: per thread;
+    elsewhere, where available, the whole process). Never fails."""
+    with contextlib.suppress(OSError, AttributeError, ValueError):
+        tid = threading.get_native_id() if sys.platform.startswith("linux") else 0
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + steps))
+
+
 def init_worker(parent_pid: int, worker_id: int) -> None:
     """``worker_init_fn`` of the reading DataLoader (``functools.partial(init_worker, os.getpid())``).
 
@@ -71,6 +85,7 @@ def init_worker(parent_pid: int, worker_id: int) -> None:
     global _stop
     _stop = None  # the main process's stop request (copied by fork) is not this process's
     die_with_parent(signal.SIGKILL)
+    lower_priority()
     if os.getppid() != parent_pid:  # the parent died before the line above took effect
         os._exit(0)
     stopping = _readers_stopping

@@ -59,8 +59,9 @@ class ShardBatch:
     #: that are no regular file (links, directories, devices), by kind.
     input_members: int | None = None
     skipped_members: dict[str, int] = field(default_factory=dict)
-    #: Seconds spent on each stage to make this batch (reading, decoding, ...), by stage name.
-    stage_seconds: dict[str, float] = field(default_factory=dict)
+    #: Wall-clock and CPU seconds spent on each stage to make this batch (reading, decoding,
+    #: ...), by stage name (see :mod:`uge_protect.pipeline.stages`).
+    stage_seconds: dict[str, list[float]] = field(default_factory=dict)
 
     def __getstate__(self) -> dict[str, Any]:
         """Pickled (sent from a DataLoader worker to the main process): the decoded pixels of
@@ -70,7 +71,7 @@ class ShardBatch:
         with_pixels = [r for r in self.records if r.pixels is not None]
         if not with_pixels:
             return state
-        start = time.perf_counter()
+        wall, cpu = time.perf_counter(), time.thread_time()
         buffer = torch.empty(sum(r.pixels.numel() for r in with_pixels), dtype=torch.uint8).share_memory_()
         records, layout, offset = [], [], 0
         for rec in self.records:
@@ -83,7 +84,7 @@ class ShardBatch:
             records.append(dataclasses.replace(rec, pixels=None))
             offset += n
         seconds = dict(self.stage_seconds)
-        seconds["send"] = seconds.get("send", 0.0) + time.perf_counter() - start
+        seconds["send"] = [time.perf_counter() - wall, time.thread_time() - cpu]
         state.update(records=records, _pixels=buffer, _layout=layout, stage_seconds=seconds)
         return state
 

@@ -30,7 +30,8 @@ from uge_protect.logs import event, json_log
 from uge_protect.pipeline.config import PNG_STRATEGIES, ShardJobConfig, config_fingerprint
 from uge_protect.pipeline.encode import EncodedImage, EncodeSettings, encode_protected
 from uge_protect.pipeline.lifecycle import (
-    follow_launcher, init_worker, interruptible, reader_processes, sigterm_stops_the_run, stop_point,
+    follow_launcher, init_worker, interruptible, lower_priority, reader_processes, sigterm_stops_the_run,
+    stop_point,
 )
 from uge_protect.pipeline.merge import merge_outputs
 from uge_protect.pipeline.progress import Progress
@@ -488,7 +489,8 @@ def _protect_shards(
 
     try:
         pool_cm = (
-            ThreadPoolExecutor(max_workers=cfg.encode_threads, thread_name_prefix="encode")
+            ThreadPoolExecutor(max_workers=cfg.encode_threads, thread_name_prefix="encode",
+                               initializer=lower_priority)
             if cfg.encode_threads > 0
             else _InlineExecutor()
         )
@@ -499,14 +501,17 @@ def _protect_shards(
         with pool_cm as pool, reader_processes(loader) as batches:
             while True:
                 # A stop signal stops the run here, between batches (see lifecycle).
-                start = time.perf_counter()
+                wall, cpu = time.perf_counter(), time.thread_time()
                 with interruptible(allowed=workers > 0):
                     batch = next(batches, None)
-                waited = time.perf_counter() - start
+                wall, cpu = time.perf_counter() - wall, time.thread_time() - cpu
                 if batch is None:
                     break
                 clock.merge(batch.stage_seconds)  # the reading stages (in this process with --workers 0)
-                clock.add("wait_readers", waited - (0.0 if workers > 0 else sum(batch.stage_seconds.values())))
+                if workers == 0:  # the wait was the reading itself
+                    wall -= sum(w for w, _ in batch.stage_seconds.values())
+                    cpu -= sum(c for _, c in batch.stage_seconds.values())
+                clock.add("wait_readers", max(wall, 0.0), max(cpu, 0.0))
                 with clock.timed("method"):
                     protected = protect_records(batch.records, method, cfg.seed, device, autocast)
                 inflight.append((batch, pool.submit(encode_batch, batch.records, protected, encode)))

@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from uge_protect.shards.decode import DEFAULT_MAX_PIXELS, DecodeError, decode_image
-from uge_protect.shards.members import opaque_fields, pick_image_field
+from uge_protect.shards.members import member_kinds, opaque_fields, pick_image_field
 from uge_protect.shards.discover import is_remote, open_shard, read_error_text, shard_name
 from uge_protect.shards.tario import (
     DEFAULT_MAX_SAMPLE_BYTES,
@@ -192,7 +192,8 @@ def decode_samples(
         duplicate = raw.key in seen
         seen.add(raw.key)
         rec.caption, rec.label = _caption_and_label(raw, s)
-        images = pick_image_field(raw.fields)
+        kinds = member_kinds(raw.fields)
+        images = pick_image_field(raw.fields, kinds)
         if raw.error:
             rec.fail(raw.error)
         elif raw.oversized:
@@ -208,7 +209,7 @@ def decode_samples(
             rec.fail("no_image")
         elif len(images) > 1:
             rec.fail("multiple_images")
-        elif opaque := opaque_fields(raw.fields):
+        elif opaque := opaque_fields(raw.fields, kinds):
             rec.fail(
                 f"unprotectable_member: {', '.join(opaque)} (arrays, tensors, pickles, videos and"
                 " large compressed members can carry the picture unprotected; remove them)"

@@ -16,15 +16,17 @@ Stages, in the order a sample meets them:
 * ``write``: the output tar (main process);
 * ``manifest``: each shard's manifest and stats, synced to disk (main process).
 
-A stage's seconds are wall-clock seconds inside it in the thread that ran it, so stages that
-ran side by side add up to more than the run's wall clock.
+Each stage has two figures: ``wall_s``, the wall-clock seconds inside it in the thread that ran
+it (stages that ran side by side add up to more than the run's wall clock, and a thread that
+waits for a core or for the GIL counts that wait), and ``cpu_s``, the CPU seconds that thread
+spent in it (for the two waits, the CPU spent handing batches over).
 """
 
 from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -35,33 +37,36 @@ STAGES = ("read", "decode", "hash", "send", "wait_readers", "method", "encode", 
 
 
 class StageClock:
-    """Seconds per stage, accumulated by :meth:`timed` blocks and taken out with :meth:`take`.
+    """Wall-clock and CPU seconds per stage, accumulated by :meth:`timed` blocks and taken out
+    with :meth:`take` as ``{stage: [wall, cpu]}``.
 
-    One clock per thread: the encoder threads keep their own and hand them back with their
-    results.
+    One clock per thread (CPU seconds are the thread's own): the encoder threads keep their
+    own and hand them back with their results.
     """
 
     def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
+        self.seconds: dict[str, list[float]] = {}
 
     @contextlib.contextmanager
     def timed(self, stage: str) -> Iterator[None]:
         """Count the time spent in the block to ``stage``."""
-        start = time.perf_counter()
+        wall, cpu = time.perf_counter(), time.thread_time()
         try:
             yield
         finally:
-            self.add(stage, time.perf_counter() - start)
+            self.add(stage, time.perf_counter() - wall, time.thread_time() - cpu)
 
-    def add(self, stage: str, seconds: float) -> None:
-        self.seconds[stage] = self.seconds.get(stage, 0.0) + seconds
+    def add(self, stage: str, wall: float, cpu: float = 0.0) -> None:
+        total = self.seconds.setdefault(stage, [0.0, 0.0])
+        total[0] += wall
+        total[1] += cpu
 
-    def merge(self, other: Mapping[str, float]) -> None:
+    def merge(self, other: Mapping[str, Sequence[float]]) -> None:
         """Add another clock's seconds (a batch's, a thread's, a rank's)."""
-        for stage, seconds in other.items():
-            self.add(stage, seconds)
+        for stage, (wall, cpu) in other.items():
+            self.add(stage, wall, cpu)
 
-    def take(self) -> dict[str, float]:
+    def take(self) -> dict[str, list[float]]:
         """The seconds counted so far, and start again from zero."""
         out, self.seconds = self.seconds, {}
         return out
@@ -70,17 +75,18 @@ class StageClock:
         """``items``, with the time spent producing each one counted to ``stage``."""
         it = iter(items)
         while True:
-            start = time.perf_counter()
+            wall, cpu = time.perf_counter(), time.thread_time()
             try:
                 item = next(it)
             except StopIteration:
-                self.add(stage, time.perf_counter() - start)
+                self.add(stage, time.perf_counter() - wall, time.thread_time() - cpu)
                 return
-            self.add(stage, time.perf_counter() - start)
+            self.add(stage, time.perf_counter() - wall, time.thread_time() - cpu)
             yield item
 
 
-def stage_report(seconds: Mapping[str, float]) -> dict[str, float]:
-    """``seconds`` rounded to milliseconds, in pipeline order (unknown stages last)."""
+def stage_report(seconds: Mapping[str, Sequence[float]]) -> dict[str, dict[str, float]]:
+    """``{stage: {"wall_s": ..., "cpu_s": ...}}`` rounded to milliseconds, in pipeline order
+    (unknown stages last)."""
     order = [s for s in STAGES if s in seconds] + sorted(set(seconds) - set(STAGES))
-    return {s: round(seconds[s], 3) for s in order}
+    return {s: {"wall_s": round(seconds[s][0], 3), "cpu_s": round(seconds[s][1], 3)} for s in order}

@@ -16,6 +16,7 @@ Everything else (captions, labels, JSON) is copied byte-for-byte.
 from __future__ import annotations
 
 import bz2
+import functools
 import io
 import lzma
 import warnings
@@ -52,6 +53,12 @@ def image_extensions() -> frozenset[str]:
     """Lower-case extensions (no dot) that make a member an image: every extension an
     installed Pillow plugin registers, plus :data:`EXTRA_IMAGE_EXTENSIONS`."""
     registered = Image.registered_extensions()  # runs Image.init() once
+    return _extensions_of(tuple(registered))
+
+
+@functools.lru_cache(maxsize=4)
+def _extensions_of(registered: tuple[str, ...]) -> frozenset[str]:
+    """Built again only when a plugin registered more extensions."""
     return EXTRA_IMAGE_EXTENSIONS | {ext.lstrip(".").lower() for ext in registered}
 
 
@@ -74,6 +81,22 @@ def identify_image(data: bytes) -> str | None:
         return None
     if _eps_signature(data):
         return "EPS"
+    if len(data) <= _CACHED_BYTES:  # labels and short captions repeat: each is opened once
+        return _identify_short(data, len(Image.OPEN))
+    return _identify(data)
+
+
+#: Members up to this size have their identification cached (by content).
+_CACHED_BYTES = 256
+
+
+@functools.lru_cache(maxsize=4096)
+def _identify_short(data: bytes, plugins: int) -> str | None:
+    """:func:`_identify`, cached (``plugins``: looked again once more plugins are registered)."""
+    return _identify(data)
+
+
+def _identify(data: bytes) -> str | None:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -150,16 +173,25 @@ def member_kind(name: str, data: bytes) -> str:
     return OPAQUE  # more layers than anyone uses: not looked into further
 
 
-def pick_image_field(fields: dict[str, bytes]) -> list[str]:
-    """The fields of a sample that hold an image, in sample order (see :func:`member_kind`).
+def member_kinds(fields: dict[str, bytes]) -> dict[str, str]:
+    """:func:`member_kind` of every field of a sample, in sample order (each member is
+    looked at once; pass the result to :func:`pick_image_field` and :func:`opaque_fields`)."""
+    return {name: member_kind(name, data) for name, data in fields.items()}
+
+
+def pick_image_field(fields: dict[str, bytes], kinds: dict[str, str] | None = None) -> list[str]:
+    """The fields of a sample that hold an image, in sample order (see :func:`member_kind`;
+    ``kinds``: the sample's :func:`member_kinds`, when already known).
 
     The pipeline protects a sample's image only when there is exactly one
     (``multiple_images`` otherwise): an image is never copied out as it came in.
     """
-    return [name for name, data in fields.items() if member_kind(name, data) == IMAGE]
+    kinds = kinds if kinds is not None else member_kinds(fields)
+    return [name for name in fields if kinds[name] == IMAGE]
 
 
-def opaque_fields(fields: dict[str, bytes]) -> list[str]:
+def opaque_fields(fields: dict[str, bytes], kinds: dict[str, str] | None = None) -> list[str]:
     """The fields that may carry pixels but cannot be protected (arrays, tensors, pickles,
     videos, compressed members too large to look into)."""
-    return [name for name, data in fields.items() if member_kind(name, data) == OPAQUE]
+    kinds = kinds if kinds is not None else member_kinds(fields)
+    return [name for name in fields if kinds[name] == OPAQUE]
