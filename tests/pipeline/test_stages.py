@@ -146,3 +146,10 @@ def test_helpers_run_at_a_lower_priority_than_the_main_thread():
     thread.join()
     assert seen["helper"] == min(19, main + HELPER_NICENESS) > main or main == 19
     assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == main  # the caller's thread only
+
+
+def test_no_warning_when_more_readers_than_cpus_are_asked_for(make_shards, tmp_path, monkeypatch, recwarn):
+    """``--workers 2`` on a one-CPU container is the user's choice, not a warning per run."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    run(make_shards(2, 3), tmp_path / "out", num_workers=2)
+    assert not [w for w in recwarn if "DataLoader will create" in str(w.message)]

@@ -16,6 +16,7 @@ import gc
 import logging
 import os
 import time
+import warnings
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -361,6 +362,16 @@ def _summed(clocks) -> dict[str, float]:
     return total.take()
 
 
+@contextlib.contextmanager
+def _workers_as_asked():
+    """Without torch's warning that more reader processes than CPUs may run slowly: their
+    number is the user's (``--workers``), and on one core two readers still overlap reading
+    with decoding."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="This DataLoader will create", category=UserWarning)
+        yield
+
+
 class _InlineExecutor(contextlib.AbstractContextManager):
     """Runs submitted work at once in the calling thread (``--encode-threads 0``)."""
 
@@ -464,15 +475,16 @@ def _protect_shards(
     method.to(device)
     decode, encode = _settings(cfg, method)
     workers = min(cfg.num_workers, len(shards))
-    loader = DataLoader(
-        ShardSource(shards, decode, cfg.batch_size),
-        batch_size=None,
-        num_workers=workers,
-        collate_fn=_identity,
-        worker_init_fn=functools.partial(init_worker, os.getpid()),
-        pin_memory=device.type == "cuda",
-        prefetch_factor=2 if workers > 0 else None,
-    )
+    with _workers_as_asked():
+        loader = DataLoader(
+            ShardSource(shards, decode, cfg.batch_size),
+            batch_size=None,
+            num_workers=workers,
+            collate_fn=_identity,
+            worker_init_fn=functools.partial(init_worker, os.getpid()),
+            pin_memory=device.type == "cuda",
+            prefetch_factor=2 if workers > 0 else None,
+        )
     progress = Progress(len(shards), show=not cfg.quiet and accelerator.is_local_main_process, rank=rank)
     clock = StageClock()
     outputs = _Outputs(layout, encode, fingerprint, progress, clock)
@@ -498,7 +510,7 @@ def _protect_shards(
             # Keep the collector away from objects that forked workers share with us: its
             # bookkeeping writes would copy those pages into every worker over time.
             gc.freeze()
-        with pool_cm as pool, reader_processes(loader) as batches:
+        with pool_cm as pool, _workers_as_asked(), reader_processes(loader) as batches:
             while True:
                 # A stop signal stops the run here, between batches (see lifecycle).
                 wall, cpu = time.perf_counter(), time.thread_time()
