@@ -39,39 +39,21 @@ import tarfile
 import time
 from pathlib import Path
 
-import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import workdir  # noqa: E402
+from common import make_image_shards, workdir  # noqa: E402
 
 from uge_protect.pipeline.stages import STAGES  # noqa: E402
-from uge_protect.shards.tario import write_tar_atomic  # noqa: E402
 
 CLI = [sys.executable, "-m", "uge_protect"]
 PER_SHARD = 180
 
 
-def make_png_shards(directory: Path, *, n_images: int, size: int, seed: int = 0) -> list[Path]:
+def make_png_shards(directory: Path, *, n_images: int, size: int) -> list[Path]:
     """``n_images`` smooth random PNGs with captions and labels, PER_SHARD per shard."""
-    directory.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    paths = []
-    for s, start in enumerate(range(0, n_images, PER_SHARD)):
-        members = []
-        for i in range(start, min(n_images, start + PER_SHARD)):
-            small = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
-            img = Image.fromarray(small).resize((size, size), Image.Resampling.BICUBIC)
-            arr = np.asarray(img, dtype=np.int16) + rng.integers(-6, 7, (size, size, 3))
-            buf = io.BytesIO()
-            Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8)).save(buf, format="PNG", compress_level=6)
-            key = f"{i:08d}"
-            members += [(f"{key}.png", buf.getvalue()), (f"{key}.txt", f"a photo of thing {i % 10}".encode()),
-                        (f"{key}.cls", str(i % 10).encode())]
-        path = directory / f"bench-{s:06d}.tar"
-        write_tar_atomic(path, members)
-        paths.append(path)
-    return paths
+    return make_image_shards(directory, n_images=n_images, per_shard=PER_SHARD, size=size, image_format="PNG",
+                             texture=6, labels=True, caption=lambda i: f"a photo of thing {i % 10}")
 
 
 def reference_loop(shards: list[Path], out: Path) -> float:
