@@ -18,11 +18,14 @@ For each size (PNG shards, 180 images each, photo-like content):
   ratio to ``random``;
 * ``random`` on one core and on two (``taskset``), and the ratio.
 
+Then JPEG input that ``--image-size`` shrinks (1024² photos to 256²): the decode with and
+without DCT scaling, and ``shard -m random`` against the loop, which decodes in full.
+
 Then the start-up of a run: one one-image shard, against ``python -c pass`` and against
 ``python -c "import torch"``.
 
     .venv/bin/python benchmarks/throughput.py [--images 4000] [--sizes 128 256]
-        [--methods random uge t2ue] [--limit uge=540] [--no-cores]
+        [--methods random uge t2ue] [--limit uge=540] [--no-cores] [--jpeg 1024 256] [--jpeg-images 1000]
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import make_image_shards, workdir  # noqa: E402
 
 from uge_protect.pipeline.stages import STAGES  # noqa: E402
+from uge_protect.shards.decode import decode_image, resize_image  # noqa: E402
 
 CLI = [sys.executable, "-m", "uge_protect"]
 PER_SHARD = 180
@@ -56,8 +60,10 @@ def make_png_shards(directory: Path, *, n_images: int, size: int) -> list[Path]:
                              texture=6, labels=True, caption=lambda i: f"a photo of thing {i % 10}")
 
 
-def reference_loop(shards: list[Path], out: Path) -> float:
-    """Images per second of the minimal one-process loop (decode, re-encode, write)."""
+def reference_loop(shards: list[Path], out: Path, resize: int | None = None) -> float:
+    """Images per second of the minimal one-process loop (decode, re-encode as PNG, write);
+    with ``resize``, each image is decoded in full, then resized and centre-cropped to
+    ``resize``² as ``shard --image-size`` does."""
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     n = 0
@@ -65,24 +71,26 @@ def reference_loop(shards: list[Path], out: Path) -> float:
     for path in shards:
         with tarfile.open(path) as src, tarfile.open(out / path.name, "w") as dst:
             for member in src:
-                data = src.extractfile(member).read()
-                if member.name.endswith(".png"):
+                name, data = member.name, src.extractfile(member).read()
+                if name.endswith((".png", ".jpg")):
                     img = Image.open(io.BytesIO(data)).convert("RGB")
+                    if resize:
+                        img = resize_image(img, resize, "center_crop")
                     buf = io.BytesIO()
                     img.save(buf, format="PNG", compress_level=1, compress_type=2)
-                    data = buf.getvalue()
+                    data, name = buf.getvalue(), name.rsplit(".", 1)[0] + ".png"
                     n += 1
-                info = tarfile.TarInfo(member.name)
+                info = tarfile.TarInfo(name)
                 info.size = len(data)
                 dst.addfile(info, io.BytesIO(data))
     return n / (time.perf_counter() - start)
 
 
 def shard_run(shards: list[Path], out: Path, method: str, artifact: Path | None = None,
-              cores: str | None = None) -> dict:
+              cores: str | None = None, extra: list[str] | None = None) -> dict:
     """A CLI run; returns its ``protection.json`` timings plus the process's wall seconds."""
     shutil.rmtree(out, ignore_errors=True)
-    cmd = [*CLI, "shard", *map(str, shards), "-o", str(out), "-m", method, "--quiet"]
+    cmd = [*CLI, "shard", *map(str, shards), "-o", str(out), "-m", method, "--quiet", *(extra or [])]
     if artifact is not None:
         cmd += ["--artifact", str(artifact)]
     if cores is not None:
@@ -92,6 +100,39 @@ def shard_run(shards: list[Path], out: Path, method: str, artifact: Path | None 
     wall = time.perf_counter() - start
     timings = json.loads((out / "protection.json").read_text())["timings"]
     return {**timings, "wall": wall}
+
+
+def jpeg_section(base: Path, n_images: int, source: int, target: int) -> None:
+    """JPEG photos of ``source``² resized to ``target``²: the decode alone with and without
+    the DCT-scaled path, then the loop (full decode) against ``shard -m random``."""
+    shards = make_image_shards(base / f"jpeg{source}", n_images=n_images, per_shard=PER_SHARD // 4, size=source,
+                               labels=True, caption=lambda i: f"a photo of thing {i % 10}")
+    with tarfile.open(shards[0]) as tar:
+        data = [tar.extractfile(m).read() for m in tar if m.name.endswith(".jpg")][:20]
+
+    def full(b: bytes) -> None:
+        resize_image(Image.open(io.BytesIO(b)).convert("RGB"), target, "center_crop")
+
+    def scaled(b: bytes) -> None:
+        decode_image(b, image_size=target, resize_mode="center_crop")
+
+    ms = {f.__name__: 1000 * min(_seconds(lambda: [f(b) for b in data]) for _ in range(3)) / len(data)
+          for f in (full, scaled)}
+    print(f"\nJPEG {source}x{source} -> {target}x{target} (quality 90): decode and resize {ms['full']:.2f} ms/img "
+          f"in full, {ms['scaled']:.2f} ms/img DCT-scaled ({ms['full'] / ms['scaled']:.2f}x)")
+    loop = reference_loop(shards, base / "loop-jpeg", resize=target)
+    t = shard_run(shards, base / "random-jpeg", "random",
+                  extra=["--image-size", str(target), "--resize-mode", "center_crop"])
+    print(f"  reference loop (full decode) {loop:7.1f} img/s; random {t['images_per_second']:7.1f} img/s steady "
+          f"state ({t['images_per_second'] / loop:.2f}x the loop; {t['samples_processed']} images)")
+    for line in _stage_lines(t.get("stages", {}), t["samples_processed"]):
+        print(f"          {line}")
+
+
+def _seconds(f) -> float:
+    start = time.perf_counter()
+    f()
+    return time.perf_counter() - start
 
 
 def _median_wall(cmd: list[str], runs: int = 3) -> float:
@@ -135,6 +176,9 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[128, 256])
     parser.add_argument("--methods", nargs="+", default=["random", "uge", "t2ue"])
     parser.add_argument("--no-cores", action="store_true", help="skip the 1-core / 2-core runs")
+    parser.add_argument("--jpeg", type=int, nargs=2, default=[1024, 256], metavar=("SOURCE", "TARGET"),
+                        help="the JPEG section's stored and --image-size sides")
+    parser.add_argument("--jpeg-images", type=int, default=1000, help="0 skips the JPEG section")
     parser.add_argument("--limit", nargs="*", default=[], metavar="METHOD=N",
                         help="run METHOD on its first shards only, at least N images (a method that is slow on "
                              "this machine, e.g. uge=540 on a CPU)")
@@ -169,6 +213,8 @@ def main() -> None:
                 two = shard_run(shards, base / "core2", "random", cores="0,1")["images_per_second"]
                 print(f"  random on 1 core {one:7.1f} img/s, on 2 cores {two:7.1f} img/s: {two / one:.2f}x "
                       f"({(two / one - 1):.2f} per added core)")
+        if args.jpeg_images:
+            jpeg_section(base, args.jpeg_images, *args.jpeg)
         tiny = make_png_shards(base / "tiny", n_images=1, size=32)
         python = _median_wall([sys.executable, "-c", "pass"])
         torch_import = _median_wall([sys.executable, "-c", "import torch"])

@@ -1,5 +1,5 @@
 """``python -m uge_protect`` (also what ``accelerate launch -m uge_protect`` runs)."""
 
-from uge_protect.cli.app import main
+from uge_protect.cli.entry import main
 
 main()

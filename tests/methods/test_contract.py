@@ -16,7 +16,7 @@ import torch
 from uge_protect.errors import UserError
 from uge_protect.methods.artifact import artifact_fingerprint, load_artifact, save_artifact
 from uge_protect.methods.base import ProtectBatch, ProtectionMethod, sample_seed
-from uge_protect.methods.budget import apply_perturbation, budget_levels, linf_levels, psnr
+from uge_protect.methods.budget import apply_perturbation, budget_levels, delta_levels, finite_samples, linf_levels, psnr
 from uge_protect.methods.random_noise import RandomNoise
 from uge_protect.methods.registry import create_method, method_names
 
@@ -42,6 +42,33 @@ def test_budget_holds_after_quantization_for_any_delta():
     assert torch.equal(as_levels, small)
     assert torch.equal(apply_perturbation(original, torch.full(original.shape, 100, dtype=torch.int16), 8 / 255),
                        apply_perturbation(original, torch.full(original.shape, 1.0), 8 / 255))
+
+
+def test_a_float_delta_gives_what_its_rounded_levels_give_in_any_layout_and_dtype():
+    g = torch.Generator().manual_seed(1)
+    original = torch.randint(0, 256, (3, 5, 7, 3), generator=g, dtype=torch.uint8).permute(0, 3, 1, 2)  # HWC view
+    delta = (torch.rand(original.shape, generator=g) - 0.5) * 0.2
+    delta[0, 0, 0, :3] = torch.tensor([1.5 / 255, -2.5 / 255, 1e30])  # halves round to even; a huge value clips
+    expected = (original.to(torch.int16) + torch.round(delta * 255).clamp(-8, 8).to(torch.int16)).clamp(0, 255)
+    for d in (delta, delta.contiguous(memory_format=torch.channels_last), delta.clamp(-1, 1).half()):
+        want = expected if d.dtype == torch.float32 else (
+            original.to(torch.int16) + delta_levels(d, 8 / 255)).clamp(0, 255)
+        assert torch.equal(apply_perturbation(original, d, 8 / 255), want.to(torch.uint8))
+    assert int((apply_perturbation(original, delta, 8 / 255).int() - original.int()).abs().max()) == 8
+
+
+def test_finite_samples_finds_nan_and_inf_and_keeps_huge_finite_values():
+    delta = torch.zeros(5, 3, 4, 4)
+    delta[1, 2, 3, 3] = float("nan")
+    delta[2, 0, 0, 0] = float("inf")
+    delta[3, 0, 0, 0], delta[3, 1, 0, 0] = float("inf"), float("-inf")  # their sum is NaN
+    delta[4] = 3e38  # finite values whose sum overflows
+    assert finite_samples(delta).tolist() == [True, False, False, False, True]
+    assert finite_samples(torch.zeros(2, 3, 4, 4, dtype=torch.int8)).tolist() == [True, True]
+    with pytest.raises(ValueError, match="non-finite"):
+        apply_perturbation(torch.zeros(5, 3, 4, 4, dtype=torch.uint8), delta, 8 / 255)
+    huge = torch.full((1, 3, 4, 4), 3e38)
+    assert int(apply_perturbation(torch.zeros(1, 3, 4, 4, dtype=torch.uint8), huge, 8 / 255).max()) == 8
 
 
 def test_linf_and_psnr():

@@ -205,3 +205,15 @@ def test_class_prompt_term(tmp_path):
     # unlabelled samples (-1) are left out of the class term, not an error
     fit_t2ue(images, captions, _tiny(steps=2, warmup_steps=0, class_names=COLOURS),
              labels=torch.where(labels == 0, -1, labels))
+
+
+def test_noise_is_resized_channels_last_to_the_same_values_as_from_nchw():
+    from torch.nn import functional as F
+
+    from uge_protect.methods.t2ue.method import _resize_noise
+
+    delta = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    out = _resize_noise(delta, 48, 40)
+    assert out.is_contiguous(memory_format=torch.channels_last) and out.shape == (4, 3, 48, 40)
+    assert torch.equal(out, F.interpolate(delta, size=(48, 40), mode="bilinear", align_corners=False))
+    assert _resize_noise(delta, 16, 16) is delta

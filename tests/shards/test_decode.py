@@ -349,3 +349,50 @@ def test_pick_image_field():
     assert pick_image_field({"png": b"", "webp": b""}) == ["png", "webp"]
     assert pick_image_field({"txt": b"", "seg.png": b""}) == ["seg.png"]  # never copied unprotected
     assert pick_image_field({"png.txt": b""}) == []
+
+
+def _smooth(h: int, w: int) -> np.ndarray:
+    y, x = np.mgrid[0:h, 0:w]
+    return np.stack([(np.sin(x / 9) + 1) * 120, (np.cos(y / 13) + 1) * 110, (x + 2 * y) % 200], -1).astype(np.uint8)
+
+
+def _reference(data: bytes, size: int, mode: str, draft: tuple[int, int] | None = None) -> np.ndarray:
+    with Image.open(io.BytesIO(data)) as im:
+        if draft:
+            im.draft(im.mode, draft)
+        return np.asarray(resize_image(im.convert("RGB"), size, mode))
+
+
+@pytest.mark.parametrize("mode", ["center_crop", "keep_ratio"])
+def test_a_jpeg_shrunk_by_a_quarter_decodes_at_a_reduced_dct_scale(mode):
+    data = encode(Image.fromarray(_smooth(160, 240)), "JPEG", quality=95)
+    img = decode_image(data, image_size=32, resize_mode=mode)
+    # the decoder's 1/4 scale (60x40 ≥ the 48x32 intermediate), then the usual bicubic step
+    np.testing.assert_array_equal(img.pixels, _reference(data, 32, mode, draft=(48, 32)))
+    full = _reference(data, 32, mode)
+    assert img.pixels.shape == full.shape and img.source_size == (240, 160)
+    assert not np.array_equal(img.pixels, full)  # the DCT-scaled path was taken
+    assert np.abs(img.pixels.astype(int) - full).mean() < 2  # and it is the same picture
+    np.testing.assert_array_equal(decode_image(data, image_size=32, resize_mode=mode).pixels, img.pixels)
+
+
+def test_dct_scaling_is_only_for_jpegs_shrunk_by_half_or_more():
+    arr = _smooth(160, 240)
+    jpeg, png = encode(Image.fromarray(arr), "JPEG", quality=95), encode(Image.fromarray(arr))
+    # shrinking by less than half: the full decode
+    np.testing.assert_array_equal(decode_image(jpeg, image_size=100, resize_mode="center_crop").pixels,
+                                  _reference(jpeg, 100, "center_crop"))
+    # a PNG is never drafted; no resize keeps every pixel
+    np.testing.assert_array_equal(decode_image(png, image_size=32, resize_mode="center_crop").pixels,
+                                  _reference(png, 32, "center_crop"))
+    assert decode_image(jpeg).pixels.shape == (160, 240, 3)
+
+
+def test_dct_scaling_keeps_exif_rotation_and_the_pixel_limit():
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    data = encode(Image.fromarray(_smooth(160, 240)), "JPEG", quality=95, exif=exif.tobytes())
+    img = decode_image(data, image_size=32, resize_mode="keep_ratio")
+    assert img.pixels.shape == (48, 32, 3) and img.exif_rotated  # 160 wide × 240 high after rotation
+    # the limit judges the stored size, not the reduced decode
+    assert decode_error(data, max_pixels=240 * 160 - 1, image_size=32, resize_mode="keep_ratio").reason == "too_many_pixels"

@@ -30,12 +30,19 @@ def apply_perturbation(original: torch.Tensor, delta: torch.Tensor, epsilon: flo
     """Add ``delta`` to uint8 ``original`` and return uint8 pixels within the budget.
 
     ``original`` is uint8 (any shape), ``delta`` the same shape: floating point in [0, 1]
-    image units, or an integer dtype in uint8 levels. δ is quantized to whole levels and clipped to ±round(epsilon·255) before it is added, so
+    image units, or an integer dtype in uint8 levels. δ is quantized to whole levels and
+    clipped to ±round(epsilon·255) before it is added, so
     ``|protected - original| <= round(epsilon*255)`` holds for every pixel, and the result
-    is clipped to [0, 255].
+    is clipped to [0, 255]. A float δ is worked on in one float32 buffer (the sums of whole
+    levels are exact there), laid out as ``delta`` is.
     """
-    levels = delta_levels(delta, epsilon)
-    return (original.to(torch.int16) + levels).clamp_(0, 255).to(torch.uint8)
+    if not delta.is_floating_point():
+        return (original.to(torch.int16) + delta_levels(delta, epsilon)).clamp_(0, 255).to(torch.uint8)
+    q = budget_levels(epsilon)
+    _check_finite(delta)
+    out = delta.to(torch.float32) * 255.0
+    out.round_().clamp_(-q, q).add_(original).clamp_(0, 255)
+    return out.to(torch.uint8)
 
 
 def delta_levels(delta: torch.Tensor, epsilon: float) -> torch.Tensor:
@@ -45,10 +52,28 @@ def delta_levels(delta: torch.Tensor, epsilon: float) -> torch.Tensor:
     (0 on the CPU) and pass for a perturbation."""
     q = budget_levels(epsilon)
     if delta.is_floating_point():
-        if not bool(torch.isfinite(delta).all()):
-            raise ValueError("the method returned a non-finite perturbation (NaN or Inf)")
+        _check_finite(delta)
         return torch.round(delta.to(torch.float32) * 255.0).clamp_(-q, q).to(torch.int16)
     return delta.to(torch.int16).clamp_(-q, q)
+
+
+def finite_samples(delta: torch.Tensor) -> torch.Tensor:
+    """(B,) bool: sample b's δ holds no NaN or Inf (an integer δ always does).
+
+    A sample's sum is finite only when all its values are (NaN and ±Inf carry into it), so
+    one reduction decides; only a sum that is not finite, which huge finite values can also
+    give, is checked value by value."""
+    if not delta.is_floating_point():
+        return torch.ones(len(delta), dtype=torch.bool, device=delta.device)
+    ok = torch.isfinite(delta.sum(dim=tuple(range(1, delta.ndim)), dtype=torch.float32))
+    if not bool(ok.all()):
+        ok = torch.isfinite(delta).flatten(1).all(1)
+    return ok
+
+
+def _check_finite(delta: torch.Tensor) -> None:
+    if not bool(torch.isfinite(delta.sum(dtype=torch.float32))) and not bool(torch.isfinite(delta).all()):
+        raise ValueError("the method returned a non-finite perturbation (NaN or Inf)")
 
 
 def project_linf(x: torch.Tensor, delta: torch.Tensor, epsilon: float) -> torch.Tensor:

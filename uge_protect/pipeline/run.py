@@ -44,7 +44,7 @@ from uge_protect.pipeline.writer import ShardWriter, reason_code
 from uge_protect.shards.discover import check_output_apart, expand_inputs, shard_name
 from uge_protect.shards.layout import OutputLayout
 from uge_protect.methods.base import ProtectBatch, ProtectionMethod, sample_seed
-from uge_protect.methods.budget import apply_perturbation, budget_levels
+from uge_protect.methods.budget import apply_perturbation, budget_levels, finite_samples
 
 log = logging.getLogger(__name__)
 
@@ -119,11 +119,11 @@ def protect_records(
             delta = method.perturb(batch)
         if delta.shape != u8.shape:
             raise RuntimeError(f"method {method.name} returned shape {tuple(delta.shape)}, expected {tuple(u8.shape)}")
-        finite = _finite_samples(delta)
+        finite = finite_samples(delta)
         if not bool(finite.all()):
             delta = torch.where(finite.view(-1, 1, 1, 1), delta, torch.zeros_like(delta))
         protected_u8 = apply_perturbation(u8, delta, method.epsilon)
-        changed = (protected_u8 != u8).flatten(1).any(1)
+        changed = (protected_u8 != u8).any(dim=(1, 2, 3))
         protected = protected_u8.permute(0, 2, 3, 1).contiguous().cpu().numpy()
         for j, (i, ok, moved) in enumerate(zip(idxs, finite.tolist(), changed.tolist())):
             if not ok:
@@ -156,13 +156,6 @@ def stacked_pixels(pixels: list[torch.Tensor]) -> torch.Tensor:
         return torch.empty(0, dtype=torch.uint8).set_(storage, first.storage_offset(), (len(pixels), *first.shape))
     # numpy's stack is much faster than torch.stack for uint8 on the CPU.
     return torch.from_numpy(np.stack([p.numpy() for p in pixels]))
-
-
-def _finite_samples(delta: torch.Tensor) -> torch.Tensor:
-    """(B,) bool: sample b's δ holds no NaN or Inf (integer δ always does)."""
-    if not delta.is_floating_point():
-        return torch.ones(len(delta), dtype=torch.bool, device=delta.device)
-    return torch.isfinite(delta).flatten(1).all(1)
 
 
 def encode_batch(

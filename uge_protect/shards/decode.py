@@ -222,6 +222,20 @@ def resize_image(img: Image.Image, size: int | None, mode: str) -> Image.Image:
     return img
 
 
+def _draft_for_resize(img: Image.Image, size: int | None, mode: str) -> None:
+    """Let a JPEG decode at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling) when the resize
+    that follows shrinks it that far: the decoded image stays at least as large as the
+    resize's intermediate size, so only the bicubic step's input changes, not the output's
+    size. Other formats, and ``mode == "none"``, are left alone."""
+    if mode == "none" or size is None or img.format != "JPEG":
+        return
+    w, h = img.size
+    scale = size / min(w, h)
+    if scale > 0.5:
+        return
+    img.draft(img.mode, (max(size, round(w * scale)), max(size, round(h * scale))))
+
+
 def decode_image(
     data: bytes,
     *,
@@ -233,7 +247,8 @@ def decode_image(
 
     Applies EXIF orientation, converts an embedded ICC profile's colours to sRGB, converts
     any mode (grayscale, palette, RGBA, CMYK, 16-bit) to 8-bit RGB and records all of it,
-    refuses images over ``max_pixels`` before decoding their pixels, and optionally resizes.
+    refuses images over ``max_pixels`` before decoding their pixels, and optionally resizes
+    (a JPEG that shrinks by half or more is decoded at a reduced DCT scale first).
     Raises :class:`DecodeError` with a reason code on failure.
     """
     if not data:
@@ -255,6 +270,7 @@ def decode_image(
                 raise DecodeError("too_many_pixels", f"{w}x{h} exceeds --max-pixels {max_pixels}")
             source_mode = _source_mode(img)
             frames = _frame_count(img)
+            _draft_for_resize(img, image_size, resize_mode)
             img.load()
             orientation = _orientation(img)
             convert, icc_note = _strip_converter(img, img.info.get("icc_profile") or None)

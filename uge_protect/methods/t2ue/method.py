@@ -80,8 +80,12 @@ def latent(seed: int, z_dim: int) -> torch.Tensor:
 
 
 def _resize_noise(delta: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """``delta`` bilinearly resized to (h, w), in channels-last layout: the same values as
+    from NCHW (tested), several times faster on the CPU, and laid out as the pipeline's
+    decoded images are."""
     if tuple(delta.shape[-2:]) == (h, w):
         return delta
+    delta = delta.contiguous(memory_format=torch.channels_last)
     return F.interpolate(delta, size=(h, w), mode="bilinear", align_corners=False)
 
 
@@ -268,4 +272,4 @@ class TextToUnlearnable(FittedMethod):
     def perturb(self, batch: ProtectBatch) -> torch.Tensor:
         texts, z = self.prompts_and_latents(batch)
         _, _, h, w = batch.pixels.shape
-        return _resize_noise(self.noise(texts, z), h, w).clamp(-self.epsilon, self.epsilon)
+        return _resize_noise(self.noise(texts, z), h, w).clamp_(-self.epsilon, self.epsilon)  # a fresh tensor
