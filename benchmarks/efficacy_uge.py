@@ -58,8 +58,12 @@ ABLATION_TEXT = {
 ATTACKER_TEXT = {
     "colour": "`ARCH@enumerated`: it trains `ARCH` behind the projection of every key direction and keeps the run "
               "best on its clean set; `best enumerated`: the best of those runs on the test set (in hindsight); "
-              "`ARCH@estimated`: behind the direction whose high-frequency colour energy the protection raises most; "
-              "`ARCH@all-keys`: behind the mean of all projections.",
+              "`ARCH@estimated:STAT`: behind the direction a statistic of the protected images picks against the "
+              "attacker's clean set (`hf-energy`: the high-frequency colour energy the protection raises most; "
+              "`class-means`: the share of variance between the class means, corrected for chance; `linear-probe`: "
+              "the squared weight of a linear probe trained on the protected images); `ARCH@all-keys`: behind the "
+              "mean of all projections. A row whose protected-trained accuracy equals its clean-trained one trained "
+              "behind the key's own direction, where the noise is removed exactly.",
     "texture": "`ARCH@enumerated`: behind the projection of a random texture key; `ARCH@invariant`: on the 4×4 "
                "block means; `ARCH@fold:block` / `ARCH@fold:image`: on the images less their part of period 4, per "
                "8×8 block / over the whole image; `ARCH@estimated:image-pca`: less each image's top principal 4×4 "
@@ -287,7 +291,7 @@ def main() -> None:
         add(f"uge-{name}", evaluate(out_x, data, work / "reports" / f"uge-{name}", archs=a.defense_archs,
                                     defenses=["none"], extra=["--authorized", str(art_x)], **common))
 
-    finish(work, f"UGE: clean test accuracy of models trained on protected vs clean demo shards "
+    finish(work, f"UGE: clean test accuracy of models trained on protected vs clean {a.dataset} shards "
            f"({a.epochs} epochs, seed {a.seed}, authorized {a.authorized})", table, [], timings)
     meta = {"date": time.strftime("%Y-%m-%d"), "commit": _git("rev-parse", "--short", "HEAD"),
             "hardware": _hardware(), "epochs": a.epochs, "seed": a.seed, "authorized": a.authorized,
