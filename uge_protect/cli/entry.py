@@ -3,8 +3,8 @@
 ``shard`` runs the method's pass in the main process while reader processes decode and
 encoder threads compress on the same cores. OpenMP's threads, by default, spin while they
 wait for work, and on a busy machine that spinning takes the cores the readers and encoders
-need (measured on 2 cores: ``shard -m random`` 0.8x as fast, ``-m t2ue`` 0.8x, see
-docs/performance.md). So ``shard`` makes them sleep instead (``OMP_WAIT_POLICY=PASSIVE``),
+need (measured on 2 cores: ``shard -m random`` a quarter slower, ``-m t2ue`` a fifth
+slower; docs/performance.md). So ``shard`` makes them sleep instead (``OMP_WAIT_POLICY=PASSIVE``),
 unless the user set a wait policy. The setting is read once, when OpenMP loads with torch,
 which is why it is made here, before anything imports torch. Other commands (``fit``,
 ``eval``) keep OpenMP's default: they run torch alone, where spinning helps.
