@@ -23,7 +23,7 @@ def test_shard_gets_passive_openmp_waits_unless_the_user_chose():
         assert env == {}
 
 
-def test_the_entry_point_imports_no_torch_before_the_setting_and_passes_it_to_the_run(tmp_path):
+def test_the_entry_point_imports_no_torch_before_the_setting_and_passes_it_to_the_run():
     probe = (
         "import os, sys\n"
         "import uge_protect.cli.entry as entry\n"

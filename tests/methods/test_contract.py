@@ -67,6 +67,9 @@ def test_finite_samples_finds_nan_and_inf_and_keeps_huge_finite_values():
     assert finite_samples(torch.zeros(2, 3, 4, 4, dtype=torch.int8)).tolist() == [True, True]
     with pytest.raises(ValueError, match="non-finite"):
         apply_perturbation(torch.zeros(5, 3, 4, 4, dtype=torch.uint8), delta, 8 / 255)
+    zeroed = torch.where(finite_samples(delta).view(-1, 1, 1, 1), delta, torch.zeros_like(delta))
+    assert torch.equal(apply_perturbation(torch.zeros(5, 3, 4, 4, dtype=torch.uint8), zeroed, 8 / 255,
+                                          checked_finite=True)[1:4], torch.zeros(3, 3, 4, 4, dtype=torch.uint8))
     huge = torch.full((1, 3, 4, 4), 3e38)
     assert int(apply_perturbation(torch.zeros(1, 3, 4, 4, dtype=torch.uint8), huge, 8 / 255).max()) == 8
 

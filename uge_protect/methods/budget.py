@@ -26,7 +26,8 @@ def check_epsilon(epsilon: float) -> None:
                         "every image would be written unchanged; use at least 1/255 (default 8/255)")
 
 
-def apply_perturbation(original: torch.Tensor, delta: torch.Tensor, epsilon: float) -> torch.Tensor:
+def apply_perturbation(original: torch.Tensor, delta: torch.Tensor, epsilon: float,
+                       checked_finite: bool = False) -> torch.Tensor:
     """Add ``delta`` to uint8 ``original`` and return uint8 pixels within the budget.
 
     ``original`` is uint8 (any shape), ``delta`` the same shape: floating point in [0, 1]
@@ -34,12 +35,14 @@ def apply_perturbation(original: torch.Tensor, delta: torch.Tensor, epsilon: flo
     clipped to ±round(epsilon·255) before it is added, so
     ``|protected - original| <= round(epsilon*255)`` holds for every pixel, and the result
     is clipped to [0, 255]. A float δ is worked on in one float32 buffer (the sums of whole
-    levels are exact there), laid out as ``delta`` is.
+    levels are exact there), laid out as ``delta`` is. A non-finite float δ is a ValueError,
+    unless ``checked_finite`` says the caller has made sure of it (:func:`finite_samples`).
     """
     if not delta.is_floating_point():
         return (original.to(torch.int16) + delta_levels(delta, epsilon)).clamp_(0, 255).to(torch.uint8)
     q = budget_levels(epsilon)
-    _check_finite(delta)
+    if not checked_finite:
+        _check_finite(delta)
     out = delta.to(torch.float32) * 255.0
     out.round_().clamp_(-q, q).add_(original).clamp_(0, 255)
     return out.to(torch.uint8)

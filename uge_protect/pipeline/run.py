@@ -122,7 +122,7 @@ def protect_records(
         finite = finite_samples(delta)
         if not bool(finite.all()):
             delta = torch.where(finite.view(-1, 1, 1, 1), delta, torch.zeros_like(delta))
-        protected_u8 = apply_perturbation(u8, delta, method.epsilon)
+        protected_u8 = apply_perturbation(u8, delta, method.epsilon, checked_finite=True)  # non-finite δ is zeroed
         changed = (protected_u8 != u8).any(dim=(1, 2, 3))
         protected = protected_u8.permute(0, 2, 3, 1).contiguous().cpu().numpy()
         for j, (i, ok, moved) in enumerate(zip(idxs, finite.tolist(), changed.tolist())):

@@ -212,8 +212,7 @@ def resize_image(img: Image.Image, size: int | None, mode: str) -> Image.Image:
     if mode == "none" or size is None:
         return img
     w, h = img.size
-    scale = size / min(w, h)
-    new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
+    new_w, new_h = _shorter_side_to(w, h, size)
     if (new_w, new_h) != (w, h):
         img = img.resize((new_w, new_h), Image.Resampling.BICUBIC)
     if mode == "center_crop":
@@ -230,10 +229,14 @@ def _draft_for_resize(img: Image.Image, size: int | None, mode: str) -> None:
     if mode == "none" or size is None or img.format != "JPEG":
         return
     w, h = img.size
+    if size / min(w, h) <= 0.5:
+        img.draft(img.mode, _shorter_side_to(w, h, size))
+
+
+def _shorter_side_to(w: int, h: int, size: int) -> tuple[int, int]:
+    """(width, height) of a ``w``×``h`` image scaled so that its shorter side is ``size``."""
     scale = size / min(w, h)
-    if scale > 0.5:
-        return
-    img.draft(img.mode, (max(size, round(w * scale)), max(size, round(h * scale))))
+    return max(size, round(w * scale)), max(size, round(h * scale))
 
 
 def decode_image(
